@@ -1,0 +1,1 @@
+"""Network definitions whose state-dict keys match the upstream checkpoints."""
