@@ -24,6 +24,11 @@ ALLOWED_DEMUXERS = (
 )
 
 
+# Default caps on what a user may send; callers take them as arguments, deployments through the environment.
+MAX_SIDE_PX = int(os.environ.get("LATENTSYNC_MAX_SIDE", "4096"))
+MAX_DURATION_S = float(os.environ.get("LATENTSYNC_MAX_DURATION", "600"))
+
+
 @functools.cache
 def ffmpeg_exe() -> str:
     """The ffmpeg binary: ``$LATENTSYNC_FFMPEG``, the system's, else the static one in imageio-ffmpeg."""
