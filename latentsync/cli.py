@@ -1,0 +1,68 @@
+"""Command line: ``python -m latentsync VIDEO AUDIO -o OUT``."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from latentsync.errors import InputError
+
+DEFAULT_WEIGHTS_DIR = Path(os.environ.get("LATENTSYNC_WEIGHTS_DIR", "weights"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI's options, with upstream's defaults (guidance 1.5, 20 steps, DeepCache on)."""
+    p = argparse.ArgumentParser(prog="python -m latentsync", description="Lip-sync a video to an audio track (LatentSync).")
+    p.add_argument("video", type=Path, help="input video with a visible face")
+    p.add_argument("audio", type=Path, help="speech to lip-sync to (any audio or video file ffmpeg reads)")
+    p.add_argument("-o", "--output", type=Path, required=True, help="output .mp4")
+    p.add_argument("--weights-dir", type=Path, default=DEFAULT_WEIGHTS_DIR,
+                   help="folder laid out like upstream's checkpoints/ (downloaded there when missing; default %(default)s)")
+    p.add_argument("--version", choices=["1.5", "1.6"], default=os.environ.get("LATENTSYNC_VERSION", "1.6"),
+                   help="LatentSync version (1.5: 256-px crops, 1.6: 512-px); default %(default)s")
+    p.add_argument("--unet-config", type=Path, default=None, help="upstream U-Net config overriding the version's")
+    p.add_argument("--guidance-scale", type=float, default=1.5, help="classifier-free guidance; 1.0 disables it")
+    p.add_argument("--inference-steps", type=int, default=20, help="DDIM steps")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, printed)")
+    p.add_argument("--loop-mode", choices=["bounce", "loop", "cut_off", "silence"], default="bounce",
+                   help="when video and audio lengths differ (default %(default)s)")
+    p.add_argument("--no-deepcache", dest="deepcache", action="store_false", help="run the full U-Net at every step")
+    p.add_argument("--keep-fps", action="store_true", help="process and write at the source frame rate, not 25 fps")
+    p.add_argument("--face-point", type=float, nargs=2, metavar=("X", "Y"), default=None,
+                   help="edit the face nearest to this pixel on the first frame where a face is visible")
+    p.add_argument("--face-select", choices=["largest", "active_speaker"], default="largest",
+                   help="which face to edit when no --face-point is given")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: CUDA when present)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
+                   help="default: fp16 on CUDA sm_80+, else fp32")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, warnings only")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; exit status 2 with a one-line message on bad input."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        from latentsync.download import ensure_weights
+        from latentsync.pipeline import LipSync
+
+        weights = ensure_weights(None, args.weights_dir, args.version)
+        pipe = LipSync.from_pretrained(weights, version=args.version, device=args.device, dtype=args.dtype,
+                                       unet_config=args.unet_config)
+        result = pipe.lipsync(args.video, args.audio, args.output, guidance_scale=args.guidance_scale,
+                              inference_steps=args.inference_steps, seed=args.seed, loop_mode=args.loop_mode,
+                              deepcache=args.deepcache, keep_fps=args.keep_fps,
+                              face_point=tuple(args.face_point) if args.face_point else None,
+                              face_select=args.face_select, progress=not args.quiet)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {result.output}: {result.frames} frames at {result.fps:g} fps, {result.frames_with_face} with a face, "
+          f"seed {result.seed}")
+    if result.sync is not None:
+        print(f"sync: {result.sync}")
+    return 0

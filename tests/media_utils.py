@@ -1,0 +1,106 @@
+"""Real test media made on the fly: astronaut face clips with a frame-number barcode, speech in several formats."""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+from latentsync.media import ffmpeg_exe, ffprobe_exe
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE_SPEECH = REPO / "samples" / "speech.wav"
+BARCODE_BITS = 9  # up to 512 frames
+_CELL = 6
+
+
+def face_frame(dx: float = 0.0, dy: float = 0.0) -> np.ndarray:
+    """A 320×240 RGB frame around the astronaut's face, shifted by a sub-pixel offset (gentle head motion)."""
+    import cv2
+    from skimage.data import astronaut
+
+    img = astronaut()
+    m = np.float32([[1, 0, -100 + dx], [0, 1, -20 + dy]])
+    return cv2.warpAffine(img, m, (320, 240), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+
+
+def stamp(frame: np.ndarray, index: int) -> np.ndarray:
+    """Write ``index`` as a row of black/white cells in the top-right corner, far from the face."""
+    out = frame.copy()
+    w = out.shape[1]
+    for b in range(BARCODE_BITS):
+        x = w - (BARCODE_BITS - b) * (_CELL + 2)
+        out[2:2 + _CELL, x:x + _CELL] = 255 if (index >> b) & 1 else 0
+    return out
+
+
+def read_stamp(frame: np.ndarray) -> int:
+    """The index :func:`stamp` wrote, read back through codec noise."""
+    w = frame.shape[1]
+    value = 0
+    for b in range(BARCODE_BITS):
+        x = w - (BARCODE_BITS - b) * (_CELL + 2)
+        if frame[3:1 + _CELL, x + 1:x + _CELL - 1].mean() > 128:
+            value |= 1 << b
+    return value
+
+
+def write_clip(path: Path, frames, fps: float = 25.0, crf: int = 12) -> Path:
+    """Encode RGB frames to H.264 with ffmpeg (an argument list, frames through a pipe)."""
+    frames = list(frames)
+    h, w = frames[0].shape[:2]
+    cmd = [ffmpeg_exe(), "-nostdin", "-loglevel", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24",
+           "-s", f"{w}x{h}", "-r", str(fps), "-i", "pipe:0", "-c:v", "libx264", "-crf", str(crf),
+           "-pix_fmt", "yuv420p", str(path)]
+    subprocess.run(cmd, input=b"".join(np.ascontiguousarray(f).tobytes() for f in frames), check=True)
+    return path
+
+
+def face_clip(path: Path, n: int, fps: float = 25.0, hide=()) -> Path:
+    """A clip of ``n`` stamped astronaut frames; frames in ``hide`` have the face covered by a grey card."""
+    frames = []
+    for i in range(n):
+        f = face_frame(3 * np.sin(i / 7), 2 * np.cos(i / 5))
+        if i in hide:
+            f[0:240, 40:260] = 90
+        frames.append(stamp(f, i))
+    return write_clip(path, frames, fps)
+
+
+def speech(path: Path, seconds: float, *, rate: int = 16000, channels: int = 1, codec: list[str] | None = None) -> Path:
+    """The sample speech, looped/cut to ``seconds``, converted to the given rate, channels and codec."""
+    cmd = [ffmpeg_exe(), "-nostdin", "-loglevel", "error", "-y", "-stream_loop", "-1", "-i", str(SAMPLE_SPEECH),
+           "-t", str(seconds), "-ar", str(rate), "-ac", str(channels), *(codec or []), str(path)]
+    subprocess.run(cmd, check=True)
+    return path
+
+
+def decode_video(path: Path) -> np.ndarray:
+    """Every frame of ``path`` as an (N, H, W, 3) uint8 array (test-sized clips only)."""
+    info = probe_streams(path)
+    v = next(s for s in info["streams"] if s["codec_type"] == "video")
+    w, h = int(v["width"]), int(v["height"])
+    raw = subprocess.run([ffmpeg_exe(), "-nostdin", "-loglevel", "error", "-i", str(path), "-f", "rawvideo",
+                          "-pix_fmt", "rgb24", "pipe:1"], capture_output=True, check=True).stdout
+    return np.frombuffer(raw, np.uint8).reshape(-1, h, w, 3)
+
+
+def decode_audio(path: Path, rate: int = 16000) -> np.ndarray:
+    """The first audio stream of ``path`` as float32 mono at ``rate``."""
+    raw = subprocess.run([ffmpeg_exe(), "-nostdin", "-loglevel", "error", "-i", str(path), "-vn", "-ac", "1",
+                          "-ar", str(rate), "-f", "f32le", "pipe:1"], capture_output=True, check=True).stdout
+    return np.frombuffer(raw, np.float32)
+
+
+def probe_streams(path: Path) -> dict:
+    """ffprobe's JSON for streams and format."""
+    out = subprocess.run([ffprobe_exe(), "-v", "error", "-count_frames", "-show_streams", "-show_format",
+                          "-of", "json", str(path)], capture_output=True, check=True).stdout
+    return json.loads(out)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """Peak signal-to-noise ratio in dB of two uint8 arrays."""
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
