@@ -43,6 +43,9 @@ UPSTREAM_FPS = 25.0
 VAE_SCALING = 0.18215  # upstream overrides the VAE config with these (spec §4.3)
 VAE_SHIFT = 0.0
 DEEPCACHE_INTERVAL = 3  # upstream's DeepCacheSDHelper(cache_interval=3, cache_branch_id=0)
+SYNC_RESOLUTION = 256  # SyncNet's crops
+SYNC_SPAN, SYNC_BUDGET = 64, 256  # scored output frames: spans of 64, at most 256 in all
+ACTIVE_SPEAKER_SECONDS = 5.0  # how much of the video the speaker is chosen on
 
 
 class Cancelled(Exception):
@@ -266,7 +269,7 @@ class LipSync:
             log.info("%s: %d output frames at %.3f fps from %d source frames (%d with a face), loop mode %s", video,
                      num_out, fps, num_source, with_face, loop_mode)
             silent = Path(tmp) / "video.mp4"
-            sync_crops: list[np.ndarray] = []
+            sync_crops: dict[tuple[int, int], list[np.ndarray]] = {}
             self._synthesize(video, fps, info, matrices, features, num_out, order, silent, seed, guidance_scale,
                              inference_steps, deepcache, timer, cancel, progress, sync_crops)
             with timer("mux"):
@@ -274,7 +277,7 @@ class LipSync:
             sync = None
             if self.syncnet is not None:
                 with timer("sync"):
-                    sync = self._score(sync_crops, wav, num_out, fps)
+                    sync = self._score(sync_crops, wav, fps)
         frames_with_face = sum(matrices[source_index(j, num_source, order)] is not None for j in range(num_out))
         result = LipSyncResult(output=output, seed=seed, frames=num_out, frames_with_face=frames_with_face, fps=fps,
                                seconds={k: round(v, 3) for k, v in timer.seconds.items()}, sync=sync)
@@ -348,7 +351,7 @@ class LipSync:
         mask = self.mask  # (1, R, R), 1 = keep
         fetcher = _FrameFetcher(video, fps, info)
         writer = video_mod.VideoWriter(out_path, fps, info.width, info.height)
-        sync_every = self._sync_window_starts(num_out)
+        segments = self._sync_segments(num_out)
         try:
             bar = tqdm(total=num_out, desc="lip-sync", unit="frame", disable=not progress)
             for start in range(0, num_out, f):
@@ -396,8 +399,9 @@ class LipSync:
                         frame = frames[s]
                         if has_face[k]:
                             frame = aligner.restore(frame, decoded[k], mats[k])
-                            if start + k in sync_every:
-                                sync_crops.append(self._sync_crop(decoded[k]))
+                        for seg in segments:
+                            if seg[0] <= start + k < seg[1]:
+                                sync_crops.setdefault(seg, []).append(self._sync_crop(decoded[k]))
                         with timer("encode"):
                             writer.write(frame)
                 bar.update(len(src))
@@ -410,18 +414,103 @@ class LipSync:
             fetcher.close()
 
     # ------------------------------------------------------------------------------------------------ sync scoring
-    def _sync_window_starts(self, num_out: int) -> set[int]:
-        """Frames whose generated crops are kept for scoring (bounded, so memory stays flat)."""
-        return set()
+    def _sync_segments(self, num_out: int) -> list[tuple[int, int]]:
+        """Output-frame spans whose generated crops are scored: a fixed budget spread over the video.
+
+        Scoring every frame would keep every crop; a few evenly spaced spans bound both the memory and the cost
+        (under 0.1 % of the U-Net's work) while sampling the whole video.
+        """
+        if self.syncnet is None:
+            return []
+        span, budget = SYNC_SPAN, SYNC_BUDGET
+        if num_out <= budget:
+            return [(0, num_out)]
+        count = budget // span
+        starts = np.linspace(0, num_out - span, count).round().astype(int)
+        return [(int(s), int(s) + span) for s in starts]
 
     def _sync_crop(self, face: torch.Tensor) -> np.ndarray:
-        return ((face.float().clamp(-1, 1) + 1) * 127.5).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+        """A generated face in [−1, 1] as the 256-px uint8 crop SyncNet was trained on."""
+        x = ((face.float().clamp(-1, 1) + 1) * 127.5)[None]
+        if x.shape[-1] != SYNC_RESOLUTION:
+            x = F.interpolate(x, size=(SYNC_RESOLUTION, SYNC_RESOLUTION), mode="area")
+        return x[0].round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
-    def _score(self, crops, wav, num_out, fps):
-        return None
+    def _score(self, crops: dict[tuple[int, int], list[np.ndarray]], wav: np.ndarray, fps: float):
+        """SyncNet agreement of the generated mouths with the audio, over the sampled spans."""
+        from latentsync.syncscore import SyncScorer, combine_scores
 
-    def _active_speaker_point(self, video, fps, info):
-        raise InputError("face_select='active_speaker' is not available yet")
+        scorer = SyncScorer(self.syncnet, fps=fps)
+        scores = []
+        for (start, stop), frames in crops.items():
+            if len(frames) < stop - start or len(frames) < scorer.window_frames * fps / UPSTREAM_FPS:
+                continue
+            a = int(round(start / fps * audio_mod.SAMPLE_RATE))
+            b = int(round(stop / fps * audio_mod.SAMPLE_RATE))
+            scores.append(scorer(np.stack(frames), wav[a:b]))
+        if not scores:
+            log.info("output too short to score its sync (SyncNet needs %d frames)", scorer.window_frames)
+            return None
+        return combine_scores(scores)
+
+    def _active_speaker_point(self, video: Path, fps: float, info) -> tuple[float, float] | None:
+        """Score every face of the first seconds against the video's own audio; the speaker's box centre."""
+        from latentsync.face import FaceLandmarker
+        from latentsync.syncscore import SyncScorer, choose_active_speaker
+
+        if self.syncnet is None:
+            raise InputError("face_select='active_speaker' needs stable_syncnet.pt in the weights folder")
+        if not info.has_audio:
+            log.warning("%s has no audio track to find the speaker by; editing the largest face", video)
+            return None
+        wav = audio_mod.load_audio(video)
+        landmarker = FaceLandmarker()
+        trackers: list[FaceTracker] = []
+        aligners: list[FaceAligner] = []
+        tracks: list[list[np.ndarray]] = []
+        first_boxes: list[tuple[float, float]] = []
+        skipped = 0
+        frames = video_mod.read_frames(video, fps, count=int(round(ACTIVE_SPEAKER_SECONDS * fps)), info=info)
+        try:
+            for frame in frames:
+                if not trackers:
+                    faces = landmarker.detect(frame)
+                    if not faces:
+                        skipped += 1
+                        continue
+                    if len(faces) == 1:
+                        log.info("active speaker: one face in %s, nothing to choose", video)
+                        return None
+                    for face in faces:
+                        centre = ((face.box[0] + face.box[2]) / 2, (face.box[1] + face.box[3]) / 2)
+                        trackers.append(FaceTracker(landmarker=landmarker, point=centre))
+                        aligners.append(FaceAligner(SYNC_RESOLUTION))
+                        tracks.append([])
+                        first_boxes.append(centre)
+                for tracker, aligner, track in zip(trackers, aligners, tracks):
+                    face = tracker.track(frame)
+                    if face is None:
+                        aligner.reset()
+                        if track:  # a missing frame repeats the last crop, so every track covers the same frames
+                            track.append(track[-1])
+                        continue
+                    crop, _ = aligner.align(frame, face.anchors)
+                    track.append(crop)
+        finally:
+            frames.close()
+        if not trackers:
+            return None
+        # Every track ends on the last frame read; keep the span they all cover.
+        total = max(len(t) for t in tracks)
+        n = min(len(t) for t in tracks)
+        tracks = [np.stack(t[len(t) - n:]) for t in tracks]
+        if n < 16 * fps / UPSTREAM_FPS:
+            log.warning("active speaker: too few frames with every face to compare; editing the largest face")
+            return None
+        first = skipped + total - n
+        wav = wav[int(round(first / fps * audio_mod.SAMPLE_RATE)):]
+        best = choose_active_speaker(tracks, wav, SyncScorer(self.syncnet, fps=fps))
+        return first_boxes[best]
 
 
 def _to_5d(x: torch.Tensor) -> torch.Tensor:
