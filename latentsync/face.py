@@ -1,0 +1,258 @@
+"""Face landmarks and face tracking: which face to edit in each frame, and its three alignment anchors.
+
+Upstream finds faces with InsightFace (non-commercial weights fetched at run time) and re-picks the largest face in
+every frame, so the edit can jump between people. We use mediapipe's face mesh (Apache-2.0, models inside the wheel,
+offline, CPU) and follow one face through the video (``FaceTracker``).
+
+Detection runs mediapipe's short-range and full-range face detectors on the whole frame (the short-range model
+finds close, large faces and blurry ones best; the full-range one finds faces that are small in a large frame) and
+merges their boxes. The 468-point mesh is then fitted on a square crop around each detection, in static-image
+mode, so every frame's result depends on that frame alone and is deterministic.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# Anchors in the 68-point convention of upstream's 1.0/1.5 code (face_alignment): the means of points 17–21
+# (eyebrow on the image's left), 22–26 (eyebrow on the image's right) and 27–35 (nose bridge and lower nose),
+# written as fixed weighted means of face-mesh points. Mediapipe names sides from the subject's view, so the
+# image-left eyebrow is its "right eyebrow". The weights are non-negative and sum to 1 (the anchors move rigidly
+# with the face), the two eyebrows use mirror-image points with equal weights, and they were fitted once by least
+# squares against dlib's 68-point predictor on astronaut() and the 100 faces of lfw_subset() (×8 upscaled), in
+# units of the inter-ocular distance: ``benchmarks/fit_face_anchors.py``. Resulting mean offset from dlib's
+# anchors over the 91 faces both find: 0.83 / 0.72 / 0.79 % of the IOD (per-face scatter 4–5 %).
+#
+#   anchor                 mesh point (weight)       where it is
+#   eyebrow, image left    70 (0.10), 46 (0.13)      outer end of the eyebrow, upper and lower edge
+#                          63 (0.20)                 upper edge, outer third
+#                          65 (0.45)                 lower edge, inner third
+#                          107 (0.12)                inner end, upper edge
+#                          -> dlib's 17-21 run along the eyebrow between its upper and lower edge, so the
+#                             fit mixes points of both edges (weights as the fit chose them, rounded)
+#   eyebrow, image right   300, 276, 293, 295, 336   mirror images of 70, 46, 63, 65, 107, same weights
+#   nose centre            168 (0.20)                between the eyes, top of the bridge (dlib 27)
+#                          1 (0.44)                  nose tip (dlib 30; dlib's 28-29 lie between 27 and 30)
+#                          98, 327 (0.18 each)       beside the nostril wings (dlib 31 and 35; 32-34 between)
+ANCHOR_WEIGHTS: tuple[tuple[tuple[int, float], ...], ...] = (
+    ((70, 0.10), (63, 0.20), (107, 0.12), (46, 0.13), (65, 0.45)),
+    ((300, 0.10), (293, 0.20), (336, 0.12), (276, 0.13), (295, 0.45)),
+    ((168, 0.20), (1, 0.44), (98, 0.18), (327, 0.18)),
+)
+
+_CROP_SCALE = 2.5  # square mesh crop side, in detection-box sizes: the whole head plus context for the mesh's detector
+_MERGE_IOU = 0.3  # detections of the two detectors overlapping more than this are one face
+
+
+@dataclass(frozen=True, eq=False)
+class Face:
+    """One face in one frame: mesh-extent ``box`` (x1, y1, x2, y2) in pixels, detector ``score``, the (3, 2)
+    ``anchors`` (eyebrow centre on the image's left, on the image's right, nose centre) and all mesh points
+    ``landmarks`` (468, 2), pixel-centre coordinates (x, y)."""
+
+    box: tuple[float, float, float, float]
+    score: float
+    anchors: np.ndarray
+    landmarks: np.ndarray
+
+    @property
+    def center(self) -> tuple[float, float]:
+        return ((self.box[0] + self.box[2]) / 2, (self.box[1] + self.box[3]) / 2)
+
+    @property
+    def area(self) -> float:
+        return max(self.box[2] - self.box[0], 0.0) * max(self.box[3] - self.box[1], 0.0)
+
+
+def anchors_from_mesh(landmarks: np.ndarray) -> np.ndarray:
+    """The three (3, 2) alignment anchors as the fixed weighted means ``ANCHOR_WEIGHTS`` of mesh points."""
+    out = np.empty((3, 2), dtype=np.float64)
+    for k, terms in enumerate(ANCHOR_WEIGHTS):
+        idx = [i for i, _ in terms]
+        w = np.array([w for _, w in terms], dtype=np.float64)
+        out[k] = w @ landmarks[idx] / w.sum()
+    return out
+
+
+def box_iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    """Intersection over union of two (x1, y1, x2, y2) boxes."""
+    iw = min(a[2], b[2]) - max(a[0], b[0])
+    ih = min(a[3], b[3]) - max(a[1], b[1])
+    if iw <= 0 or ih <= 0:
+        return 0.0
+    inter = iw * ih
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+class FaceLandmarker:
+    """Finds up to ``max_faces`` faces per RGB frame with mediapipe and returns their anchors.
+
+    Not thread-safe (mediapipe graphs are stateful): use one instance per thread. ``close()`` frees the graphs.
+    """
+
+    def __init__(self, max_faces: int = 4, min_confidence: float = 0.5):
+        from mediapipe.python.solutions.face_detection import FaceDetection
+        from mediapipe.python.solutions.face_mesh import FaceMesh
+
+        self.max_faces = int(max_faces)
+        self.min_confidence = float(min_confidence)
+        self._detectors = [
+            FaceDetection(model_selection=0, min_detection_confidence=self.min_confidence),
+            FaceDetection(model_selection=1, min_detection_confidence=self.min_confidence),
+        ]
+        # Static-image mode: no state between calls, so results do not depend on frame order.
+        self._mesh = FaceMesh(static_image_mode=True, max_num_faces=2, refine_landmarks=False,
+                              min_detection_confidence=self.min_confidence,
+                              min_tracking_confidence=self.min_confidence)
+
+    def close(self) -> None:
+        for graph in (*self._detectors, self._mesh):
+            graph.close()
+
+    def __enter__(self) -> FaceLandmarker:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def detect(self, frame_rgb: np.ndarray) -> list[Face]:
+        """Faces in an (H, W, 3) uint8 RGB frame, largest first; an empty list when there are none."""
+        frame = np.ascontiguousarray(frame_rgb)
+        if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
+            raise ValueError(f"expected an (H, W, 3) uint8 RGB frame, got {frame.shape} {frame.dtype}")
+        faces = []
+        for box, score in self._detections(frame):
+            landmarks = self._mesh_in_box(frame, box)
+            if landmarks is None:
+                log.debug("no face mesh for the detection at %s (score %.2f); skipped", box, score)
+                continue
+            x1, y1 = landmarks.min(0)
+            x2, y2 = landmarks.max(0)
+            box = (float(x1), float(y1), float(x2), float(y2))
+            if any(box_iou(box, f.box) > 0.5 for f in faces):  # two detections that meshed to one face
+                continue
+            landmarks.setflags(write=False)
+            anchors = anchors_from_mesh(landmarks)
+            anchors.setflags(write=False)
+            faces.append(Face(box, score, anchors, landmarks))
+        faces.sort(key=lambda f: -f.area)
+        return faces
+
+    def _detections(self, frame: np.ndarray) -> list[tuple[tuple[float, float, float, float], float]]:
+        """Boxes (pixels) and scores of both detectors, merged, best score first, at most ``max_faces``."""
+        h, w = frame.shape[:2]
+        found = []
+        for detector in self._detectors:
+            for det in detector.process(frame).detections or []:
+                rb = det.location_data.relative_bounding_box
+                box = (rb.xmin * w, rb.ymin * h, (rb.xmin + rb.width) * w, (rb.ymin + rb.height) * h)
+                found.append((box, float(det.score[0])))
+        found.sort(key=lambda d: -d[1])
+        kept: list[tuple[tuple[float, float, float, float], float]] = []
+        for box, score in found:
+            if all(box_iou(box, k[0]) <= _MERGE_IOU for k in kept):
+                kept.append((box, score))
+        return kept[: self.max_faces]
+
+    def _mesh_in_box(self, frame: np.ndarray, box: tuple[float, float, float, float]) -> np.ndarray | None:
+        """Mesh points (468, 2) of the face in ``box``, fitted on a square crop around it; None if the mesh fails."""
+        h, w = frame.shape[:2]
+        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+        side = max(int(math.ceil(_CROP_SCALE * max(box[2] - box[0], box[3] - box[1]))), 16)
+        x0, y0 = int(round(cx - side / 2)), int(round(cy - side / 2))
+        crop = np.zeros((side, side, 3), dtype=np.uint8)  # black beyond the frame's edges
+        sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x0 + side, w), min(y0 + side, h)
+        if sx0 >= sx1 or sy0 >= sy1:
+            return None
+        crop[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = frame[sy0:sy1, sx0:sx1]
+        result = self._mesh.process(crop).multi_face_landmarks
+        if not result:
+            return None
+        best, best_dist = None, math.inf
+        for mesh in result:
+            # mediapipe's normalised coordinates span the image's edges; -0.5 gives pixel-centre coordinates.
+            pts = np.array([(p.x * side - 0.5, p.y * side - 0.5) for p in mesh.landmark], dtype=np.float64)
+            dist = float(np.hypot(*(pts.mean(0) - side / 2)))
+            if dist < best_dist:
+                best, best_dist = pts, dist
+        if best_dist > side / 4:  # the mesh found a neighbour, not the detected face
+            return None
+        return best + (x0, y0)
+
+
+class FaceTracker:
+    """Follows one face through a video, so the edit never jumps to another person.
+
+    The first frame with faces picks the target: the largest face, or with ``point=(x, y)`` the face nearest to
+    that point. Later frames take the face that overlaps / lies nearest to the target's last box; a frame without
+    it gives None (never an exception), and after a gap the same face is picked up again by proximity to where it
+    was last seen — another person farther away is ignored.
+
+    Anchors are returned raw: the only temporal smoothing is the aligner's (upstream's p_bias rule). Contract with
+    the pipeline: whenever ``track`` returns None between frames with a face, call ``FaceAligner.reset()`` before
+    aligning the next face, exactly as after ``FaceTracker.reset()``.
+    """
+
+    def __init__(self, landmarker: FaceLandmarker | None = None, point: tuple[float, float] | None = None,
+                 max_step: float = 0.5):
+        self.landmarker = landmarker if landmarker is not None else FaceLandmarker()
+        self.point = None if point is None else (float(point[0]), float(point[1]))
+        self.max_step = max_step  # largest centre move per frame, in face sizes
+        self._last: Face | None = None
+        self._gap = 0
+
+    @property
+    def gap(self) -> int:
+        """Frames since the tracked face was last seen (0 when it is in the last frame)."""
+        return self._gap
+
+    def reset(self) -> None:
+        """Forget the target; the next frame with faces picks one again (largest, or nearest to ``point``)."""
+        self._last = None
+        self._gap = 0
+
+    def track(self, frame_rgb: np.ndarray) -> Face | None:
+        """The tracked face in this frame, or None when it is not visible."""
+        faces = self.landmarker.detect(frame_rgb)
+        face = self._pick_first(faces) if self._last is None else self._follow(faces)
+        if face is None:
+            self._gap += 1
+            return None
+        self._last, self._gap = face, 0
+        return face
+
+    def _pick_first(self, faces: list[Face]) -> Face | None:
+        if not faces:
+            return None
+        if self.point is None:
+            return max(faces, key=lambda f: f.area)
+        px, py = self.point
+
+        def distance(f: Face) -> tuple[float, float]:
+            dx = max(f.box[0] - px, 0.0, px - f.box[2])
+            dy = max(f.box[1] - py, 0.0, py - f.box[3])
+            return (math.hypot(dx, dy), math.hypot(f.center[0] - px, f.center[1] - py))
+
+        return min(faces, key=distance)
+
+    def _follow(self, faces: list[Face]) -> Face | None:
+        last = self._last
+        size = math.sqrt(max(last.area, 1.0))
+        # The face may have moved farther the longer it was unseen, up to two face sizes.
+        reach = min(self.max_step * (1 + self._gap), 2.0) * size
+        best, best_key = None, None
+        for f in faces:
+            dist = math.hypot(f.center[0] - last.center[0], f.center[1] - last.center[1])
+            ratio = math.sqrt(max(f.area, 1.0)) / size
+            if dist > reach or not 0.5 <= ratio <= 2.0:
+                continue
+            key = (-box_iou(f.box, last.box), dist)
+            if best_key is None or key < best_key:
+                best, best_key = f, key
+        return best
