@@ -161,9 +161,12 @@ class FaceAligner:
         ``frame_rgb`` may be a torch tensor on any device; the warp then runs there.
         """
         matrix = self.matrix(anchors)
+        return self.warp(frame_rgb, matrix), matrix
+
+    def warp(self, frame_rgb: np.ndarray | torch.Tensor, matrix: np.ndarray) -> np.ndarray:
+        """The aligned face (R, R, 3) uint8 for a known matrix: the crop, stretched to R×R with Lanczos."""
         crop = self.warp_crop(frame_rgb, matrix)
-        face = cv2.resize(crop, (self.resolution, self.resolution), interpolation=cv2.INTER_LANCZOS4)
-        return face, matrix
+        return cv2.resize(crop, (self.resolution, self.resolution), interpolation=cv2.INTER_LANCZOS4)
 
     @torch.no_grad()
     def warp_crop(self, frame_rgb: np.ndarray | torch.Tensor, matrix: np.ndarray) -> np.ndarray:

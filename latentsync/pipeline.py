@@ -329,8 +329,7 @@ class LipSync:
                     aligner.reset()  # upstream's p_bias smoothing restarts after a gap
                     matrices.append(None)
                     continue
-                _, matrix = aligner.align(frame, face.anchors)
-                matrices.append(np.asarray(matrix, dtype=np.float32))
+                matrices.append(aligner.matrix(face.anchors))
         finally:
             frames.close()
         return matrices
