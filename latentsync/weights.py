@@ -7,9 +7,20 @@ from pathlib import Path
 
 import torch
 
+from latentsync.download import ensure_weights, verify_weights  # noqa: F401  (the weights folder: download.py)
 from latentsync.errors import InputError
 
 log = logging.getLogger(__name__)
+
+
+def _torch_load(path: Path) -> object:
+    try:  # memory-mapped: the tensors are read as they are used, not copied up front
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):
+            raise
+        # files written with torch.save(..., _use_new_zipfile_serialization=False) cannot be memory-mapped
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def read_state_dict(path: str | Path, *, key: str | None = "state_dict") -> dict[str, torch.Tensor]:
@@ -22,7 +33,7 @@ def read_state_dict(path: str | Path, *, key: str | None = "state_dict") -> dict
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        obj = _torch_load(path)
     except InputError:
         raise
     except Exception as e:  # a truncated or foreign file: say which one
@@ -69,3 +80,129 @@ def load_strict(
         state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model
+
+
+def load_syncnet(
+    config: str | Path | Mapping, checkpoint_path: str | Path, device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> torch.nn.Module:
+    """StableSyncNet from a SyncNet YAML path (or its ``model:`` dict) and a checkpoint, strictly, in eval mode."""
+    from latentsync.config import load_config
+    from latentsync.models.syncnet import StableSyncNet
+
+    if not isinstance(config, Mapping):
+        config = load_config(config)
+    if "model" in config:  # a whole upstream YAML rather than its model: section
+        config = config["model"]
+    with torch.device("meta"):  # no random init of ~400 M parameters that the checkpoint overwrites
+        model = StableSyncNet.from_config(config)
+    state_dict = read_state_dict(checkpoint_path)
+    load_strict(model, state_dict, f"SyncNet checkpoint {checkpoint_path}", dtype=dtype)
+    return model.to(device).eval().requires_grad_(False)
+
+
+# ------------------------------------------------------------------------------------ U-Net, VAE, scheduler
+# The shipped config of each release; the two differ only in data.resolution (same network).
+UNET_CONFIGS = {"1.5": "unet/stage2.yaml", "1.6": "unet/stage2_512.yaml"}
+
+# LatentSync 1.0 checkpoints name the audio cross-attention of every spatial transformer block differently
+# (spec §2): ``…transformer_blocks.N.audio_cross_attn.{norm,attn}.*`` is ``…transformer_blocks.N.{norm2,attn2}.*``.
+UNET_V10_KEY_MAP = {
+    ".audio_cross_attn.norm.": ".norm2.",
+    ".audio_cross_attn.attn.": ".attn2.",
+}
+
+VAE_SCALING_FACTOR = 0.18215  # sd-vae-ft-mse, as upstream sets it
+VAE_SHIFT_FACTOR = 0.0
+
+
+def unet_config_for(version: str) -> Path:
+    """The U-Net config matching a LatentSync checkpoint release: ``"1.5"`` (256 px) or ``"1.6"`` (512 px)."""
+    from latentsync.config import config_path
+
+    if version not in UNET_CONFIGS:
+        raise InputError(f"unknown LatentSync version {version!r}: choose one of {', '.join(UNET_CONFIGS)}")
+    return config_path(UNET_CONFIGS[version])
+
+
+def remap_unet_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename LatentSync 1.0 U-Net keys to the 1.5/1.6 names; other keys pass through unchanged."""
+    out = {}
+    for key, value in state_dict.items():
+        for old, new in UNET_V10_KEY_MAP.items():
+            key = key.replace(old, new)
+        out[key] = value
+    return out
+
+
+def load_unet(
+    config: str | Path | Mapping, checkpoint_path: str | Path, device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> torch.nn.Module:
+    """The LatentSync U-Net from an upstream config (path, or its ``model:`` dict) and checkpoint, strictly, in eval mode.
+
+    Reads upstream ``latentsync_unet.pt`` ({"state_dict", "global_step"}), bare state dicts and .safetensors;
+    1.0 key names are mapped. The model is built on the meta device and takes the checkpoint's tensors as they are.
+    """
+    from latentsync.config import load_config
+    from latentsync.models.unet import UNet3DConditionModel
+
+    source, resolution = "a model: dict", None
+    if not isinstance(config, Mapping):
+        source = str(config)
+        if not Path(config).is_file():
+            raise InputError(f"U-Net config not found: {config}")
+        config = load_config(config)
+        if "model" not in config:
+            raise InputError(f"{source} has no model: section (expected an upstream configs/unet/*.yaml)")
+    if "model" in config:  # a whole upstream YAML rather than its model: section
+        resolution = (config.get("data") or {}).get("resolution")
+        config = config["model"]
+    with torch.device("meta"):  # no random init of 1.27 B parameters that the checkpoint overwrites
+        model = UNet3DConditionModel.from_config(config)
+    state_dict = read_state_dict(checkpoint_path)
+    renamed = sum(any(old in k for old in UNET_V10_KEY_MAP) for k in state_dict)
+    if renamed:
+        log.info("U-Net checkpoint %s: %d LatentSync 1.0 key names mapped to 1.5 names", checkpoint_path, renamed)
+        state_dict = remap_unet_keys(state_dict)
+    load_strict(model, state_dict, f"U-Net checkpoint {checkpoint_path}", dtype=dtype)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:  # a buffer outside the state dict would still be on the meta device
+        raise RuntimeError(f"U-Net tensors left uninitialised after loading: {left[:5]}")
+    # A 1.6 checkpoint run with the 256-px config is upstream's most frequent mistake: say which pairing is used.
+    log.info(
+        "U-Net %s with config %s: resolution %s (1.5 checkpoints need 256 px, 1.6 need 512 px)",
+        checkpoint_path, source, f"{resolution} px" if resolution else "not given by a model: dict",
+    )
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_vae(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """diffusers ``AutoencoderKL`` from a local folder (like stabilityai/sd-vae-ft-mse), scaling 0.18215, eval mode."""
+    from diffusers import AutoencoderKL
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise InputError(
+            f"VAE folder {folder} is missing or has no config.json (expected a diffusers AutoencoderKL folder, "
+            "e.g. a download of stabilityai/sd-vae-ft-mse)"
+        )
+    try:
+        vae = AutoencoderKL.from_pretrained(folder, local_files_only=True, torch_dtype=dtype)
+    except Exception as e:  # missing weights file, foreign config, mismatched tensors
+        raise InputError(f"cannot load the VAE from {folder}: {e}") from e
+    vae.register_to_config(scaling_factor=VAE_SCALING_FACTOR, shift_factor=VAE_SHIFT_FACTOR)
+    return vae.to(device).eval().requires_grad_(False)
+
+
+def load_scheduler():
+    """The DDIM scheduler of ``configs/scheduler_config.json`` (upstream's)."""
+    import json
+
+    from diffusers import DDIMScheduler
+
+    from latentsync.config import config_path
+
+    cfg = json.loads(config_path("scheduler_config.json").read_text())
+    cfg.pop("skip_prk_steps", None)  # a PNDM option upstream's file carries; DDIM has no such setting
+    return DDIMScheduler.from_config(cfg)

@@ -33,11 +33,12 @@ UNET_MODEL = {
     },
 }
 
+# StableSyncNet's GroupNorms have 32 groups, so every width is a multiple of 32.
 SYNCNET_MODEL = {
-    "audio_encoder": {"in_channels": 1, "block_out_channels": [8, 8, 8, 16, 16, 16, 32],
+    "audio_encoder": {"in_channels": 1, "block_out_channels": [32, 32, 32, 32, 32, 32, 64],
                       "downsample_factors": [[2, 1], 2, 2, 1, 2, 2, [2, 3]], "attn_blocks": [0, 0, 0, 1, 1, 0, 0],
                       "dropout": 0.0},
-    "visual_encoder": {"in_channels": 48, "block_out_channels": [8, 8, 8, 8, 16, 16, 32, 32],
+    "visual_encoder": {"in_channels": 48, "block_out_channels": [32, 32, 32, 32, 32, 32, 64, 64],
                        "downsample_factors": [[1, 2], 2, 2, 2, 2, 2, 2, 2], "attn_blocks": [0, 0, 0, 0, 1, 1, 0, 0],
                        "dropout": 0.0},
 }

@@ -1,0 +1,243 @@
+"""predict.py called directly (no server): inputs, output folders, metrics, errors, setup on good and bad weights."""
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import inspect
+import shutil
+import sys
+import threading
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from latentsync import InputError
+from media_utils import face_clip, probe_streams, write_clip
+from tiny_weights import make_tiny_weights
+
+sys.path.insert(0, str(REPO))
+import predict  # noqa: E402  (predict.py lives at the repository root, as Cog wants it)
+
+FAST = {"inference_steps": 10, "guidance_scale": 1.0}
+DESTS = {"latentsync_unet.pt": "1.6", "whisper/tiny.pt": "1.6", "stable_syncnet.pt": "1.6",
+         "sd-vae-ft-mse/config.json": "all", "sd-vae-ft-mse/diffusion_pytorch_model.safetensors": "all",
+         "mask.png": "all"}
+
+
+def manifest_for(weights: Path, path: Path, base_url: str = "http://127.0.0.1:9") -> Path:
+    """A manifest in weights.txt's format describing the tiny files exactly (size and sha256)."""
+    lines = []
+    for dest, version in DESTS.items():
+        if not (weights / dest).is_file():  # SyncNet is optional to the pipeline; the tiny set leaves it out
+            continue
+        data = (weights / dest).read_bytes()
+        lines.append(f"{version} {base_url}/{dest} {dest} {len(data)} {hashlib.sha256(data).hexdigest()}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def call(predictor: predict.Predictor, **inputs):
+    """``predict()`` as Cog calls it: every omitted input takes the default its ``Input(...)`` declares."""
+    for name, param in inspect.signature(predictor.predict).parameters.items():
+        if name not in inputs:
+            default = param.default
+            inputs[name] = getattr(default, "default", default)
+    return predictor.predict(**inputs)
+
+
+def tone(path: Path, seconds: float) -> Path:
+    t = np.arange(int(seconds * 16000)) / 16000
+    pcm = (0.3 * np.sin(2 * np.pi * 180 * t) * 32767).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(pcm.tobytes())
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    # Without SyncNet: scoring is the pipeline's business (tests/test_pipeline.py); here it only slows setup.
+    weights, unet_config = make_tiny_weights(tmp_path_factory.mktemp("tiny"), syncnet=False)
+    return weights, unet_config, manifest_for(weights, tmp_path_factory.mktemp("manifest") / "weights.txt")
+
+
+@pytest.fixture(scope="module")
+def env(tiny):
+    weights, unet_config, manifest = tiny
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LATENTSYNC_WEIGHTS_DIR", str(weights))
+        mp.setenv("LATENTSYNC_UNET_CONFIG", str(unet_config))
+        mp.setenv("LATENTSYNC_SYNCNET_CONFIG", str(weights / "syncnet.yaml"))
+        mp.setenv("LATENTSYNC_MANIFEST", str(manifest))
+        mp.setenv("LATENTSYNC_VERSION", "1.6")
+        yield mp
+
+
+@pytest.fixture(scope="module")
+def predictor(env):
+    p = predict.Predictor()
+    p.setup()
+    yield p
+    shutil.rmtree(p.work_root, ignore_errors=True)
+
+
+@pytest.fixture
+def metrics(predictor, monkeypatch):
+    seen: dict = {}
+    monkeypatch.setattr(predictor, "record_metric", lambda key, value, mode="replace": seen.__setitem__(key, value))
+    return seen
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    d = tmp_path_factory.mktemp("media")
+    gray = [np.full((240, 320, 3), 120, np.uint8) for _ in range(16)]
+    return {"clip": face_clip(d / "clip.mp4", 16), "speech": tone(d / "speech.wav", 0.6),
+            "noface": write_clip(d / "noface.mp4", gray), "dir": d}
+
+
+def test_inputs_declare_the_documented_defaults_bounds_and_choices():
+    from latentsync.pipeline import FACE_SELECTS, LOOP_MODES
+
+    params = inspect.signature(predict.Predictor.predict).parameters
+    field = {name: p.default for name, p in params.items() if name != "self"}
+    assert list(field) == ["video", "audio", "guidance_scale", "inference_steps", "seed", "loop_mode",
+                           "enable_deepcache", "keep_fps", "face_select"]
+    assert (field["guidance_scale"].default, field["guidance_scale"].ge, field["guidance_scale"].le) == (1.5, 1.0, 3.0)
+    assert (field["inference_steps"].default, field["inference_steps"].ge, field["inference_steps"].le) == (20, 10, 50)
+    assert field["seed"].default is None
+    assert field["loop_mode"].default == "bounce" and field["loop_mode"].choices == list(LOOP_MODES)
+    assert field["face_select"].default == "largest" and field["face_select"].choices == list(FACE_SELECTS)
+    assert field["enable_deepcache"].default is True and field["keep_fps"].default is False
+    assert all(f.description for f in field.values())
+
+
+def test_each_prediction_gets_a_fresh_folder_and_the_previous_one_goes(predictor, media, metrics):
+    first = call(predictor, video=media["clip"], audio=media["speech"], seed=1, **FAST)
+    assert first.is_file() and first.suffix == ".mp4"
+    streams = probe_streams(first)["streams"]
+    assert int(next(s for s in streams if s["codec_type"] == "video")["nb_read_frames"]) == metrics["frames"]
+    assert any(s["codec_type"] == "audio" for s in streams)
+    second = call(predictor, video=media["clip"], audio=media["speech"], seed=1, **FAST)
+    assert second.is_file() and second.name != first.name and second.parent != first.parent
+    assert not first.parent.exists()
+    assert [p.name for p in predictor.work_root.iterdir()] == [second.parent.name]
+
+
+def test_metrics_report_the_seed_frames_and_stage_times(predictor, media, metrics):
+    call(predictor, video=media["clip"], audio=media["speech"], seed=1234, **FAST)
+    assert metrics["seed"] == 1234
+    assert metrics["frames"] > 0 and metrics["frames_with_face"] == metrics["frames"]
+    stages = {k.split(".", 1)[1] for k in metrics if k.startswith("seconds.")}
+    assert {"faces", "denoise", "mux"} <= stages
+    call(predictor, video=media["clip"], audio=media["speech"], **FAST)
+    assert isinstance(metrics["seed"], int)
+
+
+def test_file_extensions_are_not_trusted(predictor, media, metrics, tmp_path):
+    video = shutil.copy(media["clip"], tmp_path / "clip.wav")
+    audio = shutil.copy(media["speech"], tmp_path / "speech")  # no extension at all, as Cog may deliver it
+    out = call(predictor, video=Path(video), audio=Path(audio), seed=2, **FAST)
+    assert out.is_file() and metrics["frames_with_face"] > 0
+
+
+def test_input_error_is_one_line_and_leaves_no_folder(predictor, media):
+    with pytest.raises(InputError) as caught:
+        call(predictor, video=media["noface"], audio=media["speech"], **FAST)
+    message = str(caught.value)
+    assert "\n" not in message and "face" in message
+    assert "<video>" in message and "noface.mp4" not in message  # the input's name, not a server temp path
+    assert list(predictor.work_root.iterdir()) == []
+
+
+def test_out_of_memory_fails_that_prediction_only(predictor, media, monkeypatch):
+    import torch
+
+    freed = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: freed.append(True))
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with monkeypatch.context() as m:
+        m.setattr(predictor.pipe, "lipsync", oom)
+        with pytest.raises(RuntimeError, match="out of GPU memory"):
+            call(predictor, video=media["clip"], audio=media["speech"], **FAST)
+    assert freed and list(predictor.work_root.iterdir()) == []
+    monkeypatch.undo()
+    assert call(predictor, video=media["clip"], audio=media["speech"], seed=1, **FAST).is_file()
+
+
+def test_cancellation_propagates_after_cleaning_up(predictor, media, monkeypatch):
+    from cog import CancelationException
+
+    def cancelled(*args, **kwargs):
+        raise CancelationException()
+
+    monkeypatch.setattr(predictor.pipe, "lipsync", cancelled)
+    with pytest.raises(CancelationException):
+        call(predictor, video=media["clip"], audio=media["speech"], **FAST)
+    assert list(predictor.work_root.iterdir()) == []
+
+
+# --- setup ----------------------------------------------------------------------------------------------------------
+
+def test_setup_refuses_a_sha256_mismatch_naming_the_file(env, tiny, tmp_path):
+    weights, _, manifest = tiny
+    damaged = shutil.copytree(weights, tmp_path / "damaged")
+    data = bytearray((damaged / "mask.png").read_bytes())
+    data[-1] ^= 0xFF
+    (damaged / "mask.png").write_bytes(bytes(data))
+    env.setenv("LATENTSYNC_WEIGHTS_DIR", str(damaged))
+    try:
+        with pytest.raises(InputError, match=r"mask\.png: sha256 [0-9a-f]{64}, expected"):
+            predict.Predictor().setup()
+    finally:
+        env.setenv("LATENTSYNC_WEIGHTS_DIR", str(weights))
+
+
+def test_setup_refuses_a_truncated_file_naming_it(env, tiny, tmp_path):
+    weights, _, _ = tiny
+    damaged = shutil.copytree(weights, tmp_path / "damaged")
+    with open(damaged / "latentsync_unet.pt", "r+b") as f:
+        f.truncate(4096)
+    env.setenv("LATENTSYNC_WEIGHTS_DIR", str(damaged))
+    try:
+        with pytest.raises(InputError, match=r"latentsync_unet\.pt: 4096 bytes.*truncated"):
+            predict.Predictor().setup()
+    finally:
+        env.setenv("LATENTSYNC_WEIGHTS_DIR", str(weights))
+
+
+def test_setup_downloads_what_is_missing_then_loads(env, tiny, tmp_path, monkeypatch):
+    weights, _, _ = tiny
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(weights))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        manifest = manifest_for(weights, tmp_path / "weights.txt", f"http://127.0.0.1:{server.server_address[1]}")
+        env.delenv("LATENTSYNC_WEIGHTS_DIR")
+        env.setenv("LATENTSYNC_MANIFEST", str(manifest))
+        monkeypatch.setattr(predict, "ROOT", tmp_path / "project")
+        p = predict.Predictor()
+        p.setup()
+        folder = tmp_path / "project" / "checkpoints" / "latentsync-1.6"
+        for dest in DESTS:
+            if not (weights / dest).is_file():
+                continue
+            assert (folder / dest).read_bytes() == (weights / dest).read_bytes()
+        assert p.pipe.version == "1.6"
+        shutil.rmtree(p.work_root, ignore_errors=True)
+    finally:
+        server.shutdown()
+        server.server_close()
+        env.setenv("LATENTSYNC_WEIGHTS_DIR", str(weights))
+        env.setenv("LATENTSYNC_MANIFEST", str(tiny[2]))
