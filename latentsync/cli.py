@@ -9,7 +9,6 @@ from pathlib import Path
 
 from latentsync.errors import InputError
 
-DEFAULT_WEIGHTS_DIR = Path(os.environ.get("LATENTSYNC_WEIGHTS_DIR", "weights"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,8 +17,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("video", type=Path, help="input video with a visible face")
     p.add_argument("audio", type=Path, help="speech to lip-sync to (any audio or video file ffmpeg reads)")
     p.add_argument("-o", "--output", type=Path, required=True, help="output .mp4")
-    p.add_argument("--weights-dir", type=Path, default=DEFAULT_WEIGHTS_DIR,
-                   help="folder laid out like upstream's checkpoints/ (downloaded there when missing; default %(default)s)")
+    p.add_argument("--weights-dir", type=Path, default=None,
+                   help="folder laid out like upstream's checkpoints/, one version per folder; missing files are "
+                        "downloaded there (default: $LATENTSYNC_WEIGHTS_DIR, else weights/latentsync-VERSION)")
     p.add_argument("--version", choices=["1.5", "1.6"], default=os.environ.get("LATENTSYNC_VERSION", "1.6"),
                    help="LatentSync version (1.5: 256-px crops, 1.6: 512-px); default %(default)s")
     p.add_argument("--unet-config", type=Path, default=None, help="upstream U-Net config overriding the version's")
@@ -44,13 +44,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; exit status 2 with a one-line message on bad input."""
     args = build_parser().parse_args(argv)
+    if args.weights_dir is None:
+        prefilled = os.environ.get("LATENTSYNC_WEIGHTS_DIR")
+        args.weights_dir = Path(prefilled) if prefilled else Path("weights") / f"latentsync-{args.version}"
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
         from latentsync.download import ensure_weights
         from latentsync.pipeline import LipSync
 
-        weights = ensure_weights(None, args.weights_dir, args.version)
+        try:
+            weights = ensure_weights(None, args.weights_dir, args.version)
+        except RuntimeError as e:  # the network, not the input: still one line, another status
+            print(f"error: {e}", file=sys.stderr)
+            return 1
         pipe = LipSync.from_pretrained(weights, version=args.version, device=args.device, dtype=args.dtype,
                                        unet_config=args.unet_config)
         result = pipe.lipsync(args.video, args.audio, args.output, guidance_scale=args.guidance_scale,

@@ -7,7 +7,6 @@ here with Cog's own inspector (what ``cog build`` would write), on tiny random w
 from __future__ import annotations
 
 import base64
-import hashlib
 import http.server
 import json
 import os
@@ -29,7 +28,7 @@ import pytest
 
 from conftest import REPO
 from media_utils import face_clip, probe_streams, write_clip
-from tiny_weights import make_tiny_weights
+from tiny_weights import make_tiny_weights, manifest_for
 
 pytestmark = pytest.mark.slow
 
@@ -38,9 +37,6 @@ READY_TIMEOUT_S = 600  # a cold start imports torch, mediapipe and diffusers on 
 SAMPLE_VIDEO = REPO / "samples" / "face.mp4"
 SAMPLE_AUDIO = REPO / "samples" / "speech.wav"
 FAST = {"inference_steps": 10, "guidance_scale": 1.0}  # the smallest values the schema accepts, cheap on CPU
-MANIFEST_DESTS = {"latentsync_unet.pt": "1.6", "whisper/tiny.pt": "1.6", "stable_syncnet.pt": "1.6",
-                  "sd-vae-ft-mse/config.json": "all", "sd-vae-ft-mse/diffusion_pytorch_model.safetensors": "all",
-                  "mask.png": "all"}
 
 
 # --- pieces a test server needs ---------------------------------------------------------------------------------------
@@ -83,16 +79,6 @@ def openapi_schema(project: Path) -> dict:
                                        "Output": info.output.json_type()}}}
 
 
-def tiny_manifest(weights: Path, path: Path) -> Path:
-    """A weights manifest whose sizes and sha256 describe the tiny files (the URLs are never fetched)."""
-    lines = []
-    for dest, version in MANIFEST_DESTS.items():
-        if not (weights / dest).is_file():  # SyncNet is optional to the pipeline; the tiny set leaves it out
-            continue
-        data = (weights / dest).read_bytes()
-        lines.append(f"{version} http://127.0.0.1:9/{dest} {dest} {len(data)} {hashlib.sha256(data).hexdigest()}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def free_port() -> int:
@@ -260,7 +246,7 @@ def decode_output(uri: str, path: Path) -> Path:
 def tiny(tmp_path_factory):
     # Without SyncNet: scoring is the pipeline's business (tests/test_pipeline.py); here it only slows setup.
     weights, unet_config = make_tiny_weights(tmp_path_factory.mktemp("tiny-weights"), syncnet=False)
-    manifest = tiny_manifest(weights, tmp_path_factory.mktemp("manifest") / "weights.txt")
+    manifest = manifest_for(weights, tmp_path_factory.mktemp("manifest") / "weights.txt")
     return weights, unet_config, manifest
 
 

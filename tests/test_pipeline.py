@@ -1,6 +1,7 @@
 """End-to-end lip-sync on CPU with tiny random checkpoints written in the upstream formats."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ from latentsync import InputError
 from latentsync.pipeline import LipSync, nearest_with_face, source_index
 from media_utils import (decode_audio, decode_video, face_clip, probe_streams, psnr, read_stamp, speech,
                          write_clip)
-from tiny_weights import make_tiny_weights
+from tiny_weights import make_tiny_weights, manifest_for
 
 FAST = {"inference_steps": 2, "guidance_scale": 1.5}
 
@@ -19,6 +20,15 @@ FAST = {"inference_steps": 2, "guidance_scale": 1.5}
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     return make_tiny_weights(tmp_path_factory.mktemp("weights"))
+
+
+@pytest.fixture(scope="module")
+def cli_env(weights, tmp_path_factory):
+    """Environment for the CLI on the tiny weights: a manifest describing them, so nothing is downloaded."""
+    folder, _ = weights
+    manifest = manifest_for(folder, tmp_path_factory.mktemp("manifest") / "weights.txt")
+    return {**os.environ, "LATENTSYNC_MANIFEST": str(manifest),
+            "LATENTSYNC_SYNCNET_CONFIG": str(folder / "syncnet.yaml")}
 
 
 @pytest.fixture(scope="module")
@@ -203,22 +213,23 @@ def test_temporary_files_are_removed_also_on_failure(pipe, media, tmp_path, monk
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
-def test_cli_reports_bad_input_in_one_line(weights, media, tmp_path):
+def test_cli_reports_bad_input_in_one_line(weights, media, tmp_path, cli_env):
     folder, cfg = weights
     proc = subprocess.run([sys.executable, "-m", "latentsync", str(tmp_path / "missing.mp4"), str(media["speech_1s"]),
                            "-o", str(tmp_path / "o.mp4"), "--weights-dir", str(folder), "--unet-config", str(cfg),
-                           "--device", "cpu", "-q"], capture_output=True, text=True)
+                           "--device", "cpu", "-q"], capture_output=True, text=True, env=cli_env)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:") and len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_cli_lipsyncs(weights, media, tmp_path):
+def test_cli_lipsyncs(weights, media, tmp_path, cli_env):
     folder, cfg = weights
     out = tmp_path / "cli.mp4"
     proc = subprocess.run([sys.executable, "-m", "latentsync", str(media["clip25"]), str(media["speech_1s"]),
                            "-o", str(out), "--weights-dir", str(folder), "--unet-config", str(cfg), "--device", "cpu",
                            "--inference-steps", "2", "--seed", "3", "--loop-mode", "cut_off"],
-                          capture_output=True, text=True, env={**__import__("os").environ,
-                                                               "LATENTSYNC_SYNCNET_CONFIG": str(folder / "syncnet.yaml")})
+                          capture_output=True, text=True, env=cli_env)
     assert proc.returncode == 0, proc.stderr
     assert "seed 3" in proc.stdout and out.is_file()
+    assert "sync:" in proc.stdout, "the CLI prints the sync score"
+    assert "ETA" in proc.stderr or "it/s" in proc.stderr or "frame/s" in proc.stderr, "no progress bar on stderr"

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import http.server
 import inspect
 import shutil
@@ -17,27 +16,12 @@ import pytest
 from conftest import REPO
 from latentsync import InputError
 from media_utils import face_clip, probe_streams, write_clip
-from tiny_weights import make_tiny_weights
+from tiny_weights import DESTS, make_tiny_weights, manifest_for
 
 sys.path.insert(0, str(REPO))
 import predict  # noqa: E402  (predict.py lives at the repository root, as Cog wants it)
 
 FAST = {"inference_steps": 10, "guidance_scale": 1.0}
-DESTS = {"latentsync_unet.pt": "1.6", "whisper/tiny.pt": "1.6", "stable_syncnet.pt": "1.6",
-         "sd-vae-ft-mse/config.json": "all", "sd-vae-ft-mse/diffusion_pytorch_model.safetensors": "all",
-         "mask.png": "all"}
-
-
-def manifest_for(weights: Path, path: Path, base_url: str = "http://127.0.0.1:9") -> Path:
-    """A manifest in weights.txt's format describing the tiny files exactly (size and sha256)."""
-    lines = []
-    for dest, version in DESTS.items():
-        if not (weights / dest).is_file():  # SyncNet is optional to the pipeline; the tiny set leaves it out
-            continue
-        data = (weights / dest).read_bytes()
-        lines.append(f"{version} {base_url}/{dest} {dest} {len(data)} {hashlib.sha256(data).hexdigest()}")
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def call(predictor: predict.Predictor, **inputs):
@@ -62,8 +46,7 @@ def tone(path: Path, seconds: float) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    # Without SyncNet: scoring is the pipeline's business (tests/test_pipeline.py); here it only slows setup.
-    weights, unet_config = make_tiny_weights(tmp_path_factory.mktemp("tiny"), syncnet=False)
+    weights, unet_config = make_tiny_weights(tmp_path_factory.mktemp("tiny"))
     return weights, unet_config, manifest_for(weights, tmp_path_factory.mktemp("manifest") / "weights.txt")
 
 
@@ -136,6 +119,7 @@ def test_metrics_report_the_seed_frames_and_stage_times(predictor, media, metric
     assert metrics["frames"] > 0 and metrics["frames_with_face"] == metrics["frames"]
     stages = {k.split(".", 1)[1] for k in metrics if k.startswith("seconds.")}
     assert {"faces", "denoise", "mux"} <= stages
+    assert {"sync.offset0_cosine", "sync.best_offset", "sync.confidence"} <= set(metrics)
     call(predictor, video=media["clip"], audio=media["speech"], **FAST)
     assert isinstance(metrics["seed"], int)
 

@@ -6,6 +6,7 @@ The folder mirrors upstream's ``checkpoints/``: ``latentsync_unet.pt`` ({"global
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 
@@ -163,3 +164,21 @@ def make_tiny_weights(folder: str | Path, *, syncnet: bool = True) -> tuple[Path
     if syncnet:
         write_syncnet(folder)
     return folder, cfg
+
+
+# Where each tiny file sits in weights.txt's terms (destination → version tag).
+DESTS = {"latentsync_unet.pt": "1.6", "whisper/tiny.pt": "1.6", "stable_syncnet.pt": "1.6",
+         "sd-vae-ft-mse/config.json": "all", "sd-vae-ft-mse/diffusion_pytorch_model.safetensors": "all",
+         "mask.png": "all"}
+
+
+def manifest_for(weights: Path, path: Path, base_url: str = "http://127.0.0.1:9") -> Path:
+    """A manifest in weights.txt's format describing the tiny files exactly (size and sha256)."""
+    lines = []
+    for dest, version in DESTS.items():
+        if not (weights / dest).is_file():  # SyncNet is optional to the pipeline; the tiny set leaves it out
+            continue
+        data = (weights / dest).read_bytes()
+        lines.append(f"{version} {base_url}/{dest} {dest} {len(data)} {hashlib.sha256(data).hexdigest()}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
