@@ -233,3 +233,60 @@ def test_cli_lipsyncs(weights, media, tmp_path, cli_env):
     assert "seed 3" in proc.stdout and out.is_file()
     assert "sync:" in proc.stdout, "the CLI prints the sync score"
     assert "ETA" in proc.stderr or "it/s" in proc.stderr or "frame/s" in proc.stderr, "no progress bar on stderr"
+
+
+def test_result_carries_a_sync_score(pipe, media, tmp_path):
+    result = pipe.lipsync(media["clip40"], media["speech_16"], tmp_path / "o.mp4", seed=1, loop_mode="cut_off", **FAST)
+    s = result.sync
+    assert s is not None and s.windows >= 1
+    assert -1 <= s.offset0_cosine <= 1 and s.best_offset in s.offsets and s.confidence >= 0
+
+
+@pytest.fixture(scope="module")
+def two_faces(media):
+    """Two people side by side (the right one mirrored and darker), with the speech as the clip's own soundtrack."""
+    from media_utils import face_frame, mux
+
+    frames = []
+    for i in range(40):
+        left = face_frame(2 * np.sin(i / 6), 0)
+        right = (face_frame(-2 * np.sin(i / 6), 1)[:, ::-1] * 0.7).astype(np.uint8)
+        frames.append(np.concatenate([left, right], axis=1))
+    d = media["dir"]
+    silent = write_clip(d / "two_silent.mp4", frames)
+    return {"silent": silent, "voiced": mux(silent, media["speech_16"], d / "two_voiced.mp4")}
+
+
+def _edited_half(out, src) -> str:
+    got, ref = decode_video(out), decode_video(src)
+    w = ref.shape[2] // 2
+    left, right = psnr(got[:, :, :w], ref[:, :, :w]), psnr(got[:, :, w:], ref[:, :, w:])
+    assert max(left, right) > 38, "one person must stay untouched"
+    return "left" if left < right else "right"
+
+
+def test_active_speaker_edits_the_face_the_scorer_picks(pipe, media, two_faces, tmp_path, monkeypatch):
+    import latentsync.syncscore as syncscore
+
+    picked = {}
+
+    def darkest(tracks, wav, scorer):  # a controllable stand-in for SyncNet's verdict: the darker (right) person
+        picked["n"] = len(tracks)
+        picked["wav"] = len(wav)
+        return int(np.argmin([t.mean() for t in tracks]))
+
+    monkeypatch.setattr(syncscore, "choose_active_speaker", darkest)
+    out = tmp_path / "speaker.mp4"
+    pipe.lipsync(two_faces["voiced"], media["speech_16"], out, face_select="active_speaker", loop_mode="cut_off",
+                 seed=1, **FAST)
+    assert picked["n"] == 2 and picked["wav"] > 16000
+    assert _edited_half(out, two_faces["voiced"]) == "right"
+
+
+def test_active_speaker_without_a_soundtrack_falls_back_to_the_largest_face(pipe, media, two_faces, tmp_path, caplog):
+    out = tmp_path / "fallback.mp4"
+    with caplog.at_level("WARNING"):
+        pipe.lipsync(two_faces["silent"], media["speech_16"], out, face_select="active_speaker",
+                     loop_mode="cut_off", seed=1, **FAST)
+    assert "no audio track" in caplog.text
+    assert _edited_half(out, two_faces["silent"]) in ("left", "right")
