@@ -25,10 +25,9 @@ from cog import BasePredictor, Input, Path
 
 from latentsync.download import ensure_weights, resolve_version
 from latentsync.errors import InputError
+from latentsync.pipeline import FACE_SELECTS, LOOP_MODES
 
 ROOT = FsPath(__file__).resolve().parent
-LOOP_MODES = ["bounce", "loop", "cut_off", "silence"]
-FACE_SELECTS = ["largest", "active_speaker"]
 
 log = logging.getLogger("predict")
 
@@ -73,13 +72,13 @@ class Predictor(BasePredictor):
         loop_mode: str = Input(
             description="When the audio is longer than the video: bounce (play the video forwards and backwards), "
                         "loop (restart it), cut_off (stop at the end of the shorter one), silence (keep the whole "
-                        "video, closing the mouth after the audio ends).", choices=LOOP_MODES, default="bounce"),
+                        "video, closing the mouth after the audio ends).", choices=list(LOOP_MODES), default="bounce"),
         enable_deepcache: bool = Input(description="Reuse deep U-Net features between steps: about twice as fast, "
                                                    "with a small quality cost.", default=True),
         keep_fps: bool = Input(description="Keep the input frame rate instead of converting to 25 fps, the rate "
                                            "LatentSync was trained at.", default=False),
         face_select: str = Input(description="Which face to lip-sync when several are visible: the largest, or the "
-                                             "one whose mouth moves with the audio.", choices=FACE_SELECTS,
+                                             "one whose mouth moves with the audio.", choices=list(FACE_SELECTS),
                                  default="largest"),
     ) -> Path:
         run = self._fresh_folder()
