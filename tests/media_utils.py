@@ -111,3 +111,17 @@ def mux(video: Path, audio: Path, out: Path) -> Path:
     subprocess.run([ffmpeg_exe(), "-nostdin", "-loglevel", "error", "-y", "-i", str(video), "-i", str(audio),
                     "-map", "0:v", "-map", "1:a", "-c:v", "copy", "-c:a", "aac", "-shortest", str(out)], check=True)
     return out
+
+
+def tone(path: Path, seconds: float) -> Path:
+    """A spoken-band warbling tone as 16 kHz PCM16 wav: enough for tiny random weights (real speech: ``speech``)."""
+    import wave
+
+    t = np.arange(int(seconds * 16000)) / 16000
+    pcm = (0.3 * np.sin(2 * np.pi * 180 * t) * (1 + np.sin(2 * np.pi * 3 * t)) / 2 * 32767).astype("<i2")
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(pcm.tobytes())
+    return path

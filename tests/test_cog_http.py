@@ -20,14 +20,13 @@ import time
 import urllib.error
 import urllib.request
 import warnings
-import wave
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import REPO
-from media_utils import face_clip, probe_streams, write_clip
+from media_utils import face_clip, probe_streams, tone, write_clip
 from tiny_weights import make_tiny_weights, manifest_for
 
 pytestmark = pytest.mark.slow
@@ -77,8 +76,6 @@ def openapi_schema(project: Path) -> dict:
             "components": {"schemas": {"Input": {"type": "object", "title": "Input", "properties": properties,
                                                  "required": required},
                                        "Output": info.output.json_type()}}}
-
-
 
 
 def free_port() -> int:
@@ -215,18 +212,6 @@ class _SinkHandler(http.server.BaseHTTPRequestHandler):
 
 def data_uri(path: Path, mime: str) -> str:
     return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
-
-
-def tone(path: Path, seconds: float) -> Path:
-    """A spoken-band tone as 16 kHz wav (enough for tiny random weights; samples/speech.wav where it matters)."""
-    t = np.arange(int(seconds * 16000)) / 16000
-    pcm = (0.3 * np.sin(2 * np.pi * 180 * t) * (1 + np.sin(2 * np.pi * 3 * t)) / 2 * 32767).astype("<i2")
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16000)
-        w.writeframes(pcm.tobytes())
-    return path
 
 
 def tree_size(folder: Path) -> tuple[int, int]:

@@ -7,7 +7,6 @@ import inspect
 import shutil
 import sys
 import threading
-import wave
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ import pytest
 
 from conftest import REPO
 from latentsync import InputError
-from media_utils import face_clip, probe_streams, write_clip
+from media_utils import face_clip, probe_streams, tone, write_clip
 from tiny_weights import DESTS, make_tiny_weights, manifest_for
 
 sys.path.insert(0, str(REPO))
@@ -31,17 +30,6 @@ def call(predictor: predict.Predictor, **inputs):
             default = param.default
             inputs[name] = getattr(default, "default", default)
     return predictor.predict(**inputs)
-
-
-def tone(path: Path, seconds: float) -> Path:
-    t = np.arange(int(seconds * 16000)) / 16000
-    pcm = (0.3 * np.sin(2 * np.pi * 180 * t) * 32767).astype("<i2")
-    with wave.open(str(path), "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16000)
-        w.writeframes(pcm.tobytes())
-    return path
 
 
 @pytest.fixture(scope="module")
