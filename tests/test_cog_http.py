@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
+import wave
 import time
 import urllib.error
 import urllib.request
