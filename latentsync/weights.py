@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -115,6 +116,11 @@ UNET_V10_KEY_MAP = {
 VAE_SCALING_FACTOR = 0.18215  # sd-vae-ft-mse, as upstream sets it
 VAE_SHIFT_FACTOR = 0.0
 
+if TYPE_CHECKING:  # imported lazily at run time: loading SyncNet alone needs no diffusers
+    from diffusers import AutoencoderKL, DDIMScheduler
+
+    from latentsync.models.unet import UNet3DConditionModel
+
 
 def unet_config_for(version: str) -> Path:
     """The U-Net config matching a LatentSync checkpoint release: ``"1.5"`` (256 px) or ``"1.6"`` (512 px)."""
@@ -138,8 +144,8 @@ def remap_unet_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.T
 def load_unet(
     config: str | Path | Mapping, checkpoint_path: str | Path, device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
-) -> torch.nn.Module:
-    """The LatentSync U-Net from an upstream config (path, or its ``model:`` dict) and checkpoint, strictly, in eval mode.
+) -> UNet3DConditionModel:
+    """The LatentSync U-Net from an upstream config (path or ``model:`` dict) and a checkpoint, strictly, in eval mode.
 
     Reads upstream ``latentsync_unet.pt`` ({"state_dict", "global_step"}), bare state dicts and .safetensors;
     1.0 key names are mapped. The model is built on the meta device and takes the checkpoint's tensors as they are.
@@ -177,7 +183,9 @@ def load_unet(
     return model.to(device).eval().requires_grad_(False)
 
 
-def load_vae(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+def load_vae(
+    folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> AutoencoderKL:
     """diffusers ``AutoencoderKL`` from a local folder (like stabilityai/sd-vae-ft-mse), scaling 0.18215, eval mode."""
     from diffusers import AutoencoderKL
 
@@ -195,7 +203,7 @@ def load_vae(folder: str | Path, device: str | torch.device = "cpu", dtype: torc
     return vae.to(device).eval().requires_grad_(False)
 
 
-def load_scheduler():
+def load_scheduler() -> DDIMScheduler:
     """The DDIM scheduler of ``configs/scheduler_config.json`` (upstream's)."""
     import json
 

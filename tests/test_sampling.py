@@ -34,6 +34,16 @@ class Spy(torch.nn.Module):
         return self.unet(x, t, audio, cache=cache, shallow=shallow)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # these loops run hundreds of tiny-model passes: on a shared machine, OpenMP threads waiting for busy cores
+    # make them 100× slower than one thread does
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny_unet() -> UNet3DConditionModel:
     unet = UNet3DConditionModel.from_config(TINY)

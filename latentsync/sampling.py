@@ -1,0 +1,59 @@
+"""The denoising loop of one chunk: DDIM with classifier-free guidance on audio and optional DeepCache."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from diffusers import DDIMScheduler
+
+from latentsync.models.unet import DeepCache, UNet3DConditionModel
+
+
+@torch.no_grad()
+def denoise(
+    unet: UNet3DConditionModel,
+    scheduler: DDIMScheduler,
+    latents: torch.Tensor,
+    mask: torch.Tensor,
+    masked_latents: torch.Tensor,
+    ref_latents: torch.Tensor,
+    audio_embeds: torch.Tensor,
+    *,
+    guidance_scale: float,
+    num_inference_steps: int,
+    deepcache_interval: int = 0,
+    step_callback: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Denoise one chunk as upstream does; returns the final latents ``(1, 4, f, h, w)`` in the U-Net's dtype.
+
+    ``latents`` ``(1, 4, f, h, w)`` is the initial noise, ``mask`` ``(1, 1, f, h, w)`` (1 = keep),
+    ``masked_latents``/``ref_latents`` ``(1, 4, f, h, w)``, ``audio_embeds`` ``(f, tokens, D)``.
+    Guidance applies when ``guidance_scale > 1`` (all-zero audio is the unconditional input, batch order
+    ``[uncond, cond]``). With ``deepcache_interval = k > 1`` the full U-Net runs at step indices 0, k, 2k, … and
+    only its shallowest branch in between. ``step_callback(i)`` runs after step ``i`` (it may raise to cancel).
+    """
+    device, dtype = unet.device, unet.dtype
+    latents, mask, masked_latents, ref_latents, audio_embeds = (
+        t.to(device=device, dtype=dtype) for t in (latents, mask, masked_latents, ref_latents, audio_embeds)
+    )
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    guided = guidance_scale > 1.0
+    if guided:
+        audio_embeds = torch.cat([torch.zeros_like(audio_embeds), audio_embeds])
+        mask, masked_latents, ref_latents = (torch.cat([t] * 2) for t in (mask, masked_latents, ref_latents))
+    cache = DeepCache() if deepcache_interval > 1 else None  # a fresh cache per chunk: step 0 is always full
+
+    for i, t in enumerate(scheduler.timesteps):
+        x = torch.cat([latents] * 2) if guided else latents
+        x = scheduler.scale_model_input(x, t)
+        # channel order of the 13 input channels: [noisy 4 | mask 1 | masked image 4 | reference 4]
+        x = torch.cat([x, mask, masked_latents, ref_latents], dim=1)
+        shallow = cache is not None and i % deepcache_interval != 0
+        noise = unet(x, t, audio_embeds, cache=cache, shallow=shallow).sample
+        if guided:
+            uncond, cond = noise.chunk(2)
+            noise = uncond + guidance_scale * (cond - uncond)
+        latents = scheduler.step(noise, t, latents, eta=0.0).prev_sample
+        if step_callback is not None:
+            step_callback(i)
+    return latents
