@@ -203,8 +203,9 @@ class LipSync:
         t0 = time.perf_counter()
         unet = load_unet(cfg["model"], weights_dir / "latentsync_unet.pt", device=device, dtype=dtype)
         vae = load_vae(weights_dir / "sd-vae-ft-mse", device=device, dtype=dtype)
+        # Whisper runs in fp16 on CUDA as upstream does (its LayerNorms stay fp32 inside transformers), fp32 elsewhere.
         encoder = audio_mod.AudioEncoder.from_pretrained(weights_dir / "whisper" / "tiny.pt", device=device,
-                                                         dtype=torch.float16 if dtype != torch.float32 else dtype)
+                                                         dtype=torch.float16 if device.type == "cuda" else torch.float32)
         mask = load_mask(weights_dir / "mask.png", resolution)
         syncnet = None
         syncnet_path = weights_dir / "stable_syncnet.pt"

@@ -290,3 +290,17 @@ def test_active_speaker_without_a_soundtrack_falls_back_to_the_largest_face(pipe
                      loop_mode="cut_off", seed=1, **FAST)
     assert "no audio track" in caplog.text
     assert _edited_half(out, two_faces["silent"]) in ("left", "right")
+
+
+def test_keep_fps_processes_and_writes_at_the_source_rate(pipe, media, tmp_path):
+    clip30 = face_clip(tmp_path / "clip30.mp4", 36, fps=30)
+    kept = pipe.lipsync(clip30, media["speech_1s"], tmp_path / "kept.mp4", keep_fps=True, loop_mode="cut_off",
+                        seed=1, **FAST)
+    v = _video_stream(probe_streams(tmp_path / "kept.mp4"))
+    assert v["avg_frame_rate"] == "30/1" and kept.fps == 30
+    # 1 s of audio at 30 fps: every frame whose timestamp lies within the audio features (31 frames).
+    assert kept.frames == int(v["nb_read_frames"]) == 31
+    assert [read_stamp(f) for f in decode_video(tmp_path / "kept.mp4")] == list(range(31))
+    default = pipe.lipsync(clip30, media["speech_1s"], tmp_path / "25.mp4", loop_mode="cut_off", seed=1, **FAST)
+    assert default.fps == 25 and _video_stream(probe_streams(tmp_path / "25.mp4"))["avg_frame_rate"] == "25/1"
+    assert default.frames == 27  # upstream's count for 1 s at 25 fps (the video has 30 frames at 25 fps)
