@@ -388,7 +388,8 @@ class LipSync:
                         self.unet, self.scheduler, noise.expand(-1, -1, len(src), -1, -1).clone(),
                         _to_5d(mask_lat), _to_5d(masked_lat), _to_5d(ref_lat), audio_embeds,
                         guidance_scale=guidance_scale, num_inference_steps=inference_steps,
-                        deepcache_interval=DEEPCACHE_INTERVAL if deepcache else 0)
+                        deepcache_interval=DEEPCACHE_INTERVAL if deepcache else 0,
+                        step_callback=lambda _: _check_cancel(cancel))
                 with timer("vae_decode"):
                     lat = latents[0].permute(1, 0, 2, 3)  # (f, 4, h, w)
                     decoded = self.vae.decode(lat / VAE_SCALING + VAE_SHIFT).sample

@@ -304,3 +304,27 @@ def test_keep_fps_processes_and_writes_at_the_source_rate(pipe, media, tmp_path)
     default = pipe.lipsync(clip30, media["speech_1s"], tmp_path / "25.mp4", loop_mode="cut_off", seed=1, **FAST)
     assert default.fps == 25 and _video_stream(probe_streams(tmp_path / "25.mp4"))["avg_frame_rate"] == "25/1"
     assert default.frames == 27  # upstream's count for 1 s at 25 fps (the video has 30 frames at 25 fps)
+
+
+def test_cancel_stops_the_run_and_leaves_nothing_behind(pipe, media, tmp_path, monkeypatch):
+    import tempfile
+
+    from latentsync.pipeline import Cancelled
+
+    class AfterCalls:  # a cancel event that becomes set after a few checks (mid-way through the run)
+        def __init__(self, n):
+            self.n = n
+
+        def is_set(self):
+            self.n -= 1
+            return self.n < 0
+
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    out = tmp_path / "cancelled.mp4"
+    with pytest.raises(Cancelled):
+        pipe.lipsync(media["clip40"], media["speech_2s_stereo"], out, cancel=AfterCalls(6), **FAST)
+    assert not out.exists() and list((tmp_path / "tmp").iterdir()) == []
+    import psutil
+
+    assert not [p.name() for p in psutil.Process().children(recursive=True) if "ffmpeg" in p.name()]
