@@ -347,7 +347,7 @@ class LipSync:
         generator = torch.Generator(self.device).manual_seed(seed)
         # One noise draw for the whole video, shared by every frame (upstream, spec §5.7), drawn before any chunk.
         noise = torch.randn((1, 4, 1, R // 8, R // 8), generator=generator, device=self.device, dtype=self.dtype)
-        aligner = FaceAligner(self.resolution)
+        aligner = FaceAligner(self.resolution, device=self.device)  # warps run where the model runs
         mask = self.mask  # (1, R, R), 1 = keep
         fetcher = _FrameFetcher(video, fps, info)
         writer = video_mod.VideoWriter(out_path, fps, info.width, info.height)
