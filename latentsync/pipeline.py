@@ -424,9 +424,10 @@ class LipSync:
         if self.syncnet is None:
             return []
         span, budget = SYNC_SPAN, SYNC_BUDGET
-        if num_out <= budget:
+        if num_out <= span:
             return [(0, num_out)]
-        count = budget // span
+        # Spans of equal length whatever the video's length, so scoring costs the same memory for every video.
+        count = min(budget // span, math.ceil(num_out / span))
         starts = np.linspace(0, num_out - span, count).round().astype(int)
         return [(int(s), int(s) + span) for s in starts]
 
