@@ -71,5 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"wrote {result.output}: {result.frames} frames at {result.fps:g} fps, {result.frames_with_face} with a face, "
           f"seed {result.seed}")
     if result.sync is not None:
-        print(f"sync: {result.sync}")
+        s = result.sync
+        print(f"sync: offset-0 cosine {s.offset0_cosine:.3f}, best offset {s.best_offset:+d} frames, "
+              f"confidence {s.confidence:.3f} ({s.windows} windows)")
     return 0
