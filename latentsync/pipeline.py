@@ -376,7 +376,8 @@ class LipSync:
                             crops[s] = aligner.warp(frames[s], mats[k])
                     fill = nearest_with_face(has_face)
                     faces = np.stack([crops[src[fill[k]]] for k in range(len(src))])
-                    pixels = torch.from_numpy(faces).to(self.device).permute(0, 3, 1, 2).to(self.dtype) / 127.5 - 1
+                    pixels = torch.from_numpy(faces).to(self.device).permute(0, 3, 1, 2).float()
+                    pixels = (pixels / 127.5 - 1).to(self.dtype)  # scaled in fp32, then cast, as upstream
                     masked = pixels * mask
                     mask_lat = F.interpolate(mask.expand(len(src), 1, R, R), size=(R // 8, R // 8))
                 with timer("vae_encode"):
