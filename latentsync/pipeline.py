@@ -40,8 +40,6 @@ log = logging.getLogger(__name__)
 LOOP_MODES = ("bounce", "loop", "cut_off", "silence")
 FACE_SELECTS = ("largest", "active_speaker")
 UPSTREAM_FPS = 25.0
-VAE_SCALING = 0.18215  # upstream overrides the VAE config with these (spec §4.3)
-VAE_SHIFT = 0.0
 DEEPCACHE_INTERVAL = 3  # upstream's DeepCacheSDHelper(cache_interval=3, cache_branch_id=0)
 SYNC_RESOLUTION = 256  # SyncNet's crops
 SYNC_SPAN, SYNC_BUDGET = 64, 256  # scored output frames: spans of 64, at most 256 in all
@@ -337,7 +335,8 @@ class LipSync:
 
     def _encode(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         dist = self.vae.encode(pixels).latent_dist
-        return (dist.sample(generator=generator) - VAE_SHIFT) * VAE_SCALING
+        cfg = self.vae.config  # load_vae sets upstream's scaling 0.18215 and shift 0
+        return (dist.sample(generator=generator) - cfg.shift_factor) * cfg.scaling_factor
 
     def _synthesize(self, video, fps, info, matrices, features, num_out, loop_mode, out_path, seed, guidance_scale,
                     inference_steps, deepcache, timer, cancel, progress, sync_crops) -> None:
@@ -393,7 +392,8 @@ class LipSync:
                         step_callback=lambda _: _check_cancel(cancel))
                 with timer("vae_decode"):
                     lat = latents[0].permute(1, 0, 2, 3)  # (f, 4, h, w)
-                    decoded = self.vae.decode(lat / VAE_SCALING + VAE_SHIFT).sample
+                    vae_cfg = self.vae.config
+                    decoded = self.vae.decode(lat / vae_cfg.scaling_factor + vae_cfg.shift_factor).sample
                     # Outside the mouth mask the original aligned pixels come back exactly (upstream §5.10).
                     decoded = decoded * (1 - mask) + pixels * mask
                 with timer("restore"):
