@@ -13,7 +13,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -93,8 +92,8 @@ class Predictor(BasePredictor):
             # Cog's temporary file names mean nothing to the user: name the inputs instead.
             raise InputError(_one_line(e, {video: "<video>", audio: "<audio>"})) from None
         except BaseException as e:  # noqa: BLE001 — out-of-memory and cancellation need cleanup, then re-raise
+            # The library kills its own ffmpeg processes when interrupted (readers and writers close in `finally`).
             shutil.rmtree(run, ignore_errors=True)
-            _kill_child_ffmpeg()
             if _is_out_of_memory(e):
                 _free_gpu_memory()
                 raise RuntimeError("out of GPU memory on this video; try a shorter or lower-resolution video, or "
@@ -155,20 +154,3 @@ def _free_gpu_memory() -> None:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def _kill_child_ffmpeg() -> None:
-    """Kill ffmpeg/ffprobe children still running after an aborted prediction (Linux /proc; else a no-op)."""
-    me = os.getpid()
-    for stat in FsPath("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:
-            continue
-        name = text[text.find("(") + 1:text.rfind(")")]
-        ppid = int(text[text.rfind(")") + 2:].split()[1])
-        if ppid == me and name in ("ffmpeg", "ffprobe"):
-            try:
-                os.kill(int(stat.parent.name), signal.SIGKILL)
-            except OSError:
-                pass
