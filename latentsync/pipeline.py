@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import random
 import tempfile
 import time
 from collections.abc import Iterator
@@ -32,13 +31,12 @@ from latentsync.align import FaceAligner, load_mask
 from latentsync.config import config_path, load_config
 from latentsync.errors import InputError
 from latentsync.face import FaceTracker
+from latentsync.options import FACE_SELECTS, LOOP_MODES, RunOptions  # noqa: F401 — re-exported for callers
 from latentsync.sampling import denoise
 from latentsync.weights import load_scheduler, load_unet, load_vae, unet_config_for
 
 log = logging.getLogger(__name__)
 
-LOOP_MODES = ("bounce", "loop", "cut_off", "silence")
-FACE_SELECTS = ("largest", "active_speaker")
 UPSTREAM_FPS = 25.0
 DEEPCACHE_INTERVAL = 3  # upstream's DeepCacheSDHelper(cache_interval=3, cache_branch_id=0)
 SYNC_RESOLUTION = 256  # SyncNet's crops
@@ -223,17 +221,20 @@ class LipSync:
 
     # ------------------------------------------------------------------------------------------------ public API
     @torch.inference_mode()
-    def lipsync(self, video: str | Path, audio: str | Path, output: str | Path, *, guidance_scale: float = 1.5,
-                inference_steps: int = 20, seed: int | None = None, loop_mode: str = "bounce", deepcache: bool = True,
-                keep_fps: bool = False, face_point: tuple[float, float] | None = None, face_select: str = "largest",
-                cancel: Any = None, progress: bool = False) -> LipSyncResult:
+    def lipsync(self, video: str | Path, audio: str | Path, output: str | Path,
+                options: RunOptions | dict[str, Any] | None = None, *, cancel: Any = None, progress: bool = False,
+                **overrides: Any) -> LipSyncResult:
         """Lip-sync ``video`` to ``audio`` and write an H.264/AAC mp4 to ``output``.
 
-        ``cancel`` is any object with ``is_set()`` (a ``threading.Event``); it is checked between chunks.
+        ``options`` is a :class:`RunOptions` (or a dict of its fields); keyword ``overrides`` name the same fields
+        (``guidance_scale=``, ``seed=``, …). ``cancel`` is any object with ``is_set()`` (a ``threading.Event``);
+        it is checked between chunks and denoising steps.
         """
+        opts = RunOptions.make(options, **overrides).with_seed()
         video, audio, output = Path(video), Path(audio), Path(output)
-        self._check_options(guidance_scale, inference_steps, loop_mode, face_select, face_point)
-        seed = random.randrange(2**31) if seed is None else int(seed)
+        guidance_scale, inference_steps, seed = opts.guidance_scale, opts.inference_steps, opts.seed
+        loop_mode, deepcache, keep_fps = opts.loop_mode, opts.deepcache, opts.keep_fps
+        face_point, face_select = opts.face_point, opts.face_select
         timer = _Timer()
         output.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="latentsync-") as tmp:
@@ -285,19 +286,6 @@ class LipSync:
         return result
 
     # ------------------------------------------------------------------------------------------------ stages
-    @staticmethod
-    def _check_options(guidance_scale, inference_steps, loop_mode, face_select, face_point) -> None:
-        if loop_mode not in LOOP_MODES:
-            raise InputError(f"loop_mode must be one of {', '.join(LOOP_MODES)}, not {loop_mode!r}")
-        if face_select not in FACE_SELECTS:
-            raise InputError(f"face_select must be one of {', '.join(FACE_SELECTS)}, not {face_select!r}")
-        if not guidance_scale >= 1.0:
-            raise InputError(f"guidance_scale must be at least 1.0 (1.0 = no guidance), got {guidance_scale}")
-        if int(inference_steps) < 1:
-            raise InputError(f"inference_steps must be a positive number, got {inference_steps}")
-        if face_point is not None and len(face_point) != 2:
-            raise InputError(f"face_point must be (x, y) in pixels, got {face_point!r}")
-
     @staticmethod
     def _output_length(loop_mode: str, num_source: int, audio_frames: int) -> tuple[int, str]:
         """Output frame count and the looping order used past the end of the video.

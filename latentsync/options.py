@@ -1,0 +1,125 @@
+"""Every run option, its default and its valid range, written once; validated once, in :class:`RunOptions`.
+
+The CLI, ``predict.py`` (whose Cog inputs must be literals: a test keeps them equal to these) and the batch runner
+all build a ``RunOptions``, so a bad value gets the same message whatever the front door. No torch here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from latentsync.errors import InputError
+
+VERSIONS = ("1.5", "1.6")
+DEFAULT_VERSION = "1.6"
+LOOP_MODES = ("bounce", "loop", "cut_off", "silence")
+FACE_SELECTS = ("largest", "active_speaker")
+DTYPES = ("fp32", "fp16", "bf16")
+
+GUIDANCE_SCALE = 1.5  # upstream's documented default (its CLI's 1.0 silently turns guidance off)
+GUIDANCE_RANGE = (1.0, 3.0)  # 1.0 = no guidance; beyond 3 the mouth over-articulates and artefacts grow
+INFERENCE_STEPS = 20
+STEPS_RANGE = (1, 100)  # DDIM gains nothing visible past 50; 1–9 are for tests and previews
+SEED_RANGE = (0, 2**32 - 1)  # what torch.Generator.manual_seed takes without wrapping
+LOOP_MODE = "bounce"
+FACE_SELECT = "largest"
+DEEPCACHE = True
+KEEP_FPS = False
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What one lip-sync run may vary; construction validates every field (``InputError`` naming the field)."""
+
+    guidance_scale: float = GUIDANCE_SCALE
+    inference_steps: int = INFERENCE_STEPS
+    seed: int | None = None  # None: a random seed, reported in the result; 0 is an ordinary seed
+    loop_mode: str = LOOP_MODE
+    deepcache: bool = DEEPCACHE
+    keep_fps: bool = KEEP_FPS
+    face_point: tuple[float, float] | None = None  # (x, y) in source pixels: edit the face nearest to it
+    face_select: str = FACE_SELECT
+
+    def __post_init__(self) -> None:
+        lo, hi = GUIDANCE_RANGE
+        g = _number("guidance_scale", self.guidance_scale)
+        if not lo <= g <= hi:
+            raise InputError(f"guidance_scale must be between {lo:g} and {hi:g} (1.0 = no guidance), got {g:g}")
+        object.__setattr__(self, "guidance_scale", g)
+        object.__setattr__(self, "inference_steps", _integer("inference_steps", self.inference_steps, STEPS_RANGE))
+        if self.seed is not None:
+            object.__setattr__(self, "seed", _integer("seed", self.seed, SEED_RANGE))
+        _choice("loop_mode", self.loop_mode, LOOP_MODES)
+        _choice("face_select", self.face_select, FACE_SELECTS)
+        for name in ("deepcache", "keep_fps"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.face_point is not None:
+            point = self.face_point
+            if isinstance(point, (str, bytes)) or not hasattr(point, "__len__") or len(point) != 2:
+                raise InputError(f"face_point must be two numbers (x, y) in pixels, got {point!r}")
+            object.__setattr__(self, "face_point", tuple(_number("face_point", v) for v in point))
+
+    @classmethod
+    def make(cls, options: RunOptions | dict[str, Any] | None = None, **overrides: Any) -> RunOptions:
+        """Options from an existing object or a dict, with keyword overrides; unknown names are an ``InputError``."""
+        base = dataclasses.asdict(options) if isinstance(options, RunOptions) else dict(options or {})
+        base.update(overrides)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(base) - known)
+        if unknown:
+            raise InputError(f"unknown option {unknown[0]!r}; the options are {', '.join(sorted(known))}")
+        return cls(**base)
+
+    def with_seed(self) -> RunOptions:
+        """These options with a concrete seed: the given one, else a fresh random one."""
+        if self.seed is not None:
+            return self
+        return dataclasses.replace(self, seed=random.randint(*SEED_RANGE))
+
+
+def check_version(version: str) -> str:
+    """A known LatentSync version string, else an ``InputError`` listing them."""
+    version = str(version).strip()
+    _choice("version", version, VERSIONS)
+    return version
+
+
+def check_file(name: str, path: str | Path) -> Path:
+    """An existing file given by the user (a config, an input), else an ``InputError`` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise InputError(f"{name} {path} {what}")
+    return path
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool):
+        raise InputError(f"{name} must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise InputError(f"{name} must be a finite number, got {value!r}")
+    return number
+
+
+def _integer(name: str, value: Any, bounds: tuple[int, int]) -> int:
+    number = _number(name, value)
+    if number != int(number):
+        raise InputError(f"{name} must be a whole number, got {value!r}")
+    lo, hi = bounds
+    if not lo <= number <= hi:
+        raise InputError(f"{name} must be between {lo} and {hi}, got {int(number)}")
+    return int(number)
+
+
+def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise InputError(f"{name} must be one of {', '.join(choices)}, not {value!r}")

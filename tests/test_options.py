@@ -1,0 +1,62 @@
+"""RunOptions: every option validated once, with the same message whatever the front door."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from latentsync import InputError
+from latentsync.options import GUIDANCE_SCALE, INFERENCE_STEPS, RunOptions, check_file, check_version
+
+
+def test_defaults_are_upstreams():
+    opts = RunOptions()
+    assert (opts.guidance_scale, opts.inference_steps, opts.loop_mode, opts.deepcache) == (1.5, 20, "bounce", True)
+    assert (GUIDANCE_SCALE, INFERENCE_STEPS) == (1.5, 20)
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("guidance_scale", math.inf, "finite"),
+    ("guidance_scale", math.nan, "finite"),
+    ("guidance_scale", 0.5, "between 1 and 3"),
+    ("guidance_scale", 3.5, "between 1 and 3"),
+    ("guidance_scale", "lots", "a number"),
+    ("inference_steps", 0, "between 1 and 100"),
+    ("inference_steps", 2.5, "whole number"),
+    ("seed", -1, "between 0 and 4294967295"),
+    ("seed", 2**32, "between 0 and 4294967295"),
+    ("loop_mode", "zigzag", "bounce, loop, cut_off, silence"),
+    ("face_select", "leftmost", "largest, active_speaker"),
+    ("face_point", (math.nan, math.nan), "finite"),
+    ("face_point", (1.0,), "two numbers"),
+    ("face_point", "10,20", "two numbers"),
+    ("deepcache", "yes", "true or false"),
+])
+def test_bad_values_name_the_field(field, value, words):
+    with pytest.raises(InputError, match=field) as info:
+        RunOptions.make(**{field: value})
+    assert words in str(info.value)
+
+
+def test_make_merges_overrides_and_refuses_unknown_names():
+    base = RunOptions(seed=7)
+    assert RunOptions.make(base, guidance_scale=2).guidance_scale == 2.0
+    assert RunOptions.make({"seed": 3}).seed == 3
+    with pytest.raises(InputError, match="'guidance'"):
+        RunOptions.make(guidance=2)
+
+
+def test_with_seed_keeps_a_given_seed_and_draws_one_otherwise():
+    assert RunOptions(seed=0).with_seed().seed == 0
+    drawn = RunOptions().with_seed().seed
+    assert isinstance(drawn, int) and 0 <= drawn <= 2**32 - 1
+
+
+def test_versions_and_files(tmp_path):
+    assert check_version(" 1.5 ") == "1.5"
+    with pytest.raises(InputError, match="1.5, 1.6"):
+        check_version("2.0")
+    with pytest.raises(InputError, match="does not exist"):
+        check_file("--unet-config", tmp_path / "missing.yaml")
+    with pytest.raises(InputError, match="is a folder"):
+        check_file("--unet-config", tmp_path)
