@@ -49,7 +49,8 @@ class Predictor(BasePredictor):
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.pipe = LipSync.from_pretrained(weights_dir, version=version, device=device,
-                                            unet_config=os.environ.get("LATENTSYNC_UNET_CONFIG") or None)
+                                            unet_config=os.environ.get("LATENTSYNC_UNET_CONFIG") or None,
+                                            syncnet_config=os.environ.get("LATENTSYNC_SYNCNET_CONFIG") or None)
         # One folder per worker; each prediction gets its own sub-folder and removes the previous one.
         self.work_root = FsPath(tempfile.mkdtemp(prefix="latentsync-cog-"))
         self.last_run: FsPath | None = None

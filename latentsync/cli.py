@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from latentsync.errors import InputError
-
+from latentsync.options import DEFAULT_VERSION, DTYPES, FACE_SELECT, FACE_SELECTS, GUIDANCE_SCALE, INFERENCE_STEPS, \
+    LOOP_MODE, LOOP_MODES, VERSIONS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,22 +21,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights-dir", type=Path, default=None,
                    help="folder laid out like upstream's checkpoints/, one version per folder; missing files are "
                         "downloaded there (default: $LATENTSYNC_WEIGHTS_DIR, else weights/latentsync-VERSION)")
-    p.add_argument("--version", choices=["1.5", "1.6"], default=os.environ.get("LATENTSYNC_VERSION", "1.6"),
+    p.add_argument("--version", choices=VERSIONS, default=os.environ.get("LATENTSYNC_VERSION", DEFAULT_VERSION),
                    help="LatentSync version (1.5: 256-px crops, 1.6: 512-px); default %(default)s")
-    p.add_argument("--unet-config", type=Path, default=None, help="upstream U-Net config overriding the version's")
-    p.add_argument("--guidance-scale", type=float, default=1.5, help="classifier-free guidance; 1.0 disables it")
-    p.add_argument("--inference-steps", type=int, default=20, help="DDIM steps")
+    p.add_argument("--unet-config", type=Path, default=os.environ.get("LATENTSYNC_UNET_CONFIG") or None,
+                   help="upstream U-Net config overriding the version's (default: $LATENTSYNC_UNET_CONFIG)")
+    p.add_argument("--syncnet-config", type=Path, default=os.environ.get("LATENTSYNC_SYNCNET_CONFIG") or None,
+                   help="StableSyncNet config (default: $LATENTSYNC_SYNCNET_CONFIG, else the shipped one)")
+    p.add_argument("--guidance-scale", type=float, default=GUIDANCE_SCALE, help="classifier-free guidance; 1.0 disables it")
+    p.add_argument("--inference-steps", type=int, default=INFERENCE_STEPS, help="DDIM steps")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, printed)")
-    p.add_argument("--loop-mode", choices=["bounce", "loop", "cut_off", "silence"], default="bounce",
+    p.add_argument("--loop-mode", choices=LOOP_MODES, default=LOOP_MODE,
                    help="when video and audio lengths differ (default %(default)s)")
     p.add_argument("--no-deepcache", dest="deepcache", action="store_false", help="run the full U-Net at every step")
     p.add_argument("--keep-fps", action="store_true", help="process and write at the source frame rate, not 25 fps")
     p.add_argument("--face-point", type=float, nargs=2, metavar=("X", "Y"), default=None,
                    help="edit the face nearest to this pixel on the first frame where a face is visible")
-    p.add_argument("--face-select", choices=["largest", "active_speaker"], default="largest",
+    p.add_argument("--face-select", choices=FACE_SELECTS, default=FACE_SELECT,
                    help="which face to edit when no --face-point is given")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: CUDA when present)")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None,
+    p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="default: fp16 on CUDA sm_80+, else fp32")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, warnings only")
     return p
@@ -59,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 1
         pipe = LipSync.from_pretrained(weights, version=args.version, device=args.device, dtype=args.dtype,
-                                       unet_config=args.unet_config)
+                                       unet_config=args.unet_config, syncnet_config=args.syncnet_config)
         result = pipe.lipsync(args.video, args.audio, args.output, guidance_scale=args.guidance_scale,
                               inference_steps=args.inference_steps, seed=args.seed, loop_mode=args.loop_mode,
                               deepcache=args.deepcache, keep_fps=args.keep_fps,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -162,15 +161,15 @@ class LipSync:
                         syncnet_config: str | Path | None = None) -> "LipSync":
         """Load VAE, U-Net, Whisper (and SyncNet when present) from a folder laid out like upstream's ``checkpoints/``.
 
-        ``unet_config`` defaults to ``$LATENTSYNC_UNET_CONFIG``, else the config of ``version``; its ``data.resolution``
-        must match the checkpoint (1.5 = 256 px, 1.6 = 512 px).
+        ``unet_config`` defaults to the config of ``version``; its ``data.resolution`` must match the checkpoint
+        (1.5 = 256 px, 1.6 = 512 px). ``syncnet_config`` defaults to the shipped StableSyncNet config.
         """
         weights_dir = Path(weights_dir)
         if not weights_dir.is_dir():
             raise InputError(f"weights folder not found: {weights_dir}")
         device = pick_device(device)
         dtype = pick_dtype(device, dtype)
-        unet_config = unet_config or os.environ.get("LATENTSYNC_UNET_CONFIG") or unet_config_for(version)
+        unet_config = unet_config or unet_config_for(version)
         cfg = load_config(unet_config)
         data = cfg.get("data", {})
         resolution = int(data.get("resolution", 256))
@@ -187,8 +186,7 @@ class LipSync:
         if syncnet_path.is_file():
             from latentsync.weights import load_syncnet
 
-            syncnet_config = (syncnet_config or os.environ.get("LATENTSYNC_SYNCNET_CONFIG")
-                              or config_path("syncnet/syncnet_16_pixel_attn.yaml"))
+            syncnet_config = syncnet_config or config_path("syncnet/syncnet_16_pixel_attn.yaml")
             syncnet = load_syncnet(syncnet_config, syncnet_path, device=device, dtype=torch.float32)
         else:
             log.warning("no %s: results will carry no sync score", syncnet_path)
