@@ -79,17 +79,17 @@ def load_audio(
         raise ValueError(f"max_duration must be a positive number of seconds, got {max_duration}")
     # Decode at most one second past the cap: enough to tell "too long" without decoding unbounded input.
     decode_s = max_duration + 1
-    url = f"file:{path.resolve()}"  # "file:" so that a ':' in a file name is not read as a protocol
-    cmd = [
-        media.ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error",
+    url = media.file_url(path.resolve())  # "file:" so that a ':' in a file name is not read as a protocol
+    cmd = media.ffmpeg_command(
         *media.safe_input_args(), "-i", url,
         "-map", "0:a:0", "-t", f"{decode_s:.3f}",
         "-f", "s16le", "-acodec", "pcm_s16le", "-ac", "1", "-ar", str(int(sample_rate)), "pipe:1",
-    ]
+    )
     log.debug("decoding audio: %s", cmd)
     # Room for everything ffmpeg may send; np.empty pages cost memory only once written.
     out = np.empty(math.ceil(decode_s * sample_rate) + _READ_SAMPLES, dtype=np.float32)
-    with tempfile.TemporaryFile() as err, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err) as proc:
+    with tempfile.TemporaryFile() as err, subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
+                                                            env=media.ffmpeg_env()) as proc:
         n = _read_pcm16(proc.stdout, out)
         if n > len(out):
             proc.kill()
