@@ -193,9 +193,9 @@ def _size(n: float) -> str:
 def disk_full_error(path: str | os.PathLike, what: str, needed: int | None = None) -> ResourceError:
     """The error for a full disk: which location, how much it has, and roughly how much the run needs."""
     location = os.path.dirname(os.path.abspath(os.fspath(path)))
-    need = f"about {_size(needed)} is needed, " if needed else ""
+    need = f"about {_size(needed)} needed, " if needed else ""
     return ResourceError(f"no space left on the disk holding {location} ({what}): {need}{_size(free_bytes(location))} "
-                         f"is free; free some space or choose another location")
+                         f"free; free some space or choose another location")
 
 
 def estimate_video_bytes(width: int, height: int, frames: int, fps: float, *, with_audio: bool = True) -> int:

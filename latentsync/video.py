@@ -333,6 +333,8 @@ def _stream(cmd: list[str], path: Path, width: int, height: int, *, start: int, 
             returncode = proc.wait()
             errors.seek(0)
             stderr = errors.read()
+            if returncode < 0:  # killed by a signal: ffmpeg crashed, which is not the file's fault
+                raise RuntimeError(f"ffmpeg crashed (signal {-returncode}) decoding {path.name!r}")
             if returncode != 0:
                 raise InputError(f"video {path.name!r} could not be decoded ({_last_line(stderr, f'exit status {returncode}')})")
             if produced == 0 and start == 0:
@@ -373,6 +375,8 @@ def count_frames(path: str | os.PathLike, fps: float | None = None, *, info: Vid
                                "-")
     proc = subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL, check=False,
                           env=media.ffmpeg_env())
+    if proc.returncode < 0:
+        raise RuntimeError(f"ffmpeg crashed (signal {-proc.returncode}) decoding {path.name!r}")
     if proc.returncode != 0:
         raise InputError(f"video {path.name!r} could not be decoded ({_last_line(proc.stderr, 'ffmpeg failed')})")
     frames = [line for line in proc.stdout.decode().splitlines() if line.startswith("frame=")]
@@ -617,7 +621,7 @@ def _mux_failure(proc: subprocess.CompletedProcess, video_path: Path, audio_path
     detail = _last_line(stderr, f"exit status {proc.returncode}")
     if _disk_full(proc.stderr, out_path.parent):
         needed = os.path.getsize(video_path) + media.estimate_audio_bytes(wanted)
-        return media.disk_full_error(out_path, f"{_where(out_path.parent)}; writing {out_path.name}", needed)
+        return media.disk_full_error(out_path, f"the output folder; writing {out_path.name}", needed)
     audio_url = _url(audio_path)
     # ffmpeg names the input it failed on (its URL, or "Error while decoding stream #1:0" / "[aist#1:0…]").
     if audio_url in stderr or re.search(r"#1:\d", stderr):

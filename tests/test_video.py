@@ -332,6 +332,15 @@ def test_hostile_file_names(media_dir):
 # -------------------------------------------------------------------------------------------- refusals
 
 
+def test_an_ffmpeg_crash_is_not_blamed_on_the_video(mp4, monkeypatch):
+    info = video.probe(mp4)
+    monkeypatch.setattr(media, "ffmpeg_command", lambda *args, **kw: ["sh", "-c", "kill -SEGV $$", "sh", *args])
+    for call in (lambda: list(video.read_frames(mp4, info=info)), lambda: video.count_frames(mp4, info=info)):
+        with pytest.raises(RuntimeError, match="ffmpeg crashed") as err:
+            call()
+        assert not isinstance(err.value, InputError)
+
+
 def test_text_and_empty_files_are_refused(media_dir):
     text = media_dir / "notes.mp4"
     text.write_text("this is not a video\n" * 20)
@@ -412,3 +421,137 @@ def test_playlists_are_refused(media_dir, secret, mp4, make, name):
     with pytest.raises(InputError):
         video.mux_audio(mp4, playlist, media_dir / f"leak_{name}.mp4", duration=1.0)
     assert not (media_dir / f"leak_{name}.mp4").exists()
+
+
+# ------------------------------------------------------------------------------------------ the one ffmpeg
+
+
+def test_the_pinned_ffmpeg_and_probe_are_one_release():
+    import av
+    import imageio_ffmpeg
+
+    exe = Path(media.ffmpeg_exe())
+    assert exe.is_absolute() and Path(imageio_ffmpeg.__file__).parent in exe.parents
+    version = subprocess.run([str(exe), "-version"], capture_output=True, text=True, check=True).stdout
+    assert version.startswith("ffmpeg version 7.0.2") and av.ffmpeg_version_info == "7.0.2"
+
+
+_RUN_MEDIA = textwrap.dedent("""
+    import hashlib, json, sys
+    from pathlib import Path
+    import numpy as np
+    from latentsync import audio, video
+    clip, voice, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+    digest = lambda a: hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+    info = video.probe(clip)
+    frames = list(video.read_frames(clip, 25, info=info))
+    with video.VideoWriter(out / "silent.mp4", 25, info.width, info.height) as writer:
+        for frame in frames:
+            writer.write(frame)
+    final = video.mux_audio(out / "silent.mp4", voice, out / "final.mp4", duration=len(frames) / 25)
+    print(json.dumps({"info": str(info), "frames": digest(np.stack(frames)),
+                      "written": digest(np.stack(list(video.read_frames(final)))),
+                      "audio": digest(audio.load_audio(voice)), "muxed": digest(audio.load_audio(final))}))
+""")
+
+
+def test_no_ffmpeg_from_path_is_ever_run(media_dir, tmp_path):
+    """With a PATH whose ffmpeg/ffprobe only leave a trace, or with the system's on PATH, results are identical."""
+    clip = make_clip(media_dir / "path_clip.ts", rate="30", seconds=1.0, audio=None)  # .ts: iconv crash path too
+    voice = media_dir / "voice_22050.wav"
+    ffmpeg("-f", "lavfi", "-i", "sine=f=300:r=22050:d=1.2", str(voice))  # resampled to 16 kHz by load_audio
+    decoys = tmp_path / "bin"
+    decoys.mkdir()
+    trace = tmp_path / "decoy-ran"
+    for name in ("ffmpeg", "ffprobe"):
+        (decoys / name).write_text(f"#!/bin/sh\necho {name} >> '{trace}'\nexit 1\n")
+        (decoys / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "IMAGEIO_FFMPEG_EXE"}
+    results = []
+    for path in (str(decoys), os.environ.get("PATH", "")):  # decoys only, then the machine's PATH as it is
+        out = tmp_path / f"run{len(results)}"
+        out.mkdir()
+        proc = subprocess.run([sys.executable, "-c", _RUN_MEDIA, str(clip), str(voice), str(out)], cwd=REPO,
+                              env={**env, "PATH": path}, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        results.append(proc.stdout)
+    assert not trace.exists()
+    assert results[0] == results[1]
+
+
+# ------------------------------------------------------------------------------------------ output rows
+
+
+@pytest.mark.parametrize("name", ["out.webm", "out.avi", "out.gif", "out.MP3", "out"])
+def test_output_containers_that_cannot_hold_h264_aac_are_refused(media_dir, mp4, name):
+    with pytest.raises(InputError, match=r"cannot hold the H\.264 video and AAC audio.*\.mp4, \.mov or \.mkv"):
+        video.check_output_container(media_dir / name)
+    with pytest.raises(InputError, match="cannot hold"):
+        video.mux_audio(mp4, mp4, media_dir / name, duration=1.0)
+    assert not (media_dir / name).exists()
+
+
+@pytest.mark.parametrize("suffix", [".mov", ".mkv", ".MP4"])
+def test_mov_and_mkv_outputs_keep_rate_and_sound(media_dir, mp4, suffix):
+    silent = media_dir / f"silent{suffix}"
+    with video.VideoWriter(silent, 25, 96, 64) as writer:
+        for i in range(50):
+            writer.write(_gradient(96, 64, i))
+    out = video.mux_audio(silent, mp4, media_dir / f"final{suffix}", duration=2.0)
+    info = video.probe(out)
+    assert (info.fps, info.has_audio) == (25, True) and abs(info.duration - 2.0) <= 0.05
+    assert len(list(video.read_frames(out))) == 50
+
+
+def test_mux_failure_of_our_own_file_is_not_blamed_on_the_audio(media_dir, mp4):
+    broken = media_dir / "broken_silent.mp4"
+    broken.write_bytes(b"\x00" * 4096)
+    with pytest.raises(RuntimeError, match=r"muxing audio into 'blame\.mp4' failed") as caught:
+        video.mux_audio(broken, mp4, media_dir / "blame.mp4", duration=1.0)
+    assert not isinstance(caught.value, InputError) and "could not read" not in str(caught.value)
+    assert not (media_dir / "blame.mp4").exists()
+
+
+@pytest.fixture(scope="module")
+def truncated(media_dir) -> Path:
+    """An MP4 (index first) cut after a third of its bytes: the container says 75 frames, ~20 decode."""
+    whole = make_clip(media_dir / "whole.mp4", size="320x240", seconds=3.0, audio=None, extra=["-movflags", "+faststart"])
+    data = whole.read_bytes()
+    path = media_dir / "truncated.mp4"
+    path.write_bytes(data[: len(data) // 3])
+    return path
+
+
+def test_truncated_video_is_read_as_far_as_it_goes_with_a_warning(truncated, caplog):
+    info = video.probe(truncated)
+    assert info.frame_count == 75
+    with caplog.at_level(logging.WARNING, logger="latentsync.video"):
+        frames = list(video.read_frames(truncated, 25, info=info))
+        # A block-wise reader reaching the end again does not repeat it.
+        list(video.read_frames(truncated, 25, start=len(frames) - 2, count=16, info=info))
+    assert 5 < len(frames) < 40
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"video 'truncated.mp4' stopped decoding after {len(frames)} of the 75 frames its container "
+                        f"states (truncated or damaged file?); processing the {len(frames)} frames read"]
+
+
+def test_whole_videos_read_without_a_warning(mp4, vfr, long30, caplog):
+    with caplog.at_level(logging.WARNING, logger="latentsync.video"):
+        for path in (mp4, vfr, long30):
+            for fps in (None, 25):
+                assert list(video.read_frames(path, fps))
+    assert not caplog.records
+
+
+# ---------------------------------------------------------------------------------------------- caps
+
+
+def test_caps_come_from_the_entry_points_environment():
+    assert media.caps_from_env({}) == media.MediaCaps(media.MAX_SIDE_PX, media.MAX_DURATION_S)
+    caps = media.caps_from_env({"LATENTSYNC_MAX_SIDE": "1920", "LATENTSYNC_MAX_DURATION": "90.5", "OTHER": "x"})
+    assert caps == media.MediaCaps(1920, 90.5)
+    for name, value in [("LATENTSYNC_MAX_SIDE", "big"), ("LATENTSYNC_MAX_SIDE", "0"), ("LATENTSYNC_MAX_SIDE", "1.5"),
+                        ("LATENTSYNC_MAX_DURATION", "inf"), ("LATENTSYNC_MAX_DURATION", "-3"),
+                        ("LATENTSYNC_MAX_DURATION", "nan")]:
+        with pytest.raises(InputError, match=name):
+            media.caps_from_env({name: value})
