@@ -135,8 +135,9 @@ def open_input(path: Path, what: str) -> InputContainer:
     try:
         with av.logging.Capture() as logs:
             # container_options, not options: PyAV 13 copies ``options`` into one dict per stream counted at open
-            # time and crashes when the demuxer adds streams later (FLV, MPEG-TS).
-            return av.open(url, container_options=dict(SAFE_OPEN_OPTIONS))
+            # time and crashes when the demuxer adds streams later (FLV, MPEG-TS). Tags in a stray encoding must
+            # not make a readable video unreadable.
+            return av.open(url, container_options=dict(SAFE_OPEN_OPTIONS), metadata_errors="replace")
     except av.FFmpegError as exc:
         messages = [message.strip() for _, _, message in logs if message.strip()]
         # A playlist: a demuxer off the whitelist, or (FFmpeg 7) HLS behind another extension, left undetected.
