@@ -406,9 +406,9 @@ def _where(folder: Path) -> str:
     """How a user knows the folder: our temporary folder (TMPDIR decides where) or the output's."""
     try:
         Path(folder).resolve().relative_to(Path(tempfile.gettempdir()).resolve())
-        return "the temporary folder; TMPDIR chooses where it is"
+        return media.TEMP_FOLDER
     except ValueError:
-        return "the output folder"
+        return media.OUTPUT_FOLDER
 
 
 # Below this many free bytes a failed write is taken for a full disk even if ffmpeg's words were lost (its
@@ -538,7 +538,8 @@ class VideoWriter:
             frames = max(self.expected_frames or 0, self.frames_written + 1)
             needed = media.estimate_video_bytes(*self.encoded_size, frames, self.fps, with_audio=False)
             return media.disk_full_error(self.path, f"{_where(folder)}; writing {self.path.name}", needed)
-        return RuntimeError(f"{what}: {self.path.name!r} ({_last_line(stderr, f'exit status {self._proc.returncode}')})")
+        detail = _last_line(stderr, f"exit status {self._proc.returncode}")
+        return RuntimeError(f"{what}: {self.path.name!r} ({detail})")
 
     def abort(self) -> None:
         """Stop ffmpeg and delete the partial file."""
@@ -627,7 +628,7 @@ def _mux_failure(proc: subprocess.CompletedProcess, video_path: Path, audio_path
     detail = _last_line(stderr, f"exit status {proc.returncode}")
     if _disk_full(proc.stderr, out_path.parent):
         needed = os.path.getsize(video_path) + media.estimate_audio_bytes(wanted)
-        return media.disk_full_error(out_path, f"the output folder; writing {out_path.name}", needed)
+        return media.disk_full_error(out_path, f"{media.OUTPUT_FOLDER}; writing {out_path.name}", needed)
     audio_url = _url(audio_path)
     # ffmpeg names the input it failed on (its URL, or "Error while decoding stream #1:0" / "[aist#1:0…]").
     if audio_url in stderr or re.search(r"#1:\d", stderr):
