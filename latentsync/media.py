@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import logging
 import math
 import os
 import shutil
@@ -26,7 +25,6 @@ from latentsync.errors import InputError, ResourceError
 if TYPE_CHECKING:
     from av.container import InputContainer
 
-log = logging.getLogger(__name__)
 
 # Demuxers of ordinary single-file media. Deliberately absent: hls, concat, image2 (file patterns), the
 # subtitle/text formats, and every network or device input. ffmpeg matches a demuxer whose name is a list
