@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import math
+import pickle
 import re
 import subprocess
 import tempfile
@@ -79,23 +80,25 @@ def load_audio(
         raise ValueError(f"max_duration must be a positive number of seconds, got {max_duration}")
     # Decode at most one second past the cap: enough to tell "too long" without decoding unbounded input.
     decode_s = max_duration + 1
-    url = f"file:{path.resolve()}"  # "file:" so that a ':' in a file name is not read as a protocol
-    cmd = [
-        media.ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error",
+    url = media.file_url(path.resolve())  # "file:" so that a ':' in a file name is not read as a protocol
+    cmd = media.ffmpeg_command(
         *media.safe_input_args(), "-i", url,
         "-map", "0:a:0", "-t", f"{decode_s:.3f}",
         "-f", "s16le", "-acodec", "pcm_s16le", "-ac", "1", "-ar", str(int(sample_rate)), "pipe:1",
-    ]
+    )
     log.debug("decoding audio: %s", cmd)
     # Room for everything ffmpeg may send; np.empty pages cost memory only once written.
     out = np.empty(math.ceil(decode_s * sample_rate) + _READ_SAMPLES, dtype=np.float32)
-    with tempfile.TemporaryFile() as err, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err) as proc:
+    with tempfile.TemporaryFile() as err, subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
+                                                            env=media.ffmpeg_env()) as proc:
         n = _read_pcm16(proc.stdout, out)
         if n > len(out):
             proc.kill()
         rc = proc.wait()
         err.seek(0)
         stderr = err.read().decode(errors="replace")
+    if rc < 0 and n <= len(out):  # killed by a signal: ffmpeg crashed, which is not the file's fault
+        raise RuntimeError(f"ffmpeg crashed (signal {-rc}) decoding the audio of {path.name}")
     if rc != 0 and n <= len(out):
         raise InputError(_decode_failure(path, url, stderr, rc))
     if n == 0:
@@ -229,8 +232,10 @@ def _config_from_dims(dims: Mapping[str, int]) -> WhisperConfig:
 def _read_openai_checkpoint(path: Path) -> tuple[WhisperConfig, dict[str, torch.Tensor]]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # a foreign or truncated file: say which one
-        raise InputError(f"cannot read Whisper checkpoint {path}: {e}") from e
+    # What a foreign, truncated or unsafe file gives (torch: RuntimeError for a bad archive, UnpicklingError for
+    # code in the pickle); anything else is a bug of ours and keeps its traceback.
+    except (RuntimeError, pickle.UnpicklingError, EOFError, PermissionError) as e:
+        raise InputError(f"cannot read Whisper checkpoint {path}: {str(e).splitlines()[0]}") from e
     if not isinstance(obj, Mapping) or "dims" not in obj or "model_state_dict" not in obj:
         raise InputError(f"{path} is not an OpenAI Whisper checkpoint (expected 'dims' and 'model_state_dict')")
     try:
@@ -249,7 +254,11 @@ def _read_transformers_folder(folder: Path) -> tuple[WhisperConfig, dict[str, to
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise InputError(f"{folder} has no config.json: not a transformers Whisper folder")
-    model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+    try:
+        settings = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{config_file} is not a readable JSON config ({e})") from e
+    model_type = settings.get("model_type") if isinstance(settings, dict) else None
     if model_type != "whisper":
         raise InputError(f"{folder} holds a {model_type!r} model, not Whisper")
     config = WhisperConfig.from_json_file(str(config_file))

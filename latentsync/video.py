@@ -11,7 +11,6 @@ plain names.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import os
@@ -58,9 +57,11 @@ class VideoInfo:
     start_time: float = 0.0  # timestamp of the video stream's first frame, seconds
 
 
-def _url(path: str | os.PathLike) -> str:
-    # "file:" keeps names such as "-x.mp4", "http:foo.mp4" or "a|b" from being read as options or protocols.
-    return "file:" + os.path.abspath(os.fspath(path))
+_url = media.file_url
+_last_line = media.last_line
+# Still-image codecs: a video stream of one of these without a frame rate is a cover picture (an MP3's or
+# M4A's album art), not a video. (PyAV 13 does not expose FFmpeg's attached_pic disposition.)
+_PICTURE_CODECS = ("mjpeg", "png", "bmp", "webp", "tiff", "gif", "jpegls")
 
 
 def _rate(fps: float) -> Fraction:
@@ -74,29 +75,6 @@ def _rate(fps: float) -> Fraction:
     return rate.limit_denominator(1_000_000)
 
 
-def _ratio(text: str | None) -> float:
-    if not text or text in ("0/0", "N/A"):
-        return 0.0
-    num, _, den = text.partition("/")
-    try:
-        return float(Fraction(int(num), int(den or 1))) if int(den or 1) else 0.0
-    except ValueError:
-        return 0.0
-
-
-def _number(value) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
-def _last_line(stderr: bytes, fallback: str) -> str:
-    lines = [line.strip() for line in stderr.decode(errors="replace").splitlines() if line.strip()]
-    return lines[-1] if lines else fallback
-
-
 def _check_file(path: str | os.PathLike, what: str) -> Path:
     path = Path(path)
     if not path.exists():
@@ -108,49 +86,52 @@ def _check_file(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
-def _refused_format(what: str, path: Path) -> str:
-    return (f"{what} {path.name!r} is not in an accepted format: playlists (HLS, concat lists), images and image "
-            f"sequences are refused; upload a single ordinary media file such as MP4, MOV, MKV or WebM")
+def _seconds(value, time_base) -> float | None:
+    """A stream timestamp or duration in seconds; None where the container does not say."""
+    if value is None or time_base is None:
+        return None
+    return float(value * time_base)
 
 
-def _ffprobe(path: Path, what: str, *extra: str) -> dict:
-    """ffprobe's JSON about one user file, opened under the same restrictions as ffmpeg's reads."""
-    exe = media.ffprobe_exe()
-    if exe is None:
-        raise RuntimeError("ffprobe was not found; install ffmpeg (with ffprobe) or set LATENTSYNC_FFMPEG")
-    cmd = [exe, "-v", "error", *media.safe_input_args(), *extra, "-of", "json", "-i", _url(path)]
-    proc = subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL, check=False)
-    if proc.returncode != 0:
-        stderr = proc.stderr.decode(errors="replace")
-        if "not on whitelist" in stderr:
-            raise InputError(_refused_format(what, path))
-        detail = _last_line(proc.stderr, "ffprobe failed").replace(f"{_url(path)}: ", "")
-        raise InputError(f"{what} {path.name!r} is not a readable media file ({detail})")
-    try:
-        return json.loads(proc.stdout or b"{}")
-    except json.JSONDecodeError as exc:
-        raise RuntimeError(f"ffprobe gave unparsable output for {path.name!r}") from exc
+def _is_picture(stream) -> bool:
+    return stream.average_rate is None and stream.codec_context.name in _PICTURE_CODECS
 
 
-def _rotation(stream: dict) -> int:
+def _rotation(stream) -> int:
     """Counter-clockwise display rotation in {0, 90, 180, 270}, from the display matrix or the old rotate tag."""
-    angle = None
-    for side in stream.get("side_data_list") or []:
-        if "rotation" in side:
-            angle = _number(side["rotation"])
-            break
-    if angle is None:
-        tag = _number((stream.get("tags") or {}).get("rotate"))
-        angle = -tag if tag is not None else 0.0  # the old tag counts clockwise
+    angle = stream.side_data.get("DISPLAYMATRIX")
+    if angle is None or not math.isfinite(angle):
+        try:
+            angle = -float(stream.metadata.get("rotate", 0))  # the old tag counts clockwise
+        except ValueError:
+            angle = 0.0
     return int(round(angle / 90.0)) % 4 * 90
 
 
+def _packet_times(path: Path, limit: int | None = None) -> list[tuple[float | None, float | None]]:
+    """(pts, duration) in seconds of the first ``limit`` (all) packets of the video stream, without decoding."""
+    import av
+
+    times = []
+    with media.open_input(path, "video") as container:
+        stream = next((s for s in container.streams.video if not _is_picture(s)), None)
+        if stream is None:
+            return times
+        try:
+            for packet in container.demux(stream):
+                if packet.size:
+                    times.append((_seconds(packet.pts, packet.time_base), _seconds(packet.duration, packet.time_base)))
+                    if limit is not None and len(times) >= limit:
+                        break
+        except av.FFmpegError:  # a damaged tail: what was read so far is what there is
+            pass
+    return times
+
+
 def _scan_duration(path: Path, fps: float) -> float:
-    """Duration of the first video stream from its packets, for containers that state none (live WebM, raw H.264)."""
-    data = _ffprobe(path, "video", "-select_streams", "V:0", "-show_entries", "packet=pts_time,duration_time")
-    packets = data.get("packets") or []
-    spans = [(_number(p.get("pts_time")), _number(p.get("duration_time")) or 1.0 / fps) for p in packets]
-    spans = [(pts, length) for pts, length in spans if pts is not None]
+    """Duration of the video stream from its packets, for containers that state none (live WebM, raw H.264)."""
+    packets = _packet_times(path)
+    spans = [(pts, length or 1.0 / fps) for pts, length in packets if pts is not None]
     if not spans:  # raw streams carry no timestamps: one packet per frame
         return len(packets) / fps
     return max(pts + length for pts, length in spans) - min(pts for pts, _ in spans)
@@ -160,21 +141,21 @@ def probe(path: str | os.PathLike, *, max_side: int = media.MAX_SIDE_PX,
           max_duration: float = media.MAX_DURATION_S) -> VideoInfo:
     """Describe a user's video, refusing what cannot or should not be processed with an InputError."""
     path = _check_file(path, "video")
-    data = _ffprobe(path, "video", "-show_format", "-show_streams")
-    fmt = data.get("format") or {}
-    format_name = str(fmt.get("format_name", ""))
-    # Defence in depth: ffprobe has already refused other demuxers, but never trust one switch alone.
-    if not set(format_name.split(",")) & set(media.ALLOWED_DEMUXERS):
-        raise InputError(_refused_format("video", path))
+    with media.open_input(path, "video") as container:
+        return _describe(path, container, max_side, max_duration)
 
-    streams = data.get("streams") or []
-    video = next((s for s in streams if s.get("codec_type") == "video"
-                  and not (s.get("disposition") or {}).get("attached_pic")), None)
+
+def _describe(path: Path, container, max_side: int, max_duration: float) -> VideoInfo:
+    format_name = str(container.format.name)
+    # Defence in depth: the demuxer whitelist has already refused others, but never trust one switch alone.
+    if not set(format_name.split(",")) & set(media.ALLOWED_DEMUXERS):
+        raise InputError(media.refused_format("video", path))
+    video = next((s for s in container.streams.video if not _is_picture(s)), None)
     if video is None:
         raise InputError(f"{path.name!r} has no video stream (is it an audio file or an image?); upload a video")
-    audio = next((s for s in streams if s.get("codec_type") == "audio"), None)
+    audio = next(iter(container.streams.audio), None)
 
-    coded_w, coded_h = int(video.get("width") or 0), int(video.get("height") or 0)
+    coded_w, coded_h = video.codec_context.width, video.codec_context.height
     if coded_w <= 0 or coded_h <= 0:
         raise InputError(f"video {path.name!r}: the video stream has no picture size (damaged file?)")
     rotation = _rotation(video)
@@ -182,21 +163,19 @@ def probe(path: str | os.PathLike, *, max_side: int = media.MAX_SIDE_PX,
     if max(width, height) > max_side:
         raise InputError(
             f"video {path.name!r} is {width}x{height}; the limit is {max_side} pixels on either side. Downscale it, "
-            f"or raise the limit with the environment variable LATENTSYNC_MAX_SIDE or the max_side argument"
+            f"or raise the limit with the environment variable {media.ENV_MAX_SIDE} or the max_side argument"
         )
 
-    fps = _ratio(video.get("avg_frame_rate")) or _ratio(video.get("r_frame_rate"))
+    fps = float(video.average_rate or video.base_rate or 0)
     if fps <= 0:
         raise InputError(f"video {path.name!r}: the frame rate cannot be determined (damaged file?)")
-    nb_frames = int(video["nb_frames"]) if str(video.get("nb_frames", "")).isdigit() else None
+    nb_frames = video.frames or None
     if nb_frames is None:
         # Matroska and others do not count frames; one packet read proves there is at least one.
-        first = _ffprobe(path, "video", "-select_streams", "V:0", "-read_intervals", "%+#1",
-                         "-show_entries", "packet=pts_time")
-        nb_frames = None if first.get("packets") else 0
+        nb_frames = None if _packet_times(path, limit=1) else 0
     if nb_frames == 0:
         raise InputError(f"video {path.name!r} contains no video frames")
-    duration = _number(video.get("duration")) or _number(fmt.get("duration")) or 0.0
+    duration = _seconds(video.duration, video.time_base) or (container.duration or 0) / 1e6
     if duration <= 0:
         duration = _scan_duration(path, fps)
     if duration <= 0:
@@ -204,30 +183,31 @@ def probe(path: str | os.PathLike, *, max_side: int = media.MAX_SIDE_PX,
     if duration > max_duration:
         raise InputError(
             f"video {path.name!r} lasts {duration:.1f} s; the limit is {max_duration:g} s. Trim it, or raise the "
-            f"limit with the environment variable LATENTSYNC_MAX_DURATION or the max_duration argument"
+            f"limit with the environment variable {media.ENV_MAX_DURATION} or the max_duration argument"
         )
     frame_count = nb_frames if nb_frames is not None else max(1, round(duration * fps))
 
-    start = _number(video.get("start_time"))
+    start = _seconds(video.start_time, video.time_base)
     if start is None:
-        start = _number(fmt.get("start_time")) or 0.0
+        start = (container.start_time or 0) / 1e6
     return VideoInfo(
         width=width, height=height, rotation=rotation, fps=fps, frame_count=frame_count, duration=duration,
         has_audio=audio is not None,
-        audio_sample_rate=int(audio["sample_rate"]) if audio and str(audio.get("sample_rate", "")).isdigit() else None,
-        audio_channels=int(audio["channels"]) if audio and audio.get("channels") else None,
+        audio_sample_rate=(audio.codec_context.sample_rate or None) if audio else None,
+        audio_channels=(audio.codec_context.channels or None) if audio else None,
         format_name=format_name, start_time=start,
     )
 
 
 def _first_slot(path: Path, rate: Fraction, seek: float = 0.0) -> int | None:
     """Constant-rate slot (timestamp in 1/rate units) of the first frame decoded after a fast seek to ``seek``."""
-    cmd = [media.ffmpeg_exe(), "-nostdin", "-hide_banner", "-nostats", "-loglevel", "info"]
+    cmd = media.ffmpeg_command("-nostats", loglevel="info")
     if seek > 0:
         cmd += ["-noaccurate_seek", "-ss", f"{seek:.6f}"]
     cmd += ["-copyts", *media.safe_input_args(), "-i", _url(path), "-map", "0:V:0", "-an", "-sn", "-dn",
             "-vf", f"{_fps_filter(rate)},showinfo", "-frames:v", "1", "-f", "null", "-"]
-    proc = subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL, check=False)
+    proc = subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL, check=False,
+                          env=media.ffmpeg_env())
     found = re.search(rb"\bpts:\s*(-?[0-9]+)", proc.stderr)
     return int(found.group(1)) if proc.returncode == 0 and found else None
 
@@ -296,7 +276,9 @@ def read_frames(path: str | os.PathLike, fps: float | None = None, *, start: int
     """Yield RGB uint8 (H, W, 3) frames ``start`` … ``start+count-1`` of the video resampled to constant ``fps``.
 
     ``fps=None`` keeps the source's average rate. Rotation metadata is applied. One ffmpeg process decodes and
-    is killed when the iterator is closed or dropped early; reading past the end just stops.
+    is killed when the iterator is closed or dropped early; reading past the end just stops. A video that stops
+    decoding well before the length its container states (a truncated file) is read as far as it goes, with a
+    warning saying how many frames of how many were read.
     """
     if start < 0 or (count is not None and count < 0):
         raise ValueError(f"start and count must be >= 0, got start={start}, count={count}")
@@ -306,8 +288,7 @@ def read_frames(path: str | os.PathLike, fps: float | None = None, *, start: int
     if count == 0:
         return iter(())
     width, height = info.width, info.height
-    cmd = [media.ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error",
-           *_decode_args(path, info, rate, start)]
+    cmd = media.ffmpeg_command(*_decode_args(path, info, rate, start))
     # A fixed output size keeps the byte stream framed even if the source changes size mid-stream.
     cmd[-1] += f",scale={width}:{height}:flags={_SWS_FLAGS},format=rgb24"
     if count is not None:
@@ -315,14 +296,24 @@ def read_frames(path: str | os.PathLike, fps: float | None = None, *, start: int
     # rawvideo (like null) has no timestamps, so ffmpeg passes the fps filter's frames through untouched.
     cmd += ["-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"]
     # Checks above run now; ffmpeg starts at the first next() and is reaped when the generator ends or is dropped.
-    return _stream(cmd, path, width, height, require_frames=start == 0)
+    return _stream(cmd, path, width, height, start=start, count=count, expected=expected_frames(info, rate))
 
 
-def _stream(cmd: list[str], path: Path, width: int, height: int, require_frames: bool) -> Iterator[np.ndarray]:
+def expected_frames(info: VideoInfo, fps: float | None = None) -> int:
+    """How many frames ``read_frames`` should give at ``fps`` (default: the source's rate), from the container."""
+    rate = _rate(fps if fps is not None else info.fps)
+    if abs(float(rate) - info.fps) < 1e-6:
+        return info.frame_count
+    return max(1, round(info.duration * rate))
+
+
+def _stream(cmd: list[str], path: Path, width: int, height: int, *, start: int, count: int | None,
+            expected: int) -> Iterator[np.ndarray]:
     frame_bytes = width * height * 3
     with tempfile.TemporaryFile() as errors:
         log.debug("decoding %s: %s", path.name, cmd)
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors)
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors,
+                                env=media.ffmpeg_env())
         produced = 0
         try:
             while True:
@@ -342,10 +333,14 @@ def _stream(cmd: list[str], path: Path, width: int, height: int, require_frames:
             returncode = proc.wait()
             errors.seek(0)
             stderr = errors.read()
+            if returncode < 0:  # killed by a signal: ffmpeg crashed, which is not the file's fault
+                raise RuntimeError(f"ffmpeg crashed (signal {-returncode}) decoding {path.name!r}")
             if returncode != 0:
                 raise InputError(f"video {path.name!r} could not be decoded ({_last_line(stderr, f'exit status {returncode}')})")
-            if produced == 0 and require_frames:
+            if produced == 0 and start == 0:
                 raise InputError(f"video {path.name!r} contains no decodable video frames")
+            if count is None or produced < count:  # the decoder reached the end of what it could read
+                _warn_if_cut_short(path, start + produced, expected)
         finally:
             if proc.poll() is None:
                 proc.kill()
@@ -353,18 +348,76 @@ def _stream(cmd: list[str], path: Path, width: int, height: int, require_frames:
             proc.stdout.close()
 
 
+# Frames a decode may end short of the container's count without a warning: the frame-rate conversion rounds
+# at the end, and a variable-rate stream's stated duration is approximate.
+_SHORT_READ_SLACK = 2
+_warned_short: set[tuple[str, int, int]] = set()
+
+
+def _warn_if_cut_short(path: Path, read: int, expected: int) -> None:
+    if read >= expected - max(_SHORT_READ_SLACK, expected // 100):
+        return
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key in _warned_short:  # a block-wise reader reaches the end more than once
+        return
+    _warned_short.add(key)
+    log.warning("video %r stopped decoding after %d of the %d frames its container states (truncated or "
+                "damaged file?); processing the %d frames read", path.name, read, expected, read)
+
+
 def count_frames(path: str | os.PathLike, fps: float | None = None, *, info: VideoInfo | None = None) -> int:
     """Exact number of frames ``read_frames(path, fps)`` yields (decodes the whole video, converts nothing)."""
     path = _check_file(path, "video")
     info = info or probe(path)
     rate = _rate(fps if fps is not None else info.fps)
-    cmd = [media.ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-nostats",
-           *_decode_args(path, info, rate, 0), "-f", "null", "-progress", "pipe:1", "-"]
-    proc = subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL, check=False)
+    cmd = media.ffmpeg_command("-nostats", *_decode_args(path, info, rate, 0), "-f", "null", "-progress", "pipe:1",
+                               "-")
+    proc = subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL, check=False,
+                          env=media.ffmpeg_env())
+    if proc.returncode < 0:
+        raise RuntimeError(f"ffmpeg crashed (signal {-proc.returncode}) decoding {path.name!r}")
     if proc.returncode != 0:
         raise InputError(f"video {path.name!r} could not be decoded ({_last_line(proc.stderr, 'ffmpeg failed')})")
     frames = [line for line in proc.stdout.decode().splitlines() if line.startswith("frame=")]
     return int(frames[-1].split("=", 1)[1]) if frames else 0
+
+
+# Containers that hold H.264 video with AAC audio and that every common player opens. WebM takes only
+# VP8/VP9/AV1 with Vorbis/Opus; AVI has no clean way to store B-frame timestamps (its frame rate came out doubled).
+OUTPUT_CONTAINERS = (".mp4", ".mov", ".mkv")
+
+
+def check_output_container(path: str | os.PathLike) -> None:
+    """Refuse (InputError) an output name whose extension is not a container we write: .mp4, .mov or .mkv."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in OUTPUT_CONTAINERS:
+        named = f"the {suffix} container" if suffix else "a name without an extension"
+        raise InputError(f"output {Path(path).name!r}: {named} cannot hold the H.264 video and AAC audio we write; "
+                         f"name the output with {', '.join(OUTPUT_CONTAINERS[:-1])} or {OUTPUT_CONTAINERS[-1]}")
+
+
+def _container_args(path: Path) -> list[str]:
+    # The index up front lets players start before the whole file has arrived; only MP4/MOV have the option.
+    return ["-movflags", "+faststart"] if path.suffix.lower() in (".mp4", ".mov") else []
+
+
+def _where(folder: Path) -> str:
+    """How a user knows the folder: our temporary folder (TMPDIR decides where) or the output's."""
+    try:
+        Path(folder).resolve().relative_to(Path(tempfile.gettempdir()).resolve())
+        return "the temporary folder; TMPDIR chooses where it is"
+    except ValueError:
+        return "the output folder"
+
+
+# Below this many free bytes a failed write is taken for a full disk even if ffmpeg's words were lost (its
+# stderr goes to a temporary file, itself on a disk that may be the full one).
+_LOW_SPACE = 1 << 20
+
+
+def _disk_full(stderr: bytes, folder: Path) -> bool:
+    return media.is_disk_full(stderr) or media.free_bytes(folder) < _LOW_SPACE
 
 
 def _temp_beside(path: Path) -> Path:
@@ -372,44 +425,63 @@ def _temp_beside(path: Path) -> Path:
 
     ffmpeg creates the file itself, so it gets the usual permissions rather than mkstemp's 0600.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if media.is_disk_full_error(exc):
+            raise media.disk_full_error(path, _where(path.parent)) from None
+        raise
     return path.with_name(f".{path.stem}.{secrets.token_hex(6)}.part{path.suffix or '.mp4'}")
 
 
-class VideoWriter:
-    """Stream RGB uint8 frames into an H.264 MP4 of exactly ``width`` × ``height``; use as a context manager.
+def _end_time(path: Path) -> float:
+    """Seconds from the first to the end of the last video packet of a file we wrote (0 if it cannot be read)."""
+    try:
+        times = [(pts, length or 0.0) for pts, length in _packet_times(path) if pts is not None]
+    except InputError:
+        return 0.0
+    return max(pts + length for pts, length in times) - min(pts for pts, _ in times) if times else 0.0
 
-    Even sizes are encoded yuv420p (plays everywhere). H.264 cannot store an odd width or height in 4:2:0 (its
-    crop window moves in 2-pixel steps there), so an odd size is encoded yuv444p (High 4:4:4 profile): the size
-    is kept exactly, at the price of players that only know 4:2:0 (browsers, QuickTime) refusing the file.
-    The file appears at ``path`` only when ``close()`` succeeds; ``abort()`` kills ffmpeg and leaves nothing.
+
+class VideoWriter:
+    """Stream RGB uint8 frames into an H.264 (4:2:0) file of ``width`` × ``height``; use as a context manager.
+
+    H.264 4:2:0, what every player opens, needs even sizes: an odd width or height is padded by one pixel on the
+    right or bottom, repeating the edge, so every original pixel is kept (``encoded_size`` is the size written).
+    The file appears at ``path`` only when ``close()`` succeeds and holds every frame written; a full disk is a
+    ResourceError naming the folder. ``abort()`` kills ffmpeg and leaves nothing.
     """
 
     def __init__(self, path: str | os.PathLike, fps: float, width: int, height: int, *, crf: int = 18,
-                 preset: str = "medium"):
+                 preset: str = "medium", expected_frames: int | None = None):
         if width <= 0 or height <= 0:
             raise ValueError(f"frame size must be positive, got {width}x{height}")
         self.path = Path(path)
+        check_output_container(self.path)
         self.width, self.height = int(width), int(height)
         self.frames_written = 0
+        self.fps = float(fps)
+        self.expected_frames = expected_frames
         rate = _rate(fps)
-        pix_fmt = "yuv420p" if self.width % 2 == 0 and self.height % 2 == 0 else "yuv444p"
-        if pix_fmt != "yuv420p":
-            log.warning("odd frame size %dx%d: encoding H.264 4:4:4 to keep it exact; some players cannot play "
-                        "4:4:4", self.width, self.height)
+        self._pad = (self.height % 2, self.width % 2)
+        self.encoded_size = (self.width + self._pad[1], self.height + self._pad[0])
+        if any(self._pad):
+            log.warning("odd frame size %dx%d: writing %dx%d (the last column/row repeated) because H.264 4:2:0, "
+                        "which every player opens, needs even sizes", self.width, self.height, *self.encoded_size)
         self._tmp = _temp_beside(self.path)
-        cmd = [
-            media.ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error", "-y",
-            "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{self.width}x{self.height}",
+        enc_w, enc_h = self.encoded_size
+        cmd = media.ffmpeg_command(
+            "-y", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{enc_w}x{enc_h}",
             "-framerate", f"{rate.numerator}/{rate.denominator}", "-i", "pipe:0",
             # BT.709 matrix and tags: what players assume for HD, and what decoders honour when tagged.
             "-vf", "scale=out_color_matrix=bt709:out_range=tv",
-            "-c:v", "libx264", "-preset", preset, "-crf", str(crf), "-pix_fmt", pix_fmt,
+            "-c:v", "libx264", "-preset", preset, "-crf", str(crf), "-pix_fmt", "yuv420p",
             "-colorspace", "bt709", "-color_primaries", "bt709", "-color_trc", "bt709", "-color_range", "tv",
-            "-movflags", "+faststart", _url(self._tmp),
-        ]
+            *_container_args(self.path), _url(self._tmp),
+        )
         self._errors = tempfile.TemporaryFile()
-        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._errors)
+        self._proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._errors,
+                                      env=media.ffmpeg_env())
         self._done = False
 
     def write(self, frame: np.ndarray) -> None:
@@ -419,13 +491,13 @@ class VideoWriter:
         if frame.shape != (self.height, self.width, 3) or frame.dtype != np.uint8:
             raise ValueError(f"expected a uint8 frame of shape {(self.height, self.width, 3)}, "
                              f"got {frame.dtype} {frame.shape}")
+        if any(self._pad):
+            frame = np.pad(frame, ((0, self._pad[0]), (0, self._pad[1]), (0, 0)), mode="edge")
         try:
             self._proc.stdin.write(memoryview(np.ascontiguousarray(frame)).cast("B"))
         except BrokenPipeError:
             self._proc.wait()
-            message = self._stderr()
-            self.abort()
-            raise RuntimeError(f"ffmpeg stopped while encoding {self.path.name!r} ({message})") from None
+            raise self._failure("ffmpeg stopped while encoding") from None
         self.frames_written += 1
 
     def close(self) -> Path:
@@ -437,14 +509,32 @@ class VideoWriter:
         except BrokenPipeError:
             pass
         returncode = self._proc.wait()
-        if returncode != 0 or self.frames_written == 0:
-            message = self._stderr() if returncode != 0 else "no frames were written"
+        if self.frames_written == 0:
             self.abort()
-            raise RuntimeError(f"encoding {self.path.name!r} failed ({message})")
+            raise RuntimeError(f"encoding {self.path.name!r} failed (no frames were written)")
+        if returncode != 0:
+            raise self._failure("encoding failed")
+        # Check what was written, not only the exit status: an ffmpeg may report success on a full disk.
+        wanted = self.frames_written / self.fps
+        if _end_time(self._tmp) < wanted - 0.5 / self.fps:
+            raise self._failure(f"the file holds less than the {self.frames_written} frames written")
         self._done = True
         self._errors.close()
         os.replace(self._tmp, self.path)
         return self.path
+
+    def _failure(self, what: str) -> Exception:
+        """The error for a failed encode (a ResourceError for a full disk); removes the partial file."""
+        self._errors.seek(0)
+        stderr = self._errors.read()
+        folder = self.path.parent
+        full = _disk_full(stderr, folder)
+        self.abort()
+        if full:
+            frames = max(self.expected_frames or 0, self.frames_written + 1)
+            needed = media.estimate_video_bytes(*self.encoded_size, frames, self.fps, with_audio=False)
+            return media.disk_full_error(self.path, f"{_where(folder)}; writing {self.path.name}", needed)
+        return RuntimeError(f"{what}: {self.path.name!r} ({_last_line(stderr, f'exit status {self._proc.returncode}')})")
 
     def abort(self) -> None:
         """Stop ffmpeg and delete the partial file."""
@@ -461,10 +551,6 @@ class VideoWriter:
                 pass
         self._errors.close()
         self._tmp.unlink(missing_ok=True)
-
-    def _stderr(self) -> str:
-        self._errors.seek(0)
-        return _last_line(self._errors.read(), f"exit status {self._proc.returncode}")
 
     def __enter__(self) -> VideoWriter:
         return self
@@ -487,33 +573,62 @@ def mux_audio(video_path: str | os.PathLike, audio_path: str | os.PathLike, out_
 
     Audio from ``audio_start`` seconds is trimmed, or padded with silence, to ``duration``, which should be the
     video's length (frames / fps): a longer video is cut there, but only at packet precision. The result is
-    written beside ``out_path`` under a temporary name and renamed into place.
+    written beside ``out_path`` under a temporary name and renamed into place; the container follows the
+    extension (``check_output_container``). Errors name their cause: the audio (InputError), a full disk
+    (ResourceError), anything else is ours (RuntimeError).
     """
     if not (math.isfinite(duration) and duration > 0):
         raise ValueError(f"duration must be a positive number of seconds, got {duration!r}")
     if not (math.isfinite(audio_start) and audio_start >= 0):
         raise ValueError(f"audio_start must be >= 0 seconds, got {audio_start!r}")
-    video_path = Path(video_path)
+    video_path, out_path = Path(video_path), Path(out_path)
+    check_output_container(out_path)
     audio_path = _check_file(audio_path, "audio")
-    streams = _ffprobe(audio_path, "audio", "-show_streams", "-select_streams", "a:0").get("streams") or []
-    if not streams:
-        raise InputError(f"audio {audio_path.name!r} has no audio stream")
-    channels = int(streams[0].get("channels") or 2)
-    out_path = Path(out_path)
+    with media.open_input(audio_path, "audio") as container:
+        sound = next(iter(container.streams.audio), None)
+        if sound is None:
+            raise InputError(f"audio {audio_path.name!r} has no audio stream")
+        channels = sound.codec_context.channels or 2
     tmp = _temp_beside(out_path)
     seek = ["-ss", f"{audio_start:.6f}"] if audio_start > 0 else []
-    args = [
+    cmd = media.ffmpeg_command(
         "-y", *media.safe_input_args(), "-i", _url(video_path),
         *seek, *media.safe_input_args(), "-i", _url(audio_path),
         "-map", "0:V:0", "-map", "1:a:0", "-c:v", "copy",
         # No -ar/-ac: the encoder keeps the source's rate and channel count (a rate AAC lacks, e.g. 37.8 kHz,
         # becomes the nearest one it has).
         "-af", "apad", "-c:a", "aac", "-b:a", f"{min(64 * max(channels, 2), 512)}k",
-        "-t", f"{duration:.6f}", "-movflags", "+faststart", _url(tmp),
-    ]
+        "-t", f"{duration:.6f}", *_container_args(out_path), _url(tmp),
+    )
     try:
-        media.run_ffmpeg(args, what=f"muxing audio {audio_path.name!r}")
+        proc = subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL, check=False,
+                          env=media.ffmpeg_env())
+        # Check what was written, not only the exit status: an ffmpeg may report success on a full disk.
+        wanted = min(duration, _end_time(video_path))
+        written = _end_time(tmp) if proc.returncode == 0 else 0.0
+        if proc.returncode != 0 or written < wanted - 0.05:
+            raise _mux_failure(proc, video_path, audio_path, out_path, written, wanted)
         os.replace(tmp, out_path)
     finally:
         tmp.unlink(missing_ok=True)
     return out_path
+
+
+def _mux_failure(proc: subprocess.CompletedProcess, video_path: Path, audio_path: Path, out_path: Path,
+                 written: float, wanted: float) -> Exception:
+    """Name the real cause of a failed mux: a full disk, the user's audio, an unwritable folder, or our bug."""
+    stderr = proc.stderr.decode(errors="replace")
+    detail = _last_line(stderr, f"exit status {proc.returncode}")
+    if _disk_full(proc.stderr, out_path.parent):
+        needed = os.path.getsize(video_path) + media.estimate_audio_bytes(wanted)
+        return media.disk_full_error(out_path, f"the output folder; writing {out_path.name}", needed)
+    audio_url = _url(audio_path)
+    # ffmpeg names the input it failed on (its URL, or "Error while decoding stream #1:0" / "[aist#1:0…]").
+    if audio_url in stderr or re.search(r"#1:\d", stderr):
+        return InputError(f"audio {audio_path.name!r} could not be read ({detail.replace(audio_url + ': ', '')})")
+    if "Permission denied" in stderr or "Read-only file system" in stderr:
+        return InputError(f"output {out_path.name!r} cannot be written in {out_path.parent} ({detail}); "
+                          f"choose a writable folder")
+    if proc.returncode == 0:
+        detail = f"the file holds {written:.2f} s of the {wanted:.2f} s written"
+    return RuntimeError(f"muxing audio into {out_path.name!r} failed ({detail})")

@@ -1,13 +1,12 @@
 """Real test media made on the fly: astronaut face clips with a frame-number barcode, speech in several formats."""
 from __future__ import annotations
 
-import json
 import subprocess
 from pathlib import Path
 
 import numpy as np
 
-from latentsync.media import ffmpeg_exe, ffprobe_exe
+from latentsync.media import ffmpeg_exe
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_SPEECH = REPO / "samples" / "speech.wav"
@@ -93,11 +92,47 @@ def decode_audio(path: Path, rate: int = 16000) -> np.ndarray:
     return np.frombuffer(raw, np.float32)
 
 
+def _rate_text(rate) -> str:
+    return f"{rate.numerator}/{rate.denominator}" if rate else "0/0"
+
+
 def probe_streams(path: Path) -> dict:
-    """ffprobe's JSON for streams and format."""
-    out = subprocess.run([ffprobe_exe(), "-v", "error", "-count_frames", "-show_streams", "-show_format",
-                          "-of", "json", str(path)], capture_output=True, check=True).stdout
-    return json.loads(out)
+    """Streams and format in ffprobe's JSON shape (``-show_streams -show_format -count_frames``), read with PyAV."""
+    import av
+
+    with av.open(str(path)) as container:
+        streams = []
+        for s in container.streams:
+            entry = {"index": s.index, "codec_type": s.type, "codec_name": s.codec_context.name,
+                     "time_base": _rate_text(s.time_base)}
+            if s.duration is not None:
+                entry["duration"] = f"{float(s.duration * s.time_base):.6f}"
+            if s.type == "video":
+                entry.update(width=s.codec_context.width, height=s.codec_context.height,
+                             pix_fmt=s.codec_context.pix_fmt, avg_frame_rate=_rate_text(s.average_rate),
+                             r_frame_rate=_rate_text(s.base_rate), nb_read_frames="0")
+            elif s.type == "audio":
+                entry.update(sample_rate=str(s.codec_context.sample_rate), channels=s.codec_context.channels)
+            streams.append(entry)
+        fmt = {"format_name": container.format.name, "nb_streams": len(streams)}
+        if container.duration is not None:
+            fmt["duration"] = f"{container.duration / 1e6:.6f}"
+        counts = dict.fromkeys((s.index for s in container.streams.video), 0)
+        for packet in container.demux(*container.streams.video):
+            counts[packet.stream.index] += len(packet.decode())
+    for entry in streams:
+        if entry["index"] in counts:
+            entry["nb_read_frames"] = str(counts[entry["index"]])
+    return {"streams": streams, "format": fmt}
+
+
+def frame_times(path: Path) -> list:
+    """Exact presentation time (a Fraction of seconds) of every decoded frame of the first video stream."""
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        return [frame.pts * stream.time_base for frame in container.decode(stream)]
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

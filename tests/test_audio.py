@@ -293,6 +293,21 @@ def test_load_audio_refuses_unusable_files(media_files, kind, message):
     assert media_files[kind].name in str(err.value)
 
 
+def test_load_audio_reads_mpeg_ts(tmp_path, parity_dir):
+    """MPEG-TS crashed the static ffmpeg (its glibc's iconv) before ffmpeg ran with character conversion off."""
+    path = tmp_path / "broadcast.ts"
+    _ffmpeg("-i", str(parity_dir / "speech_10s.wav"), "-c:a", "mp2", str(path))
+    ref = audio.load_audio(parity_dir / "speech_10s.wav")
+    assert _best_correlation(audio.load_audio(path), ref) > 0.95
+
+
+def test_an_ffmpeg_crash_is_not_blamed_on_the_file(parity_dir, monkeypatch):
+    monkeypatch.setattr(media, "ffmpeg_command", lambda *args, **kw: ["sh", "-c", "kill -SEGV $$", "sh", *args])
+    with pytest.raises(RuntimeError, match="ffmpeg crashed") as err:
+        audio.load_audio(parity_dir / "speech_10s.wav")
+    assert not isinstance(err.value, InputError)
+
+
 def test_load_audio_refuses_a_missing_file(tmp_path):
     with pytest.raises(InputError, match="not found"):
         audio.load_audio(tmp_path / "nothing.wav")
@@ -406,6 +421,27 @@ def test_transformers_folder_round_trip(random_openai_file, short_speech, tmp_pa
     model.save_pretrained(tmp_path / architecture)
     again = audio.AudioEncoder.from_pretrained(tmp_path / architecture)
     assert torch.equal(again.features(short_speech), enc.features(short_speech))
+
+
+def test_a_truncated_checkpoint_is_the_users_and_our_bugs_are_ours(random_openai_file, tmp_path, monkeypatch):
+    data = random_openai_file.read_bytes()
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="cannot read Whisper checkpoint .*cut.pt"):
+        audio.AudioEncoder.from_pretrained(cut)
+
+    def broken_load(*args, **kwargs):
+        raise TypeError("a bug of ours")
+
+    monkeypatch.setattr(torch, "load", broken_load)
+    with pytest.raises(TypeError, match="a bug of ours"):
+        audio.AudioEncoder.from_pretrained(random_openai_file)
+
+
+def test_a_folder_with_a_broken_config_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text("{ not json")
+    with pytest.raises(InputError, match="not a readable JSON config"):
+        audio.AudioEncoder.from_pretrained(tmp_path)
 
 
 def test_a_folder_of_another_model_is_refused(tmp_path):
