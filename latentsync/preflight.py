@@ -2,27 +2,52 @@
 
 The inputs must be existing files; the output must be a file name LatentSync may write: not a folder, not one of
 the inputs (we never overwrite a user's file), in a folder that exists or can be created and is writable, with an
-extension whose container holds H.264 video and AAC audio. Each problem is one ``InputError`` line.
+extension whose container holds H.264 video and AAC audio. Each problem is one ``InputError`` line. Then the
+temporary folder (``TMPDIR``) and the output's folder must have room for a rough upper estimate of what the run
+writes (``ResourceError`` naming the full one).
 """
 from __future__ import annotations
 
+import math
 import os
+import sys
+import tempfile
 from pathlib import Path
 
+from latentsync import media
+from latentsync import video as video_mod
 from latentsync.errors import InputError
-from latentsync.options import check_file
-
-# Containers that take the H.264 + AAC streams the pipeline writes, as they are. To be replaced by
-# video.check_output_container once the media module has it (see _check_container).
-OUTPUT_SUFFIXES = (".mp4", ".mov", ".mkv")
+from latentsync.options import OUTPUT_FPS, check_file
 
 
 def check_run_paths(video: str | os.PathLike, audio: str | os.PathLike,
                     output: str | os.PathLike) -> tuple[Path, Path, Path]:
-    """The run's three paths, checked; an ``InputError`` naming the first problem. Creates and writes nothing."""
+    """The run's three paths, checked (then the free space); an ``InputError`` naming the first problem, a
+    ``ResourceError`` for a disk without room. Creates and writes nothing."""
     video_path = check_file("video", video)
     audio_path = check_file("audio", audio)
-    return video_path, audio_path, check_output(output, inputs=(video_path, audio_path))
+    output_path = check_output(output, inputs=(video_path, audio_path))
+    check_free_space(video_path, audio_path, output_path)
+    return video_path, audio_path, output_path
+
+
+def check_free_space(video: Path, audio: Path, output: Path) -> None:
+    """``ResourceError`` unless ``TMPDIR`` and the output's folder have room for a rough upper estimate of the run's
+    files: the output as long as the longer input, at the higher of the source's rate and ours."""
+    # The size and duration caps are the pipeline's to apply (a deployment may set others); only sizes matter here.
+    info = video_mod.probe(video, max_side=sys.maxsize, max_duration=math.inf)
+    seconds = max(info.duration, _duration(audio))
+    fps = max(info.fps, OUTPUT_FPS)
+    needed = media.estimate_video_bytes(info.width, info.height, math.ceil(seconds * fps), fps)
+    media.check_free_space(tempfile.gettempdir(), output, needed)
+
+
+def _duration(path: Path) -> float:
+    """Seconds of a media file as its container states them (0 when it does not)."""
+    import av
+
+    with media.open_input(path, "audio") as container:
+        return container.duration / av.time_base if container.duration else 0.0
 
 
 def check_output(output: str | os.PathLike, inputs: tuple[Path, ...] = ()) -> Path:
@@ -37,21 +62,13 @@ def check_output(output: str | os.PathLike, inputs: tuple[Path, ...] = ()) -> Pa
     path = Path(text)
     if path.is_dir():
         raise InputError(f"output {path} is an existing folder; name the file to write, e.g. {path / 'out.mp4'}")
-    _check_container(path)
+    video_mod.check_output_container(path)
     for given in inputs:
         if path.exists() and os.path.samefile(path, given):  # the same file under another name, a link, ...
             raise InputError(f"output {path} is the input file {given}; LatentSync never overwrites its inputs: "
                              "choose another output name")
     _check_folder(path.parent)
     return path
-
-
-def _check_container(path: Path) -> None:
-    suffix = path.suffix.lower()
-    if suffix not in OUTPUT_SUFFIXES:
-        what = f"a {suffix} file" if suffix else "a file without an extension"
-        raise InputError(f"output {path.name}: LatentSync writes H.264 video with AAC audio, which {what} cannot "
-                         f"hold as such; name it {', '.join(OUTPUT_SUFFIXES[:-1])} or {OUTPUT_SUFFIXES[-1]}")
 
 
 def _check_folder(folder: Path) -> None:

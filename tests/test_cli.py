@@ -100,21 +100,29 @@ def test_output_folder_below_a_file(env, media, tmp_path, capsys):
 
 def test_output_extension_that_cannot_hold_h264_and_aac(env, media, tmp_path, capsys):
     status, err = run_cli(capsys, media["video"], media["audio"], "-o", tmp_path / "out.txt", *NO_WEIGHTS)
-    assert status == 2 and ".mp4, .mov or .mkv" in one_line(err)
+    assert status == 2 and ".mp4, .mov or .mkv" in one_line(err) and ".txt" in one_line(err)
 
 
-@pytest.fixture
-def read_only_dir(tmp_path):
-    """A read-only tmpfs (root ignores chmod, not a read-only mount); skipped where mounting is not allowed."""
-    target = tmp_path / "ro"
+def _tmpfs(target: Path, options: str):
+    """Mount a tmpfs at ``target`` for the test (root ignores chmod, not a mount); skipped where not allowed."""
     target.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(target)], capture_output=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)], capture_output=True)
     if proc.returncode != 0:
-        pytest.skip(f"cannot mount a read-only tmpfs here: {proc.stderr.decode().strip()}")
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
     try:
         yield target
     finally:
         subprocess.run(["umount", str(target)], check=True)
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    yield from _tmpfs(tmp_path / "ro", "ro,size=1m")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    yield from _tmpfs(tmp_path / "small", "size=64k")
 
 
 def test_output_in_a_read_only_folder(env, media, read_only_dir, capsys):
@@ -124,6 +132,21 @@ def test_output_in_a_read_only_folder(env, media, read_only_dir, capsys):
                           *NO_WEIGHTS)
     line = one_line(err)
     assert status == 2 and "cannot create the output folder" in line and "read-only" in line
+
+
+def test_a_temporary_folder_without_room_is_exit_1_before_any_weights(env, media, tmp_path, small_disk, capsys,
+                                                                       monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(small_disk))  # what TMPDIR sets
+    status, err = run_cli(capsys, media["video"], media["audio"], "-o", tmp_path / "o.mp4", *NO_WEIGHTS)
+    line = one_line(err)
+    assert status == 1 and "no space left" in line and str(small_disk) in line and "TMPDIR" in line
+
+
+def test_an_output_disk_without_room_is_exit_1(env, media, small_disk, capsys):
+    status, err = run_cli(capsys, media["video"], media["audio"], "-o", small_disk / "o.mp4", *NO_WEIGHTS)
+    assert status == 1 and "no space left" in one_line(err) and str(small_disk) in one_line(err)
 
 
 @pytest.mark.parametrize("args, words", [
