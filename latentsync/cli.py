@@ -37,9 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     # A string, not a Path: Path("dir/") drops the slash that says the user named a folder.
     p.add_argument("-o", "--output", required=True, help="output video (.mp4, .mov or .mkv)")
     p.add_argument("--weights-dir", type=Path, default=None,
-                   help="a filled weights folder laid out like upstream's checkpoints/ (one version): verified "
-                        "against the manifest, never downloaded into (default: $LATENTSYNC_WEIGHTS_DIR, else "
-                        "weights/latentsync-VERSION, where missing files are downloaded)")
+                   help="a filled folder laid out like upstream's checkpoints/, one version per folder: verified, "
+                        "never downloaded into (default: $LATENTSYNC_WEIGHTS_DIR, else ~/.cache/latentsync/VERSION, "
+                        "which is filled from the network)")
     p.add_argument("--version", choices=VERSIONS, default=os.environ.get("LATENTSYNC_VERSION", DEFAULT_VERSION),
                    help="LatentSync version (1.5: 256-px crops, 1.6: 512-px); default %(default)s")
     p.add_argument("--unet-config", type=Path, default=None,
@@ -168,10 +168,11 @@ def _run(args: argparse.Namespace, cancel: threading.Event) -> int:
     from latentsync.pipeline import LipSync
 
     named = args.weights_dir or os.environ.get("LATENTSYNC_WEIGHTS_DIR")
-    folder = Path(named) if named else Path("weights") / f"latentsync-{args.version}"
     try:
-        # A folder the user named is theirs: verified against the manifest, never downloaded into or changed.
-        weights = ensure_weights(None, folder, args.version, download=not named)
+        # A folder the user named is theirs: only verified against the manifest (download.py's rule); without one,
+        # the default cache folder is filled from the network.
+        weights = ensure_weights(os.environ.get("LATENTSYNC_MANIFEST") or None, Path(named) if named else None,
+                                 args.version)
     except RuntimeError as e:  # the network, not the input
         raise ResourceError(str(e)) from e
     compile_kw = {"compile": True} if args.compile else {}

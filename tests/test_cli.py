@@ -187,12 +187,13 @@ def test_missing_video_is_named_before_any_download(env, media, tmp_path):
     """No weights folder given: the CLI would download; a missing input must stop it first (the manifest's
     URLs point at a closed port, so a download attempt would show up as a network error, not this)."""
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])  # this checkout, from another cwd
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")  # where the CLI would download to
     proc = subprocess.run([sys.executable, "-m", "latentsync", str(tmp_path / "missing.mp4"), str(media["audio"]),
                            "-o", str(tmp_path / "o.mp4"), "-q"], capture_output=True, text=True, env=env,
                           cwd=tmp_path)
     assert proc.returncode == 2
     assert "missing.mp4 does not exist" in one_line(proc.stderr)
-    assert not (tmp_path / "weights").exists(), "a weights folder was created before the inputs were checked"
+    assert not (tmp_path / "cache").exists(), "a weights folder was created before the inputs were checked"
 
 
 def test_download_failure_is_exit_1(env, media, tmp_path, capsys, monkeypatch):
