@@ -314,3 +314,11 @@ def _alive(process) -> bool:
         return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_the_api_names_a_missing_config(weights):
+    from latentsync.pipeline import LipSync
+
+    folder, _ = weights
+    with pytest.raises(InputError, match="config file /nonexistent/unet.yaml does not exist"):
+        LipSync.from_pretrained(folder, unet_config="/nonexistent/unet.yaml", device="cpu")
