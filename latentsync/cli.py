@@ -119,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
             if status is None:
                 raise
         _close_progress_bars()
-        print(f"error: {message}", file=sys.stderr)
+        # A signal may have cut a progress bar's redraw short, mid-line: start the message on a line of its own.
+        lead = "\n" if stop.signum is not None and not args.quiet else ""
+        print(f"{lead}error: {message}", file=sys.stderr)
         return status
 
 
