@@ -89,8 +89,9 @@ def load_audio(
     log.debug("decoding audio: %s", cmd)
     # Room for everything ffmpeg may send; np.empty pages cost memory only once written.
     out = np.empty(math.ceil(decode_s * sample_rate) + _READ_SAMPLES, dtype=np.float32)
-    with tempfile.TemporaryFile() as err, subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err,
-                                                            env=media.ffmpeg_env()) as proc:
+    with tempfile.TemporaryFile() as err, subprocess.Popen(
+        cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, env=media.ffmpeg_env()
+    ) as proc:
         n = _read_pcm16(proc.stdout, out)
         if n > len(out):
             proc.kill()

@@ -45,6 +45,9 @@ MAX_DURATION_S = 600.0
 ENV_MAX_SIDE = "LATENTSYNC_MAX_SIDE"
 ENV_MAX_DURATION = "LATENTSYNC_MAX_DURATION"
 
+# How a disk-full message names the folder: a user knows it as the temporary folder (TMPDIR) or the output's.
+TEMP_FOLDER = "the temporary folder; TMPDIR chooses where it is"
+OUTPUT_FOLDER = "the output folder"
 # What ffmpeg and the OS say when a disk or quota is full.
 _DISK_FULL_MARKERS = ("No space left on device", "Disk quota exceeded")
 # Rough size of our H.264 (CRF 18) output: bits per pixel per frame for camera footage, with room to spare,
@@ -135,8 +138,9 @@ def open_input(path: Path, what: str) -> InputContainer:
     try:
         with av.logging.Capture() as logs:
             # container_options, not options: PyAV 13 copies ``options`` into one dict per stream counted at open
-            # time and crashes when the demuxer adds streams later (FLV, MPEG-TS).
-            return av.open(url, container_options=dict(SAFE_OPEN_OPTIONS))
+            # time and crashes when the demuxer adds streams later (FLV, MPEG-TS). Tags in a stray encoding must
+            # not make a readable video unreadable.
+            return av.open(url, container_options=dict(SAFE_OPEN_OPTIONS), metadata_errors="replace")
     except av.FFmpegError as exc:
         messages = [message.strip() for _, _, message in logs if message.strip()]
         # A playlist: a demuxer off the whitelist, or (FFmpeg 7) HLS behind another extension, left undetected.
@@ -217,8 +221,8 @@ def check_free_space(temp_dir: str | os.PathLike, output: str | os.PathLike, nee
     """
     temp_dir, out_dir = Path(os.path.abspath(temp_dir)), Path(os.path.abspath(output)).parent
     both_on_one = _device(temp_dir) == _device(out_dir)
-    for folder, what, need in ((temp_dir, "temporary folder, set by TMPDIR", needed),
-                               (out_dir, "output folder", 2 * needed if both_on_one else needed)):
+    out_need = 2 * needed if both_on_one else needed
+    for folder, what, need in ((temp_dir, TEMP_FOLDER, needed), (out_dir, OUTPUT_FOLDER, out_need)):
         if free_bytes(folder) < need:
             raise disk_full_error(folder / "x", what, need)
 

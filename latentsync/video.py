@@ -4,9 +4,9 @@
 frames at a constant processing rate from any frame index; ``VideoWriter`` streams RGB frames into H.264;
 ``mux_audio`` puts the user's own audio beside the finished video. Nothing here holds more than a frame or two,
 so memory does not grow with the length of the video (upstream kept every frame in RAM: issues #45, #248).
-Every ffmpeg/ffprobe call that opens a user file goes through ``media.safe_input_args`` and a ``file:`` URL, so
+Every ffmpeg call (and PyAV probe) that opens a user file is confined by ``media`` and given a ``file:`` URL, so
 playlists and other protocols are refused and odd file names (spaces, quotes, ``$(…)``, a leading ``-``) are
-plain names.
+plain names. What we write is checked after writing (frames present, disk not full) before it is moved into place.
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ class VideoInfo:
 
     width: int
     height: int
-    rotation: int  # counter-clockwise degrees applied for display (ffprobe's display-matrix convention)
+    rotation: int  # counter-clockwise degrees applied for display (FFmpeg's display-matrix convention)
     fps: float  # average frame rate of the source
     frame_count: int  # source frames; duration·fps when the container does not say
     duration: float  # seconds
@@ -406,9 +406,9 @@ def _where(folder: Path) -> str:
     """How a user knows the folder: our temporary folder (TMPDIR decides where) or the output's."""
     try:
         Path(folder).resolve().relative_to(Path(tempfile.gettempdir()).resolve())
-        return "the temporary folder; TMPDIR chooses where it is"
+        return media.TEMP_FOLDER
     except ValueError:
-        return "the output folder"
+        return media.OUTPUT_FOLDER
 
 
 # Below this many free bytes a failed write is taken for a full disk even if ffmpeg's words were lost (its
@@ -434,13 +434,17 @@ def _temp_beside(path: Path) -> Path:
     return path.with_name(f".{path.stem}.{secrets.token_hex(6)}.part{path.suffix or '.mp4'}")
 
 
-def _end_time(path: Path) -> float:
-    """Seconds from the first to the end of the last video packet of a file we wrote (0 if it cannot be read)."""
+def _video_span(path: Path) -> tuple[float, float]:
+    """Seconds from the first to the end of the last video packet of a file we wrote, and the longest packet's
+    duration; (0, 0) if it cannot be read."""
     try:
         times = [(pts, length or 0.0) for pts, length in _packet_times(path) if pts is not None]
     except InputError:
-        return 0.0
-    return max(pts + length for pts, length in times) - min(pts for pts, _ in times) if times else 0.0
+        return 0.0, 0.0
+    if not times:
+        return 0.0, 0.0
+    end = max(pts + length for pts, length in times) - min(pts for pts, _ in times)
+    return end, max(length for _, length in times)
 
 
 class VideoWriter:
@@ -516,7 +520,7 @@ class VideoWriter:
             raise self._failure("encoding failed")
         # Check what was written, not only the exit status: an ffmpeg may report success on a full disk.
         wanted = self.frames_written / self.fps
-        if _end_time(self._tmp) < wanted - 0.5 / self.fps:
+        if _video_span(self._tmp)[0] < wanted - 0.5 / self.fps:
             raise self._failure(f"the file holds less than the {self.frames_written} frames written")
         self._done = True
         self._errors.close()
@@ -534,7 +538,8 @@ class VideoWriter:
             frames = max(self.expected_frames or 0, self.frames_written + 1)
             needed = media.estimate_video_bytes(*self.encoded_size, frames, self.fps, with_audio=False)
             return media.disk_full_error(self.path, f"{_where(folder)}; writing {self.path.name}", needed)
-        return RuntimeError(f"{what}: {self.path.name!r} ({_last_line(stderr, f'exit status {self._proc.returncode}')})")
+        detail = _last_line(stderr, f"exit status {self._proc.returncode}")
+        return RuntimeError(f"{what}: {self.path.name!r} ({detail})")
 
     def abort(self) -> None:
         """Stop ffmpeg and delete the partial file."""
@@ -604,9 +609,11 @@ def mux_audio(video_path: str | os.PathLike, audio_path: str | os.PathLike, out_
         proc = subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL, check=False,
                           env=media.ffmpeg_env())
         # Check what was written, not only the exit status: an ffmpeg may report success on a full disk.
-        wanted = min(duration, _end_time(video_path))
-        written = _end_time(tmp) if proc.returncode == 0 else 0.0
-        if proc.returncode != 0 or written < wanted - 0.05:
+        video_end, frame = _video_span(video_path)
+        wanted = min(duration, video_end)
+        written = _video_span(tmp)[0] if proc.returncode == 0 else 0.0
+        # The cut at ``duration`` falls on a packet boundary: up to a frame either way.
+        if proc.returncode != 0 or written < wanted - max(0.05, 1.5 * frame):
             raise _mux_failure(proc, video_path, audio_path, out_path, written, wanted)
         os.replace(tmp, out_path)
     finally:
@@ -621,7 +628,7 @@ def _mux_failure(proc: subprocess.CompletedProcess, video_path: Path, audio_path
     detail = _last_line(stderr, f"exit status {proc.returncode}")
     if _disk_full(proc.stderr, out_path.parent):
         needed = os.path.getsize(video_path) + media.estimate_audio_bytes(wanted)
-        return media.disk_full_error(out_path, f"the output folder; writing {out_path.name}", needed)
+        return media.disk_full_error(out_path, f"{media.OUTPUT_FOLDER}; writing {out_path.name}", needed)
     audio_url = _url(audio_path)
     # ffmpeg names the input it failed on (its URL, or "Error while decoding stream #1:0" / "[aist#1:0…]").
     if audio_url in stderr or re.search(r"#1:\d", stderr):

@@ -85,10 +85,10 @@ def test_no_inode_left_for_the_output_folder(small_disk):
 def test_free_space_is_checked_before_a_run(small_disk, tmp_path):
     disk = small_disk("1m")
     media.check_free_space(disk, disk / "out.mp4", 400 << 10)  # 2 × 400 KiB fit in 1 MiB
-    with pytest.raises(ResourceError, match=rf"disk holding {disk} \(output folder\): about 1\.2 MiB needed"):
+    with pytest.raises(ResourceError, match=rf"disk holding {disk} \(the output folder\): about 1\.2 MiB needed"):
         media.check_free_space(disk, disk / "out.mp4", 600 << 10)  # temp and output on one disk: twice
     media.check_free_space(tmp_path, disk / "out.mp4", 600 << 10)  # on two disks: once each
-    with pytest.raises(ResourceError, match=r"\(temporary folder, set by TMPDIR\): about 2\.0 MiB needed"):
+    with pytest.raises(ResourceError, match=r"\(the temporary folder; TMPDIR chooses where it is\): about 2\.0 MiB"):
         media.check_free_space(disk, tmp_path / "out.mp4", 2 << 20)
 
 

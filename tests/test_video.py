@@ -515,7 +515,8 @@ def test_mux_failure_of_our_own_file_is_not_blamed_on_the_audio(media_dir, mp4):
 @pytest.fixture(scope="module")
 def truncated(media_dir) -> Path:
     """An MP4 (index first) cut after a third of its bytes: the container says 75 frames, ~20 decode."""
-    whole = make_clip(media_dir / "whole.mp4", size="320x240", seconds=3.0, audio=None, extra=["-movflags", "+faststart"])
+    whole = make_clip(media_dir / "whole.mp4", size="320x240", seconds=3.0, audio=None,
+                      extra=["-movflags", "+faststart"])
     data = whole.read_bytes()
     path = media_dir / "truncated.mp4"
     path.write_bytes(data[: len(data) // 3])
