@@ -7,6 +7,8 @@ from typing import Any
 
 import yaml
 
+from latentsync.options import check_file
+
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -29,8 +31,8 @@ _Loader.add_implicit_resolver(
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
-    """Read an upstream YAML config file into plain dicts and lists."""
-    with open(path, encoding="utf-8") as f:
+    """Read an upstream YAML config file into plain dicts and lists; a missing one is an InputError naming it."""
+    with open(check_file("config file", path), encoding="utf-8") as f:
         return yaml.load(f, Loader=_Loader) or {}
 
 

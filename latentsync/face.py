@@ -6,8 +6,12 @@ offline, CPU) and follow one face through the video (``FaceTracker``).
 
 Detection runs mediapipe's short-range and full-range face detectors on the whole frame (the short-range model
 finds close, large faces and blurry ones best; the full-range one finds faces that are small in a large frame) and
-merges their boxes. The 468-point mesh is then fitted on a square crop around each detection, in static-image
-mode, so every frame's result depends on that frame alone and is deterministic.
+merges their boxes. Both detectors see the frame shrunk to 128 / 192 px, so in a large frame a face narrower than
+about 6 % of the frame's long side (115 px in 1080p) vanishes; when this first pass finds no face in a frame
+larger than ``TILE_FROM_PX``, a second pass runs the detectors on overlapping tiles a third of the long side wide,
+which finds faces down to about 2 % of it (under 40 px in 1080p). Frames where the first pass finds a face are never
+tiled, so their results do not change. The 468-point mesh is then fitted on a square crop around each detection,
+in static-image mode, so every frame's result depends on that frame alone and is deterministic.
 """
 from __future__ import annotations
 
@@ -47,6 +51,14 @@ ANCHOR_WEIGHTS: tuple[tuple[tuple[int, float], ...], ...] = (
 
 _CROP_SCALE = 2.5  # square mesh crop side, in detection-box sizes: the whole head plus context for the mesh's detector
 _MERGE_IOU = 0.3  # detections of the two detectors overlapping more than this are one face
+
+# The tiled second pass, measured on skimage's astronaut pasted into grey frames (face width = mesh extent): the
+# whole 1080p frame finds it from ~110 px, tiles of a third of the long side (8 tiles for 16:9, ~90 ms a frame
+# on one CPU core) from 24 px (4K: from 52 px); LFW's 25-px faces, upscaled, are found from 48–100 px.
+TILE_FROM_PX = 640  # frames with a longer side get the tiled pass; smaller ones lose nothing to the detectors' input
+_TILES_PER_SIDE = 3  # tile side = long side / 3: a face is shrunk 3 times less than in the first pass
+_TILE_OVERLAP = 0.25  # of a tile: any face narrower than this (all the first pass misses) lies whole in one tile
+_FOUND_FRACTION = (0.05, 0.02)  # narrowest face found, as a fraction of the long side: whole frame, tiled
 
 
 @dataclass(frozen=True, eq=False)
@@ -126,8 +138,15 @@ class FaceLandmarker:
         frame = np.ascontiguousarray(frame_rgb)
         if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
             raise ValueError(f"expected an (H, W, 3) uint8 RGB frame, got {frame.shape} {frame.dtype}")
+        faces = self._faces(frame, self._detections(frame))
+        if not faces and max(frame.shape[:2]) > TILE_FROM_PX:
+            faces = self._faces(frame, self._tiled_detections(frame))
+        return faces
+
+    def _faces(self, frame: np.ndarray, detections: list[tuple[tuple[float, float, float, float], float]]) -> list[Face]:
+        """The meshed faces of ``detections``, largest first (a detection the mesh does not confirm is dropped)."""
         faces = []
-        for box, score in self._detections(frame):
+        for box, score in detections:
             landmarks = self._mesh_in_box(frame, box)
             if landmarks is None:
                 log.debug("no face mesh for the detection at %s (score %.2f); skipped", box, score)
@@ -145,15 +164,32 @@ class FaceLandmarker:
         return faces
 
     def _detections(self, frame: np.ndarray) -> list[tuple[tuple[float, float, float, float], float]]:
-        """Boxes (pixels) and scores of both detectors, merged, best score first, at most ``max_faces``."""
-        h, w = frame.shape[:2]
+        """Boxes (pixels) and scores of both detectors on the whole frame, merged, best score first."""
+        return self._merged(self._raw_detections(frame))
+
+    def _tiled_detections(self, frame: np.ndarray) -> list[tuple[tuple[float, float, float, float], float]]:
+        """Boxes and scores of both detectors on overlapping tiles (faces too small for the whole frame), merged."""
+        found = []
+        for x0, y0, x1, y1 in frame_tiles(*frame.shape[:2]):
+            tile = np.ascontiguousarray(frame[y0:y1, x0:x1])
+            for (bx1, by1, bx2, by2), score in self._raw_detections(tile):
+                found.append(((bx1 + x0, by1 + y0, bx2 + x0, by2 + y0), score))
+        return self._merged(found)
+
+    def _raw_detections(self, image: np.ndarray) -> list[tuple[tuple[float, float, float, float], float]]:
+        h, w = image.shape[:2]
         found = []
         for detector in self._detectors:
-            for det in detector.process(frame).detections or []:
+            for det in detector.process(image).detections or []:
                 rb = det.location_data.relative_bounding_box
                 box = (rb.xmin * w, rb.ymin * h, (rb.xmin + rb.width) * w, (rb.ymin + rb.height) * h)
                 found.append((box, float(det.score[0])))
-        found.sort(key=lambda d: -d[1])
+        return found
+
+    def _merged(self, found: list[tuple[tuple[float, float, float, float], float]]
+                ) -> list[tuple[tuple[float, float, float, float], float]]:
+        """One box per face (the best-scored of those overlapping), best score first, at most ``max_faces``."""
+        found = sorted(found, key=lambda d: -d[1])
         kept: list[tuple[tuple[float, float, float, float], float]] = []
         for box, score in found:
             if all(box_iou(box, k[0]) <= _MERGE_IOU for k in kept):
@@ -184,6 +220,32 @@ class FaceLandmarker:
         if best_dist > side / 4:  # the mesh found a neighbour, not the detected face
             return None
         return best + (x0, y0)
+
+
+def frame_tiles(height: int, width: int) -> list[tuple[int, int, int, int]]:
+    """The second pass's tiles (x0, y0, x1, y1): squares a third of the long side, overlapping by a quarter."""
+    side = math.ceil(max(height, width) / _TILES_PER_SIDE)
+
+    def starts(length: int) -> list[int]:
+        if length <= side:
+            return [0]
+        n = math.ceil((length - side) / (side * (1 - _TILE_OVERLAP))) + 1
+        return [round(i * (length - side) / (n - 1)) for i in range(n)]
+
+    return [(x, y, min(x + side, width), min(y + side, height)) for y in starts(height) for x in starts(width)]
+
+
+def smallest_face_px(height: int, width: int) -> int:
+    """About the narrowest face (pixels) :class:`FaceLandmarker` finds in a frame of this size; for error messages."""
+    long_side = max(height, width)
+    fraction = _FOUND_FRACTION[1] if long_side > TILE_FROM_PX else _FOUND_FRACTION[0]
+    return max(math.ceil(fraction * long_side), 24)
+
+
+def no_face_message(name: str, height: int, width: int) -> str:
+    """The one-line reason for a video in which no frame has a face, naming the smallest face size we find."""
+    return (f"{name}: no face was found in any frame; LatentSync needs a visible, roughly frontal face, at least "
+            f"about {smallest_face_px(height, width)} px wide in this {width}x{height} video")
 
 
 class FaceTracker:

@@ -25,6 +25,7 @@ GUIDANCE_RANGE = (1.0, 3.0)  # 1.0 = no guidance; beyond 3 the mouth over-articu
 INFERENCE_STEPS = 20
 STEPS_RANGE = (1, 100)  # DDIM gains nothing visible past 50; 1–9 are for tests and previews
 SEED_RANGE = (0, 2**32 - 1)  # what torch.Generator.manual_seed takes without wrapping
+OUTPUT_FPS = 25.0  # upstream's processing and output rate, unless keep_fps
 LOOP_MODE = "bounce"
 FACE_SELECT = "largest"
 DEEPCACHE = True

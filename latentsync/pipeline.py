@@ -32,6 +32,7 @@ from latentsync.errors import InputError
 from latentsync.devices import pick_device, pick_dtype
 from latentsync.face import FaceTracker
 from latentsync.options import FACE_SELECTS, LOOP_MODES, RunOptions  # noqa: F401 — re-exported for callers
+from latentsync.preflight import check_run_paths
 from latentsync.sampling import denoise
 from latentsync.weights import load_scheduler, load_unet, load_vae, unet_config_for
 
@@ -208,6 +209,7 @@ class LipSync:
         it is checked between chunks and denoising steps.
         """
         opts = RunOptions.make(options, **overrides).with_seed()
+        check_run_paths(video, audio, output)  # before any model runs or frame is decoded: one InputError line
         video, audio, output = Path(video), Path(audio), Path(output)
         guidance_scale, inference_steps, seed = opts.guidance_scale, opts.inference_steps, opts.seed
         loop_mode, deepcache, keep_fps = opts.loop_mode, opts.deepcache, opts.keep_fps

@@ -187,3 +187,61 @@ def test_anchor_offsets_against_dlib_68_points(landmarker, astronaut):
     assert len(offsets) >= 85, "both methods should find most of these faces"
     mean_offset = np.linalg.norm(np.mean(offsets, axis=0), axis=-1)
     assert (mean_offset < 0.015).all(), f"mean anchor offsets {mean_offset * 100} % IOD"
+
+
+def astronaut_in_1080p(astronaut: np.ndarray, width_px: float, landmarker: FaceLandmarker) -> np.ndarray:
+    """The whole astronaut picture scaled so her face is ``width_px`` wide, pasted into a grey 1920×1080 frame."""
+    face = landmarker.detect(astronaut)[0]
+    s = width_px / (face.box[2] - face.box[0])
+    picture = cv2.resize(astronaut, None, fx=s, fy=s, interpolation=cv2.INTER_AREA)
+    frame = np.full((1080, 1920, 3), 110, np.uint8)
+    h, w = picture.shape[:2]
+    frame[1080 - h:, 1900 - w:1900] = picture  # lower right: the face is not centred in any tile
+    return frame
+
+
+def test_small_face_in_1080p_is_found_by_the_tiled_pass(landmarker, astronaut):
+    frame = astronaut_in_1080p(astronaut, 50, landmarker)
+    assert landmarker._faces(frame, landmarker._detections(frame)) == [], "the whole-frame pass alone finds it now"
+    faces = landmarker.detect(frame)
+    assert len(faces) == 1
+    width = faces[0].box[2] - faces[0].box[0]
+    assert 42 <= width <= 58
+    left, right, nose = faces[0].anchors
+    assert left[0] < nose[0] < right[0] and nose[1] > max(left[1], right[1])
+
+
+def test_a_face_the_first_pass_finds_is_not_tiled(landmarker, astronaut, monkeypatch):
+    frame = astronaut_in_1080p(astronaut, 150, landmarker)
+    before = landmarker.detect(frame)
+
+    def no_tiles(_frame):
+        raise AssertionError("the tiled pass ran although the first pass found a face")
+
+    monkeypatch.setattr(landmarker, "_tiled_detections", no_tiles)
+    after = landmarker.detect(frame)
+    assert len(before) == len(after) == 1
+    np.testing.assert_array_equal(before[0].landmarks, after[0].landmarks)
+
+
+def test_tiles_cover_the_frame_with_overlap():
+    from latentsync.face import frame_tiles
+
+    tiles = frame_tiles(1080, 1920)
+    assert len(tiles) == 8 and all(x1 - x0 == 640 and y1 - y0 == 640 for x0, y0, x1, y1 in tiles)
+    covered = np.zeros((1080, 1920), int)
+    for x0, y0, x1, y1 in tiles:
+        covered[y0:y1, x0:x1] += 1
+    assert covered.min() >= 1
+    # Neighbours overlap by at least a quarter tile, so any face the first pass misses lies whole in one tile.
+    xs = sorted({x0 for x0, _, _, _ in tiles})
+    assert all(640 - (b - a) >= 160 for a, b in zip(xs, xs[1:]))
+
+
+def test_no_face_message_names_the_smallest_face_we_find(landmarker):
+    from latentsync.face import no_face_message, smallest_face_px
+
+    assert smallest_face_px(1080, 1920) <= 48 < smallest_face_px(2160, 3840)
+    message = no_face_message("clip.mp4", 1080, 1920)
+    assert "no face" in message and f"{smallest_face_px(1080, 1920)} px" in message and "1920x1080" in message
+    assert len(message.splitlines()) == 1

@@ -60,3 +60,47 @@ def test_versions_and_files(tmp_path):
         check_file("--unet-config", tmp_path / "missing.yaml")
     with pytest.raises(InputError, match="is a folder"):
         check_file("--unet-config", tmp_path)
+
+
+@pytest.mark.parametrize("name, words", [
+    ("tpu", "unknown device 'tpu'"),
+    ("cuda:x", "unknown device 'cuda:x'"),
+    ("xla", "is not supported"),
+    ("mps", "MPS is not available"),
+])
+def test_devices_the_machine_cannot_give_are_input_errors(name, words):
+    from latentsync.devices import pick_device
+
+    with pytest.raises(InputError) as info:
+        pick_device(name)
+    assert words in str(info.value) and len(str(info.value).splitlines()) == 1
+
+
+def test_cuda_without_a_gpu_is_an_input_error():
+    import torch
+
+    from latentsync.devices import pick_device
+
+    if torch.cuda.is_available():
+        assert pick_device("cuda").type == "cuda"
+        with pytest.raises(InputError, match="CUDA GPU"):
+            pick_device(f"cuda:{torch.cuda.device_count()}")
+    else:
+        with pytest.raises(InputError, match="'cuda:1'.*device 'cpu'"):
+            pick_device("cuda:1")
+    assert pick_device(" CPU ").type == "cpu"
+
+
+def test_dtype_names_come_from_the_options():
+    import torch
+
+    from latentsync.devices import pick_dtype
+    from latentsync.options import DTYPES
+
+    cpu = torch.device("cpu")
+    assert [pick_dtype(cpu, name) for name in DTYPES] == [torch.float32, torch.float16, torch.bfloat16]
+    assert pick_dtype(cpu) == torch.float32
+    with pytest.raises(InputError, match="fp32, fp16, bf16"):
+        pick_dtype(cpu, "int8")
+    with pytest.raises(InputError, match="not supported"):
+        pick_dtype(cpu, torch.int8)

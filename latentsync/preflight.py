@@ -1,0 +1,86 @@
+"""Checks on a run's files that take milliseconds, made before any model loads or frame is decoded.
+
+The inputs must be existing files; the output must be a file name LatentSync may write: not a folder, not one of
+the inputs (we never overwrite a user's file), in a folder that exists or can be created and is writable, with an
+extension whose container holds H.264 video and AAC audio. Each problem is one ``InputError`` line. Then the
+temporary folder (``TMPDIR``) and the output's folder must have room for a rough upper estimate of what the run
+writes (``ResourceError`` naming the full one).
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from latentsync import media
+from latentsync import video as video_mod
+from latentsync.errors import InputError
+from latentsync.options import OUTPUT_FPS, check_file
+
+
+def check_run_paths(video: str | os.PathLike, audio: str | os.PathLike,
+                    output: str | os.PathLike) -> tuple[Path, Path, Path]:
+    """The run's three paths, checked (then the free space); an ``InputError`` naming the first problem, a
+    ``ResourceError`` for a disk without room. Creates and writes nothing."""
+    video_path = check_file("video", video)
+    audio_path = check_file("audio", audio)
+    output_path = check_output(output, inputs=(video_path, audio_path))
+    check_free_space(video_path, audio_path, output_path)
+    return video_path, audio_path, output_path
+
+
+def check_free_space(video: Path, audio: Path, output: Path) -> None:
+    """``ResourceError`` unless ``TMPDIR`` and the output's folder have room for a rough upper estimate of the run's
+    files: the output as long as the longer input, at the higher of the source's rate and ours."""
+    # The size and duration caps are the pipeline's to apply (a deployment may set others); only sizes matter here.
+    info = video_mod.probe(video, max_side=sys.maxsize, max_duration=math.inf)
+    seconds = max(info.duration, _duration(audio))
+    fps = max(info.fps, OUTPUT_FPS)
+    needed = media.estimate_video_bytes(info.width, info.height, math.ceil(seconds * fps), fps)
+    media.check_free_space(tempfile.gettempdir(), output, needed)
+
+
+def _duration(path: Path) -> float:
+    """Seconds of a media file as its container states them (0 when it does not)."""
+    import av
+
+    with media.open_input(path, "audio") as container:
+        return container.duration / av.time_base if container.duration else 0.0
+
+
+def check_output(output: str | os.PathLike, inputs: tuple[Path, ...] = ()) -> Path:
+    """``output`` as a Path once it is known to name a file we may write, and none of ``inputs``."""
+    text = os.fspath(output)
+    if not str(text).strip():
+        raise InputError("the output path is empty; name the video file to write, e.g. out.mp4")
+    # Only the string still shows a trailing slash: Path("dir/") is Path("dir").
+    if isinstance(text, str) and text.endswith(("/", os.sep)):
+        raise InputError(f"output {text} names a folder (it ends with a slash); name the file to write, "
+                         f"e.g. {text}out.mp4")
+    path = Path(text)
+    if path.is_dir():
+        raise InputError(f"output {path} is an existing folder; name the file to write, e.g. {path / 'out.mp4'}")
+    video_mod.check_output_container(path)
+    for given in inputs:
+        if path.exists() and os.path.samefile(path, given):  # the same file under another name, a link, ...
+            raise InputError(f"output {path} is the input file {given}; LatentSync never overwrites its inputs: "
+                             "choose another output name")
+    _check_folder(path.parent)
+    return path
+
+
+def _check_folder(folder: Path) -> None:
+    """The output's folder exists and is writable, or the nearest existing folder above it is (we create the rest)."""
+    existing = folder
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"cannot create the output folder {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        read_only = bool(os.statvfs(existing).f_flag & os.ST_RDONLY)
+        why = "is on a read-only file system" if read_only else "is not writable for this user"
+        if existing == folder:
+            raise InputError(f"cannot write into the output folder {folder}: it {why}; choose another output folder")
+        raise InputError(f"cannot create the output folder {folder}: {existing} {why}; choose another output folder")

@@ -1,0 +1,324 @@
+"""The CLI's failures: one ``error:`` line naming the real cause, the right exit status, checked before any weights
+are read, and nothing of the user's touched; SIGINT/SIGTERM stop a run and leave nothing behind."""
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from latentsync import InputError
+from latentsync.cli import main
+from latentsync.preflight import check_run_paths
+from media_utils import face_clip, speech
+from tiny_weights import make_tiny_weights, manifest_for
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    return make_tiny_weights(tmp_path_factory.mktemp("weights"))
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    d = tmp_path_factory.mktemp("media")
+    return {"video": face_clip(d / "clip40.mp4", 40), "audio": speech(d / "speech1.wav", 1.0),
+            "long_audio": speech(d / "speech6.wav", 6.0)}
+
+
+@pytest.fixture
+def env(weights, tmp_path, monkeypatch):
+    """The CLI's environment on the tiny weights: a manifest describing them, nothing else from the caller's."""
+    folder, _ = weights
+    manifest = manifest_for(folder, tmp_path / "weights.txt")
+    for name in [n for n in os.environ if n.startswith("LATENTSYNC_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("LATENTSYNC_MANIFEST", str(manifest))
+    monkeypatch.setenv("LATENTSYNC_SYNCNET_CONFIG", str(folder / "syncnet.yaml"))
+    return dict(os.environ)
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str]:
+    """``main`` in this process; its exit status (also when argparse exits by itself) and stderr."""
+    try:
+        status = main([str(a) for a in args])
+    except SystemExit as e:
+        status = e.code
+    return status, capsys.readouterr().err
+
+
+def one_line(stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), f"not one error line: {stderr!r}"
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# A weights folder that does not exist: every check below must fail first, before weights are even looked at.
+NO_WEIGHTS = ("--weights-dir", "/nonexistent/weights", "--device", "cpu", "-q")
+
+
+def test_output_naming_an_existing_folder(env, media, tmp_path, capsys):
+    status, err = run_cli(capsys, media["video"], media["audio"], "-o", tmp_path, *NO_WEIGHTS)
+    assert status == 2 and "is an existing folder" in one_line(err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["weights.txt"], "nothing written into the folder"
+
+
+def test_output_ending_with_a_slash(env, media, tmp_path, capsys):
+    status, err = run_cli(capsys, media["video"], media["audio"], "-o", f"{tmp_path / 'results'}/", *NO_WEIGHTS)
+    assert status == 2 and "ends with a slash" in one_line(err)
+    assert not (tmp_path / "results").exists()
+
+
+def test_output_equal_to_an_input_is_refused_and_the_input_kept(env, media, tmp_path, capsys):
+    video = tmp_path / "mine.mp4"
+    video.write_bytes(media["video"].read_bytes())
+    linked = tmp_path / "linked.mp4"
+    os.link(video, linked)  # the same file under another name
+    before = digest(video)
+    for output in (video, tmp_path / "." / "mine.mp4", linked):
+        status, err = run_cli(capsys, video, media["audio"], "-o", output, *NO_WEIGHTS)
+        assert status == 2 and "never overwrites its inputs" in one_line(err)
+    status, err = run_cli(capsys, media["video"], video, "-o", video, *NO_WEIGHTS)  # the audio input too
+    assert status == 2 and "never overwrites" in one_line(err)
+    assert digest(video) == before
+
+
+def test_output_folder_below_a_file(env, media, tmp_path, capsys):
+    status, err = run_cli(capsys, media["video"], media["audio"], "-o", media["video"] / "out.mp4", *NO_WEIGHTS)
+    assert status == 2 and "is a file, not a folder" in one_line(err)
+
+
+def test_output_extension_that_cannot_hold_h264_and_aac(env, media, tmp_path, capsys):
+    status, err = run_cli(capsys, media["video"], media["audio"], "-o", tmp_path / "out.txt", *NO_WEIGHTS)
+    assert status == 2 and ".mp4, .mov or .mkv" in one_line(err) and ".txt" in one_line(err)
+
+
+def _tmpfs(target: Path, options: str):
+    """Mount a tmpfs at ``target`` for the test (root ignores chmod, not a mount); skipped where not allowed."""
+    target.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(target)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.decode().strip()}")
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", str(target)], check=True)
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    yield from _tmpfs(tmp_path / "ro", "ro,size=1m")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    yield from _tmpfs(tmp_path / "small", "size=64k")
+
+
+def test_output_in_a_read_only_folder(env, media, read_only_dir, capsys):
+    status, err = run_cli(capsys, media["video"], media["audio"], "-o", read_only_dir / "out.mp4", *NO_WEIGHTS)
+    assert status == 2 and "read-only file system" in one_line(err)
+    status, err = run_cli(capsys, media["video"], media["audio"], "-o", read_only_dir / "new" / "out.mp4",
+                          *NO_WEIGHTS)
+    line = one_line(err)
+    assert status == 2 and "cannot create the output folder" in line and "read-only" in line
+
+
+def test_a_temporary_folder_without_room_is_exit_1_before_any_weights(env, media, tmp_path, small_disk, capsys,
+                                                                       monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(small_disk))  # what TMPDIR sets
+    status, err = run_cli(capsys, media["video"], media["audio"], "-o", tmp_path / "o.mp4", *NO_WEIGHTS)
+    line = one_line(err)
+    assert status == 1 and "no space left" in line and str(small_disk) in line and "TMPDIR" in line
+
+
+def test_an_output_disk_without_room_is_exit_1(env, media, small_disk, capsys):
+    status, err = run_cli(capsys, media["video"], media["audio"], "-o", small_disk / "o.mp4", *NO_WEIGHTS)
+    assert status == 1 and "no space left" in one_line(err) and str(small_disk) in one_line(err)
+
+
+@pytest.mark.parametrize("args, words", [
+    (("--device", "tpu"), "unknown device 'tpu'"),
+    (("--device", "mps"), "MPS is not available"),
+    (("--guidance-scale", "inf"), "guidance_scale must be a finite number"),
+    (("--guidance-scale", "7"), "guidance_scale must be between 1 and 3"),
+    (("--face-point", "nan", "nan"), "face_point must be a finite number"),
+    (("--seed", "-1"), "seed must be between 0 and 4294967295"),
+    (("--inference-steps", "0"), "inference_steps must be between 1 and 100"),
+    (("--unet-config", "/nonexistent/unet.yaml"), "--unet-config /nonexistent/unet.yaml does not exist"),
+    (("--seed", "abc"), "invalid int value: 'abc'"),
+])
+def test_bad_options_are_one_line_before_any_weights(env, media, tmp_path, capsys, args, words):
+    status, err = run_cli(capsys, media["video"], media["audio"], "-o", tmp_path / "o.mp4", *args,
+                          "--weights-dir", "/nonexistent/weights", "-q")
+    assert status == 2 and words in one_line(err)
+
+
+def test_unet_config_from_the_environment_is_named_as_such(env, media, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LATENTSYNC_UNET_CONFIG", "/nonexistent/unet.yaml")
+    status, err = run_cli(capsys, media["video"], media["audio"], "-o", tmp_path / "o.mp4", *NO_WEIGHTS)
+    assert status == 2 and "LATENTSYNC_UNET_CONFIG /nonexistent/unet.yaml does not exist" in one_line(err)
+
+
+def test_cuda_on_a_machine_without_one(env, media, tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    status, err = run_cli(capsys, media["video"], media["audio"], "-o", tmp_path / "o.mp4", "--device", "cuda",
+                          "--weights-dir", "/nonexistent/weights", "-q")
+    line = one_line(err)
+    assert status == 2 and "'cuda'" in line and "device 'cpu'" in line
+
+
+def test_missing_video_is_named_before_any_download(env, media, tmp_path):
+    """No weights folder given: the CLI would download; a missing input must stop it first (the manifest's
+    URLs point at a closed port, so a download attempt would show up as a network error, not this)."""
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])  # this checkout, from another cwd
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")  # where the CLI would download to
+    proc = subprocess.run([sys.executable, "-m", "latentsync", str(tmp_path / "missing.mp4"), str(media["audio"]),
+                           "-o", str(tmp_path / "o.mp4"), "-q"], capture_output=True, text=True, env=env,
+                          cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "missing.mp4 does not exist" in one_line(proc.stderr)
+    assert not (tmp_path / "cache").exists(), "a weights folder was created before the inputs were checked"
+
+
+def test_download_failure_is_exit_1(env, media, tmp_path, capsys, monkeypatch):
+    import latentsync.download
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("could not download mask.png from http://127.0.0.1:9/mask.png: connection refused")
+
+    monkeypatch.setattr(latentsync.download, "ensure_weights", offline)
+    monkeypatch.chdir(tmp_path)
+    status, err = run_cli(capsys, media["video"], media["audio"], "-o", tmp_path / "o.mp4", "--device", "cpu", "-q")
+    assert status == 1 and "could not download mask.png" in one_line(err)
+
+
+def test_full_disk_during_the_run_is_exit_1(env, weights, media, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from latentsync.pipeline import LipSync
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "o.mp4"))
+
+    monkeypatch.setattr(LipSync, "lipsync", full)
+    folder, cfg = weights
+    status, err = run_cli(capsys, media["video"], media["audio"], "-o", tmp_path / "o.mp4", "--weights-dir", folder,
+                          "--unet-config", cfg, "--device", "cpu", "-q")
+    assert status == 1 and "No space left on device" in one_line(err)
+
+
+def test_options_reach_the_pipeline_as_one_run_options(env, weights, media, tmp_path, capsys, monkeypatch):
+    from latentsync.options import RunOptions
+    from latentsync.pipeline import LipSync
+
+    seen = {}
+
+    def record(self, video, audio, output, options=None, *, cancel=None, progress=False, **overrides):
+        seen.update(options=options, overrides=overrides, cancel=cancel)
+        raise InputError("stop here")
+
+    monkeypatch.setattr(LipSync, "lipsync", record)
+    folder, cfg = weights
+    status, _ = run_cli(capsys, media["video"], media["audio"], "-o", tmp_path / "o.mp4", "--weights-dir", folder,
+                        "--unet-config", cfg, "--device", "cpu", "--seed", "5", "--face-point", "10", "20", "-q")
+    assert status == 2
+    assert seen["options"] == RunOptions(seed=5, face_point=(10.0, 20.0)) and seen["overrides"] == {}
+    assert seen["cancel"] is not None and not seen["cancel"].is_set()
+
+
+def test_the_api_checks_paths_before_reading_a_frame(weights, media, tmp_path):
+    from latentsync.pipeline import LipSync
+
+    folder, cfg = weights
+    pipe = LipSync.from_pretrained(folder, unet_config=cfg, syncnet_config=folder / "syncnet.yaml", device="cpu")
+    with pytest.raises(InputError, match="existing folder"):
+        pipe.lipsync(media["video"], media["audio"], tmp_path, inference_steps=2)
+    with pytest.raises(InputError, match="never overwrites"):
+        pipe.lipsync(media["video"], media["audio"], media["video"], inference_steps=2)
+
+
+def test_check_run_paths_accepts_a_new_nested_output(media, tmp_path):
+    out = tmp_path / "a" / "b" / "out.MP4"
+    assert check_run_paths(media["video"], media["audio"], out) == (media["video"], media["audio"], out)
+    assert not (tmp_path / "a").exists(), "checking creates nothing"
+    with pytest.raises(InputError, match="audio .* does not exist"):
+        check_run_paths(media["video"], tmp_path / "none.wav", out)
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_stops_the_run_and_leaves_nothing(env, weights, media, tmp_path, signum, status):
+    psutil = pytest.importorskip("psutil")
+    folder, cfg = weights
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "latentsync", str(media["video"]), str(media["long_audio"]), "-o",
+         str(out_dir / "o.mp4"), "--weights-dir", str(folder), "--unet-config", str(cfg), "--device", "cpu",
+         "--inference-steps", "20"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**env, "TMPDIR": str(tmp)})
+    # Wait until the synthesis stage has started: its progress bar appears once the encoder is running.
+    seen = b""
+    while b"lip-sync" not in seen:
+        chunk = proc.stderr.read1(65536)
+        if not chunk:
+            break
+        seen += chunk
+    children = psutil.Process(proc.pid).children(recursive=True)
+    names = [_name(c) for c in children]
+    proc.send_signal(signum)
+    _, rest = proc.communicate(timeout=120)
+    stderr = (seen + rest).decode(errors="replace")
+    assert b"lip-sync" in seen, f"the run never reached the synthesis stage: {stderr[-2000:]}"
+    assert proc.returncode == status, stderr[-2000:]
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: interrupted by {signal.Signals(signum).name}"), last
+    assert list(out_dir.iterdir()) == [], "an output or partial file was left"
+    assert not [p for p in tmp.iterdir() if p.name.startswith("latentsync-")], "a temporary folder was left"
+    assert any("ffmpeg" in n for n in names), f"ffmpeg should have been running at the signal, not just {names}"
+    alive = [n for c, n in zip(children, names) if _alive(c)]
+    assert not alive, f"processes left running: {alive}"
+
+
+def _name(process) -> str:
+    import psutil
+
+    try:
+        return process.name()
+    except psutil.NoSuchProcess:
+        return "(gone)"
+
+
+def _alive(process) -> bool:
+    import psutil
+
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_the_api_names_a_missing_config(weights):
+    from latentsync.pipeline import LipSync
+
+    folder, _ = weights
+    with pytest.raises(InputError, match="config file /nonexistent/unet.yaml does not exist"):
+        LipSync.from_pretrained(folder, unet_config="/nonexistent/unet.yaml", device="cpu")
