@@ -19,8 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("audio", type=Path, help="speech to lip-sync to (any audio or video file ffmpeg reads)")
     p.add_argument("-o", "--output", type=Path, required=True, help="output .mp4")
     p.add_argument("--weights-dir", type=Path, default=None,
-                   help="folder laid out like upstream's checkpoints/, one version per folder; missing files are "
-                        "downloaded there (default: $LATENTSYNC_WEIGHTS_DIR, else weights/latentsync-VERSION)")
+                   help="a filled folder laid out like upstream's checkpoints/, one version per folder: verified, "
+                        "never downloaded into (default: $LATENTSYNC_WEIGHTS_DIR, else ~/.cache/latentsync/VERSION, "
+                        "which is filled from the network)")
     p.add_argument("--version", choices=VERSIONS, default=os.environ.get("LATENTSYNC_VERSION", DEFAULT_VERSION),
                    help="LatentSync version (1.5: 256-px crops, 1.6: 512-px); default %(default)s")
     p.add_argument("--unet-config", type=Path, default=os.environ.get("LATENTSYNC_UNET_CONFIG") or None,
@@ -48,9 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; exit status 2 with a one-line message on bad input."""
     args = build_parser().parse_args(argv)
-    if args.weights_dir is None:
-        prefilled = os.environ.get("LATENTSYNC_WEIGHTS_DIR")
-        args.weights_dir = Path(prefilled) if prefilled else Path("weights") / f"latentsync-{args.version}"
+    if args.weights_dir is None and os.environ.get("LATENTSYNC_WEIGHTS_DIR"):
+        args.weights_dir = Path(os.environ["LATENTSYNC_WEIGHTS_DIR"])  # named folders are verified, never filled
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         from latentsync.pipeline import LipSync
 
         try:
-            weights = ensure_weights(None, args.weights_dir, args.version)
+            weights = ensure_weights(os.environ.get("LATENTSYNC_MANIFEST") or None, args.weights_dir, args.version,
+                                     endpoint=os.environ.get("HF_ENDPOINT") or None,
+                                     cache_home=os.environ.get("XDG_CACHE_HOME") or None)
         except RuntimeError as e:  # the network, not the input: still one line, another status
             print(f"error: {e}", file=sys.stderr)
             return 1
