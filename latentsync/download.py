@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import errno
 import fcntl
 import hashlib
 import http.client
@@ -179,10 +180,10 @@ def ensure_weights(manifest: str | Path | Sequence[WeightFile] | None = None, we
     folder = default_weights_dir(version, cache_home)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ResourceError(f"cannot create the weights folder {folder}: {e.strerror or e}") from e
-    with _locked(folder):
-        _fill(folder, version, entries, archives_for(lines, version), endpoint, jobs)
+        with _locked(folder):
+            _fill(folder, version, entries, archives_for(lines, version), endpoint, jobs)
+    except OSError as e:  # the folder itself (permissions, a full disk while staging): the machine, not the input
+        raise ResourceError(f"cannot write to the weights folder {folder}: {e.strerror or e}") from e
     log.info("weights for LatentSync %s ready in %s", version, folder)
     return folder
 
@@ -444,6 +445,10 @@ def _download_one(entry: WeightFile, path: Path, endpoint: str | None = None) ->
                 raise ResourceError(f"could not download {entry.dest} from {url}: HTTP {e.code} {e.reason}") from e
             reason = f"HTTP {e.code}"
         except (_Incomplete, urllib.error.URLError, http.client.HTTPException, OSError) as e:
+            if isinstance(e, OSError) and e.errno == errno.ENOSPC:  # another try would not help; the part is kept
+                need = f" ({entry.size / 1e9:.1f} GB needed)" if entry.size else ""
+                raise ResourceError(f"no space left in {path.parent} while downloading {entry.dest}{need}; free some "
+                                    f"space and start again: the download resumes") from e
             if attempt == RETRIES:
                 raise ResourceError(f"could not download {entry.dest} from {url} after {RETRIES} tries: {e}") from e
             reason = str(e) or type(e).__name__

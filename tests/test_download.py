@@ -575,3 +575,43 @@ def test_an_archive_is_unpacked_by_pget_x_when_pget_is_installed(tmp_path, serve
     assert call["argv"][:2] == ["-x", f"{server.base}/bundle16.tar"]
     assert Path(call["argv"][2]).parent.parent == folder  # a staging folder inside the weights folder, now gone
     assert not Path(call["argv"][2]).parent.exists()
+
+
+# --- the same rule through the CLI (the entry point reads the environment) ---------------------------------------------
+
+SAMPLES = REPO / "samples"
+
+
+def run_cli(tmp_path: Path, capsys, *extra: str) -> tuple[int, str]:
+    from latentsync.cli import main
+
+    status = main([str(SAMPLES / "face.mp4"), str(SAMPLES / "speech.wav"), "-o", str(tmp_path / "out.mp4"), *extra])
+    return status, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("how", ["--weights-dir", "LATENTSYNC_WEIGHTS_DIR"])
+def test_cli_verifies_a_named_folder_and_keeps_a_wrong_file(tmp_path, server, monkeypatch, capsys, how):
+    manifest = write_manifest(tmp_path, server.base)
+    folder = prefilled(tmp_path / "mine")
+    (folder / "mask.png").write_bytes(b"a user's own mask")
+    before = snapshot(folder)
+    monkeypatch.setenv("LATENTSYNC_MANIFEST", str(manifest))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    args = ["--weights-dir", str(folder)] if how == "--weights-dir" else []
+    if how == "LATENTSYNC_WEIGHTS_DIR":
+        monkeypatch.setenv("LATENTSYNC_WEIGHTS_DIR", str(folder))
+    status, err = run_cli(tmp_path, capsys, *args)
+    assert status == 2
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "mask.png: 17 bytes, expected 1871" in line, err
+    assert snapshot(folder) == before and server.requests == []
+    assert not (tmp_path / "cache").exists()  # nothing went to the default folder either
+
+
+def test_cli_without_a_folder_fills_the_default_one(tmp_path, server, monkeypatch, capsys):
+    monkeypatch.setenv("LATENTSYNC_MANIFEST", str(write_manifest(tmp_path, "https://huggingface.co")))
+    monkeypatch.setenv("HF_ENDPOINT", server.base)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    status, err = run_cli(tmp_path, capsys)
+    expect_folder(default_folder(tmp_path))  # downloaded through the mirror and checked
+    assert status == 2 and "latentsync_unet.pt" in err  # the served bytes are random: loading them is refused

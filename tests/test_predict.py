@@ -6,6 +6,7 @@ import http.server
 import inspect
 import logging
 import shutil
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -193,6 +194,26 @@ def test_setup_refuses_a_sha256_mismatch_naming_the_file(env, tiny, tmp_path):
     finally:
         env.setenv("LATENTSYNC_WEIGHTS_DIR", str(weights))
     assert (damaged / "mask.png").read_bytes() == bytes(data)  # reported, never deleted or replaced
+
+
+def test_setup_loads_from_a_read_only_weights_folder(env, tiny, tmp_path):
+    weights, _, _ = tiny
+    mount_point = tmp_path / "ro"
+    mount_point.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(mount_point)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs is not allowed here")
+    try:
+        shutil.copytree(weights, mount_point, dirs_exist_ok=True)
+        subprocess.run(["mount", "-o", "remount,ro", str(mount_point)], check=True)
+        env.setenv("LATENTSYNC_WEIGHTS_DIR", str(mount_point))
+        p = predict.Predictor()
+        p.setup()  # verified, no lock file, nothing written
+        assert p.pipe.version == "1.6"
+        shutil.rmtree(p.work_root, ignore_errors=True)
+    finally:
+        env.setenv("LATENTSYNC_WEIGHTS_DIR", str(weights))
+        subprocess.run(["umount", str(mount_point)], check=False)
 
 
 def test_setup_refuses_a_truncated_file_naming_it(env, tiny, tmp_path):
