@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, shared_file
+from mounts import read_only_tmpfs
 from latentsync import InputError, ResourceError
 from latentsync import download
 from latentsync.download import default_weights_dir, ensure_weights, files_for, read_manifest, verify_weights
@@ -458,27 +459,12 @@ def test_a_wrong_file_in_a_named_folder_is_named_with_expected_and_found_and_kep
     assert (folder / "whisper/tiny.pt").read_bytes() == b"x" * 10 and server.requests == []
 
 
-@pytest.fixture
-def read_only_folder(tmp_path):
-    """A tmpfs mounted read-only (root only; skipped where mounting is not allowed)."""
-    mount_point = tmp_path / "ro"
-    mount_point.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount_point)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("mounting a tmpfs is not allowed here")
-    try:
-        yield mount_point
-    finally:
-        subprocess.run(["umount", str(mount_point)], check=False)
-
-
-def test_a_read_only_folder_is_verified(tmp_path, server, read_only_folder):
+def test_a_read_only_folder_is_verified(tmp_path, server):
     manifest = write_manifest(tmp_path, server.base)
-    prefilled(read_only_folder)
-    subprocess.run(["mount", "-o", "remount,ro", str(read_only_folder)], check=True)
-    with pytest.raises(OSError):
-        (read_only_folder / "probe").write_bytes(b"")
-    assert verify_weights(read_only_folder, "1.6", manifest) == read_only_folder
+    with read_only_tmpfs(tmp_path / "ro", prefilled) as folder:
+        with pytest.raises(OSError):
+            (folder / "probe").write_bytes(b"")
+        assert verify_weights(folder, "1.6", manifest) == folder
     assert server.requests == []
 
 

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import functools
+import gc
 import http.server
 import inspect
 import logging
 import shutil
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -16,6 +16,7 @@ import pytest
 
 from conftest import REPO
 from latentsync import InputError
+from mounts import read_only_tmpfs
 from media_utils import face_clip, probe_streams, tone, write_clip
 from tiny_weights import DESTS, make_tiny_weights, manifest_for
 
@@ -198,22 +199,18 @@ def test_setup_refuses_a_sha256_mismatch_naming_the_file(env, tiny, tmp_path):
 
 def test_setup_loads_from_a_read_only_weights_folder(env, tiny, tmp_path):
     weights, _, _ = tiny
-    mount_point = tmp_path / "ro"
-    mount_point.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256m", "tmpfs", str(mount_point)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("mounting a tmpfs is not allowed here")
-    try:
-        shutil.copytree(weights, mount_point, dirs_exist_ok=True)
-        subprocess.run(["mount", "-o", "remount,ro", str(mount_point)], check=True)
-        env.setenv("LATENTSYNC_WEIGHTS_DIR", str(mount_point))
-        p = predict.Predictor()
-        p.setup()  # verified, no lock file, nothing written
-        assert p.pipe.version == "1.6"
-        shutil.rmtree(p.work_root, ignore_errors=True)
-    finally:
-        env.setenv("LATENTSYNC_WEIGHTS_DIR", str(weights))
-        subprocess.run(["umount", str(mount_point)], check=False)
+    copy = functools.partial(shutil.copytree, weights, dirs_exist_ok=True)
+    with read_only_tmpfs(tmp_path / "ro", copy) as folder:
+        env.setenv("LATENTSYNC_WEIGHTS_DIR", str(folder))
+        try:
+            p = predict.Predictor()
+            p.setup()  # verified: no lock file, nothing written
+            assert p.pipe.version == "1.6"
+            shutil.rmtree(p.work_root, ignore_errors=True)
+            del p  # its memory-mapped checkpoints keep files on the mount open
+            gc.collect()
+        finally:
+            env.setenv("LATENTSYNC_WEIGHTS_DIR", str(weights))
 
 
 def test_setup_refuses_a_truncated_file_naming_it(env, tiny, tmp_path):
