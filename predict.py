@@ -1,9 +1,13 @@
 """Cog front door for LatentSync: declares the inputs, loads the pipeline once, runs it once per prediction.
 
 All the work lives in ``latentsync`` (weights in ``latentsync.download``, the lip-sync in ``latentsync.pipeline``).
-Environment: ``LATENTSYNC_WEIGHTS_DIR`` (a pre-filled weights folder; nothing is downloaded), ``LATENTSYNC_VERSION``
-(1.5 or 1.6, default 1.6), ``LATENTSYNC_UNET_CONFIG`` (another U-Net config, e.g. tiny test models),
-``LATENTSYNC_MANIFEST`` (another weights manifest than ``weights.txt``).
+The inputs are written as literals because ``cog build`` reads them by parsing this file, not by importing it;
+tests/test_cog_static_schema.py keeps them equal to ``latentsync.options``.
+Environment (read here only): ``LATENTSYNC_WEIGHTS_DIR`` (a pre-filled weights folder: verified, never downloaded
+into, may be read-only), ``LATENTSYNC_VERSION`` (1.5 or 1.6, default 1.6), ``LATENTSYNC_UNET_CONFIG`` /
+``LATENTSYNC_SYNCNET_CONFIG`` (other model configs, e.g. tiny test models), ``LATENTSYNC_MANIFEST`` (another weights
+manifest than ``weights.txt``), ``LATENTSYNC_COMPILE=1`` (torch.compile the U-Net), ``HF_ENDPOINT`` (a Hugging Face
+mirror), ``XDG_CACHE_HOME`` (where the default weights folder lives).
 """
 from __future__ import annotations
 
@@ -22,25 +26,29 @@ from typing import Any, Optional
 
 from cog import BasePredictor, Input, Path
 
-from latentsync.download import ensure_weights, resolve_version
+from latentsync.download import ensure_weights
 from latentsync.errors import InputError
-from latentsync.pipeline import FACE_SELECTS, LOOP_MODES
+from latentsync.options import DEFAULT_VERSION, RunOptions, check_version
 
-ROOT = FsPath(__file__).resolve().parent
+# Literal copies of latentsync.options.LOOP_MODES / FACE_SELECTS (Cog's static parser cannot follow an import).
+LOOP_MODES = ["bounce", "loop", "cut_off", "silence"]
+FACE_SELECTS = ["largest", "active_speaker"]
+PROGRESS_EVERY_S = 30.0  # a "still running" line in the prediction's logs, so a long run visibly lives
 
 log = logging.getLogger("predict")
 
 
 class Predictor(BasePredictor):
     def setup(self) -> None:
-        """Make sure the weights are there (download or verify), then load every model once."""
+        """Make sure the weights are there (download into the default folder, or verify a named one), load once."""
         if not logging.getLogger().handlers:
             logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
         started = time.perf_counter()
-        version = resolve_version()
-        prefilled = os.environ.get("LATENTSYNC_WEIGHTS_DIR")
-        weights_dir = ensure_weights(None, prefilled or ROOT / "checkpoints" / f"latentsync-{version}", version,
-                                     download=not prefilled)
+        env = os.environ
+        version = check_version(env.get("LATENTSYNC_VERSION") or DEFAULT_VERSION)
+        weights_dir = ensure_weights(env.get("LATENTSYNC_MANIFEST") or None, env.get("LATENTSYNC_WEIGHTS_DIR") or None,
+                                     version, endpoint=env.get("HF_ENDPOINT") or None,
+                                     cache_home=env.get("XDG_CACHE_HOME") or None)
         weights_s = time.perf_counter() - started
 
         import torch
@@ -48,50 +56,47 @@ class Predictor(BasePredictor):
         from latentsync.pipeline import LipSync
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        # Passed only when asked for, so this file works with pipelines that predate the keyword.
+        extra = {"compile": True} if env.get("LATENTSYNC_COMPILE") == "1" else {}
         self.pipe = LipSync.from_pretrained(weights_dir, version=version, device=device,
-                                            unet_config=os.environ.get("LATENTSYNC_UNET_CONFIG") or None,
-                                            syncnet_config=os.environ.get("LATENTSYNC_SYNCNET_CONFIG") or None)
+                                            unet_config=env.get("LATENTSYNC_UNET_CONFIG") or None,
+                                            syncnet_config=env.get("LATENTSYNC_SYNCNET_CONFIG") or None, **extra)
         # One folder per worker; each prediction gets its own sub-folder and removes the previous one.
         self.work_root = FsPath(tempfile.mkdtemp(prefix="latentsync-cog-"))
         self.last_run: FsPath | None = None
-        log.info("setup done in %.1f s: LatentSync %s from %s (weights %.1f s) on %s, %s",
+        log.info("setup done in %.1f s: LatentSync %s from %s (weights %.1f s) on %s, %s%s",
                  time.perf_counter() - started, version, weights_dir, weights_s, self.pipe.device,
-                 str(self.pipe.dtype).removeprefix("torch."))
+                 str(self.pipe.dtype).removeprefix("torch."), ", compiled" if extra else "")
 
     def predict(
         self,
-        video: Path = Input(description="Video with a visible, roughly frontal face (mp4, mov, webm, mkv, …)."),
-        audio: Path = Input(description="Speech to lip-sync to (wav, mp3, m4a, flac, … or a video's soundtrack)."),
-        guidance_scale: float = Input(
-            description="Classifier-free guidance on the audio: higher follows the speech more closely, "
-                        "1.0 turns guidance off.", ge=1.0, le=3.0, default=1.5),
-        inference_steps: int = Input(description="Denoising steps: more is slower and slightly sharper.",
-                                     ge=10, le=50, default=20),
-        seed: Optional[int] = Input(description="Random seed for reproducible output; leave empty for a random one "
-                                                "(the seed used is reported in the metrics).", default=None),
-        loop_mode: str = Input(
-            description="When the audio is longer than the video: bounce (play the video forwards and backwards), "
-                        "loop (restart it), cut_off (stop at the end of the shorter one), silence (keep the whole "
-                        "video, closing the mouth after the audio ends).", choices=list(LOOP_MODES), default="bounce"),
-        enable_deepcache: bool = Input(description="Reuse deep U-Net features between steps: about twice as fast, "
-                                                   "with a small quality cost.", default=True),
-        keep_fps: bool = Input(description="Keep the input frame rate instead of converting to 25 fps, the rate "
-                                           "LatentSync was trained at.", default=False),
-        face_select: str = Input(description="Which face to lip-sync when several are visible: the largest, or the "
-                                             "one whose mouth moves with the audio.", choices=list(FACE_SELECTS),
-                                 default="largest"),
+        video: Path = Input(description="Video with a visible, roughly frontal face (mp4, mov, webm, mkv, and other formats ffmpeg reads)."),  # noqa: E501
+        audio: Path = Input(description="Speech to lip-sync to (wav, mp3, m4a, flac, or a video whose soundtrack is used)."),  # noqa: E501
+        guidance_scale: float = Input(description="Classifier-free guidance on the audio: higher follows the speech more closely; 1.0 turns guidance off.", ge=1.0, le=3.0, default=1.5),  # noqa: E501
+        inference_steps: int = Input(description="Denoising steps: more is slower and slightly sharper; 20 to 50 for final results, fewer for previews.", ge=1, le=100, default=20),  # noqa: E501
+        seed: Optional[int] = Input(description="Random seed: the same seed and inputs give the same video. Leave empty for a random seed (the seed used is reported in the metrics); 0 is an ordinary seed, not random.", ge=0, le=4294967295, default=None),  # noqa: E501
+        loop_mode: str = Input(description="When the audio is longer than the video: bounce (play the video forwards and backwards), loop (restart it), cut_off (stop at the end of the shorter one), silence (keep the whole video, closing the mouth after the audio ends).", choices=LOOP_MODES, default="bounce"),  # noqa: E501
+        enable_deepcache: bool = Input(description="Reuse deep U-Net features between steps: about twice as fast, with a small quality cost.", default=True),  # noqa: E501
+        keep_fps: bool = Input(description="Keep the input frame rate instead of converting to 25 fps, the rate LatentSync was trained at.", default=False),  # noqa: E501
+        face_select: str = Input(description="Which face to lip-sync when several are visible: the largest, or the one whose mouth moves with the audio.", choices=FACE_SELECTS, default="largest"),  # noqa: E501
     ) -> Path:
         run = self._fresh_folder()
         output = run / f"lipsync-{run.name}.mp4"
         video, audio = _local(video), _local(audio)
+        names = {video: "<video>", audio: "<audio>", output: "<output>", run: "<run folder>"}
+        scrubber = _PathScrubber(names)
+        handlers = logging.getLogger().handlers
+        for handler in handlers:
+            handler.addFilter(scrubber)
         try:
-            result = self.pipe.lipsync(
-                video, audio, output, guidance_scale=guidance_scale, inference_steps=inference_steps, seed=seed,
-                loop_mode=loop_mode, deepcache=enable_deepcache, keep_fps=keep_fps, face_select=face_select)
+            options = RunOptions(guidance_scale=guidance_scale, inference_steps=inference_steps, seed=seed,
+                                 loop_mode=loop_mode, deepcache=enable_deepcache, keep_fps=keep_fps,
+                                 face_select=face_select)
+            result = self.pipe.lipsync(video, audio, output, options=options, cancel=_Heartbeat(log, PROGRESS_EVERY_S))
         except InputError as e:
             shutil.rmtree(run, ignore_errors=True)
             # Cog's temporary file names mean nothing to the user: name the inputs instead.
-            raise InputError(_one_line(e, {video: "<video>", audio: "<audio>"})) from None
+            raise InputError(_one_line(e, names)) from None
         except BaseException as e:  # noqa: BLE001 — out-of-memory and cancellation need cleanup, then re-raise
             # The library kills its own ffmpeg processes when interrupted (readers and writers close in `finally`).
             shutil.rmtree(run, ignore_errors=True)
@@ -100,6 +105,9 @@ class Predictor(BasePredictor):
                 raise RuntimeError("out of GPU memory on this video; try a shorter or lower-resolution video, or "
                                    "fewer inference steps") from None
             raise
+        finally:
+            for handler in handlers:
+                handler.removeFilter(scrubber)
         self._report(result)
         return Path(result.output)
 
@@ -128,6 +136,39 @@ class Predictor(BasePredictor):
                     self.record_metric(f"sync.{key}", float(value))
 
 
+class _Heartbeat:
+    """Passed as the pipeline's ``cancel`` (checked between chunks and steps): never cancels, logs that the run lives.
+
+    Cog cancels by raising in the predict thread, so nothing is lost by never returning True here.
+    """
+
+    def __init__(self, logger: logging.Logger, every_s: float) -> None:
+        self.logger, self.every_s = logger, every_s
+        self.started = self.last = time.monotonic()
+
+    def is_set(self) -> bool:
+        now = time.monotonic()
+        if now - self.last >= self.every_s:
+            self.last = now
+            self.logger.info("lip-sync still running: %.0f s so far", now - self.started)
+        return False
+
+
+class _PathScrubber(logging.Filter):
+    """Rewrites log records so that Cog's temporary paths appear as the inputs' names (``<video>``, …)."""
+
+    def __init__(self, names: dict[FsPath, str]) -> None:
+        super().__init__()
+        self.names = names
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        cleaned = _replace_paths(text, self.names)
+        if cleaned != text:
+            record.msg, record.args = cleaned, None
+        return True
+
+
 def _local(path: Any) -> FsPath:
     """A local file for a Cog input: URL inputs that Cog left undownloaded are fetched, strings become paths."""
     convert = getattr(path, "convert", None)
@@ -136,11 +177,15 @@ def _local(path: Any) -> FsPath:
 
 def _one_line(error: BaseException, names: dict[FsPath, str] | None = None) -> str:
     """The error message on one line, with input file paths replaced by the inputs' names."""
-    text = str(error)
-    for path, label in (names or {}).items():
+    return " ".join(_replace_paths(str(error), names or {}).split()) or type(error).__name__
+
+
+def _replace_paths(text: str, names: dict[FsPath, str]) -> str:
+    """``text`` with each path of ``names`` (absolute, as given, or its bare file name) replaced by its label."""
+    for path, label in names.items():
         for form in (str(path.resolve()), str(path), path.name):
             text = re.sub(rf"(?<![\w./-]){re.escape(form)}(?![\w.-])", label, text)
-    return " ".join(text.split()) or type(error).__name__
+    return text
 
 
 def _is_out_of_memory(error: BaseException) -> bool:

@@ -174,7 +174,8 @@ def _run(args: argparse.Namespace, cancel: threading.Event) -> int:
         # A folder the user named is theirs: only verified against the manifest (download.py's rule); without one,
         # the default cache folder is filled from the network.
         weights = ensure_weights(os.environ.get("LATENTSYNC_MANIFEST") or None, Path(named) if named else None,
-                                 args.version)
+                                 args.version, endpoint=os.environ.get("HF_ENDPOINT") or None,
+                                 cache_home=os.environ.get("XDG_CACHE_HOME") or None)
     except RuntimeError as e:  # the network, not the input
         raise ResourceError(str(e)) from e
     compile_kw = {"compile": True} if args.compile else {}

@@ -1,6 +1,11 @@
-"""Reading upstream-schema YAML configs (``configs/unet/*.yaml``, ``configs/syncnet/*.yaml``)."""
+"""Reading upstream-schema YAML configs (``configs/unet/*.yaml``, ``configs/syncnet/*.yaml``) and the shipped data.
+
+The repository keeps ``configs/`` and ``weights.txt`` at its top level; an installed wheel carries copies of them in
+``latentsync/_data/`` (``setup.py`` puts them there at build time), found with ``importlib.resources``.
+"""
 from __future__ import annotations
 
+import importlib.resources
 import re
 from pathlib import Path
 from typing import Any
@@ -9,7 +14,18 @@ import yaml
 
 from latentsync.options import check_file
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+_CHECKOUT = Path(__file__).resolve().parent.parent  # a source checkout or an editable install
+
+
+def data_path(name: str) -> Path:
+    """A file or folder shipped with the package (``"weights.txt"``, ``"configs"``), installed or in a checkout."""
+    packaged = importlib.resources.files("latentsync") / "_data" / name
+    if packaged.is_file() or packaged.is_dir():
+        return Path(str(packaged))  # wheels install as plain files: the path stays valid after this call
+    return _CHECKOUT / name
+
+
+CONFIGS_DIR = data_path("configs")
 
 
 class _Loader(yaml.SafeLoader):

@@ -2,17 +2,22 @@
 
 A weights folder holds the files of ONE LatentSync version under upstream's ``checkpoints/`` names
 (``latentsync_unet.pt``, ``whisper/tiny.pt``, ``stable_syncnet.pt``, ``sd-vae-ft-mse/``, ``mask.png``); the 1.5
-and 1.6 manifest lines share those names and the version asked for picks the line. The folder records its
-version and what was verified in ``.latentsync-weights.json`` and refuses to be refilled with another version.
+and 1.6 manifest lines share those names and the version asked for picks the line.
 
-Environment: ``LATENTSYNC_WEIGHTS_DIR`` names a pre-filled folder (baked weights, tests): it is verified, never
-downloaded into. ``LATENTSYNC_VERSION`` picks 1.5 or 1.6 (default 1.6). ``LATENTSYNC_MANIFEST`` replaces
-``weights.txt``.
+One rule for every front door: a folder the caller names is only verified (never written to, so it may be read-only);
+only the default folder (:func:`default_weights_dir`) is downloaded into. A file that does not match the manifest is
+reported and left alone, wherever it is; only partial downloads this module started are ever removed.
+
+Manifest lines are single files, or archives (a destination ending in ``/``): a ``.tar``/``.tar.gz`` fetched with
+``pget -x`` when pget is installed (else by Python, then checked against its own size/sha256) and unpacked; every file
+taken from it is checked against its own manifest line before it is moved into place. No environment is read here:
+the entry points pass the manifest, the version, the Hugging Face endpoint and the cache folder.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import errno
 import fcntl
 import hashlib
 import http.client
@@ -22,6 +27,7 @@ import os
 import re
 import shutil
 import subprocess
+import tarfile
 import tempfile
 import time
 import urllib.error
@@ -30,15 +36,16 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from latentsync.errors import InputError
+from latentsync.config import data_path
+from latentsync.errors import InputError, ResourceError
+from latentsync.options import DEFAULT_VERSION, VERSIONS, check_version
 
 log = logging.getLogger(__name__)
 
-VERSIONS = ("1.5", "1.6")
-DEFAULT_VERSION = "1.6"
-MANIFEST = Path(__file__).resolve().parent.parent / "weights.txt"
 RECORD_NAME = ".latentsync-weights.json"
 LOCK_NAME = ".latentsync-weights.lock"
+UNPACK_PREFIX = ".latentsync-unpack-"  # staging folders for archives: ours, removed after use (or at the next run)
+HF_HOST = "https://huggingface.co/"
 
 RETRIES = 5  # tries per file; each one resumes the partial file with an HTTP Range request
 RETRY_WAIT_S = 2.0  # times the try number, between tries
@@ -51,22 +58,36 @@ RETRYABLE_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 @dataclass(frozen=True)
 class WeightFile:
-    """One manifest line: which version needs it, where it comes from and goes, and what it must be."""
+    """One manifest line: which version needs it, where it comes from and goes, and what it must be.
+
+    ``url`` is None for a file that only an archive line provides; ``dest`` ending in ``/`` marks an archive.
+    """
 
     version: str  # "1.5", "1.6" or "all"
-    url: str
+    url: str | None
     dest: str  # relative to the weights folder, "/"-separated
     size: int | None = None
     sha256: str | None = None
+
+    @property
+    def is_archive(self) -> bool:
+        return self.dest.endswith("/")
 
 
 class _Incomplete(Exception):
     """The connection ended before the whole file arrived: worth another (resumed) try."""
 
 
+# --- the manifest ---------------------------------------------------------------------------------------------------
+
+def manifest_path() -> Path:
+    """The manifest shipped with the package (``weights.txt``)."""
+    return data_path("weights.txt")
+
+
 def read_manifest(path: str | Path | None = None) -> list[WeightFile]:
-    """Parse a weights manifest (``$LATENTSYNC_MANIFEST`` or ``weights.txt`` by default); bad lines are errors."""
-    path = Path(path or os.environ.get("LATENTSYNC_MANIFEST") or MANIFEST)
+    """Parse a weights manifest (the shipped ``weights.txt`` by default); a bad line is an error naming it."""
+    path = Path(path) if path else manifest_path()
     if not path.is_file():
         raise InputError(f"weights manifest not found: {path}")
     entries: list[WeightFile] = []
@@ -81,34 +102,38 @@ def read_manifest(path: str | Path | None = None) -> list[WeightFile]:
         version, url, dest, size, sha = fields
         if version not in (*VERSIONS, "all"):
             raise InputError(f"{where}: version {version!r} is not one of {', '.join(VERSIONS)} or all")
-        if not re.match(r"https?://", url):
+        if url != "-" and not re.match(r"https?://", url):
             raise InputError(f"{where}: {url!r} is not an http(s) URL")
+        archive = dest.endswith("/")
         rel = PurePosixPath(dest)
-        if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+        if rel.is_absolute() or ".." in rel.parts or (not rel.parts and not archive):
             raise InputError(f"{where}: destination {dest!r} must stay inside the weights folder")
+        if archive and url == "-":
+            raise InputError(f"{where}: an archive line needs a URL")
         if size != "-" and not size.isdigit():
             raise InputError(f"{where}: size {size!r} is neither a byte count nor -")
         if sha != "-" and not re.fullmatch(r"[0-9a-fA-F]{64}", sha):
             raise InputError(f"{where}: sha256 {sha!r} is neither 64 hex digits nor -")
-        entries.append(WeightFile(version, url, str(rel), None if size == "-" else int(size),
+        if archive:
+            dest = "./" if not rel.parts else f"{rel}/"  # "./": unpacked into the weights folder itself
+        else:
+            dest = str(rel)
+        entries.append(WeightFile(version, None if url == "-" else url, dest, None if size == "-" else int(size),
                                   None if sha == "-" else sha.lower()))
     return entries
 
 
 def resolve_version(version: str | None = None) -> str:
-    """The version asked for, else ``$LATENTSYNC_VERSION``, else 1.6; anything else is an error."""
-    version = str(version or os.environ.get("LATENTSYNC_VERSION") or DEFAULT_VERSION).strip()
-    if version not in VERSIONS:
-        raise InputError(f"LatentSync version {version!r} is not one of {', '.join(VERSIONS)}")
-    return version
+    """The version asked for, else 1.6; anything else is an error listing the versions."""
+    return check_version(version or DEFAULT_VERSION)
 
 
 def files_for(manifest: Sequence[WeightFile], version: str) -> list[WeightFile]:
-    """The manifest lines one version needs; two lines for one destination are an error."""
+    """The single-file manifest lines one version needs; two lines for one destination are an error."""
     version = resolve_version(version)
     chosen: dict[str, WeightFile] = {}
     for entry in manifest:
-        if entry.version in (version, "all"):
+        if entry.version in (version, "all") and not entry.is_archive:
             if entry.dest in chosen:
                 raise InputError(f"the weights manifest lists {entry.dest} twice for version {version}")
             chosen[entry.dest] = entry
@@ -117,78 +142,110 @@ def files_for(manifest: Sequence[WeightFile], version: str) -> list[WeightFile]:
     return list(chosen.values())
 
 
-def default_weights_dir(version: str) -> Path:
-    """Where downloads go when no folder is named: ``$XDG_CACHE_HOME/latentsync/<version>`` (or ``~/.cache``)."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "latentsync" / version
+def archives_for(manifest: Sequence[WeightFile], version: str) -> list[WeightFile]:
+    """The archive lines of one version (tried, in manifest order, before single-file downloads)."""
+    return [e for e in manifest if e.is_archive and e.version in (resolve_version(version), "all")]
 
+
+def default_weights_dir(version: str, cache_home: str | Path | None = None) -> Path:
+    """The one folder downloads go to: ``<cache_home>/latentsync/<version>`` (``cache_home``: ``~/.cache``)."""
+    return Path(cache_home or Path.home() / ".cache") / "latentsync" / resolve_version(version)
+
+
+def mirrored(url: str, endpoint: str | None) -> str:
+    """``url`` served by a Hugging Face mirror (``HF_ENDPOINT``) instead of huggingface.co; other hosts unchanged."""
+    if not endpoint or not url.startswith(HF_HOST):
+        return url
+    return endpoint.rstrip("/") + "/" + url.removeprefix(HF_HOST)
+
+
+# --- the one entry point --------------------------------------------------------------------------------------------
 
 def ensure_weights(manifest: str | Path | Sequence[WeightFile] | None = None, weights_dir: str | Path | None = None,
-                   version: str | None = None, *, download: bool | None = None, jobs: int = JOBS) -> Path:
-    """Make ``weights_dir`` hold every file of ``version``: keep valid files, fetch the rest; returns the folder.
+                   version: str | None = None, *, endpoint: str | None = None, cache_home: str | Path | None = None,
+                   jobs: int = JOBS) -> Path:
+    """The weights folder of ``version``, checked against the manifest; returns it.
 
-    ``weights_dir`` defaults to ``$LATENTSYNC_WEIGHTS_DIR`` (then nothing is downloaded, only verified), else
-    :func:`default_weights_dir`. ``download=False`` only verifies. A size or sha256 mismatch is an InputError
-    naming the file; a network failure is a RuntimeError naming the file and URL.
+    ``weights_dir`` given: the folder is only verified (it may be read-only; nothing is written or fetched).
+    ``weights_dir`` None: :func:`default_weights_dir` is filled from the network (``endpoint`` replaces
+    huggingface.co, e.g. ``$HF_ENDPOINT``). Missing or mismatching files are an ``InputError`` naming each one (a
+    mismatching file is never removed); an unreachable server is a ``ResourceError`` naming the file and URL.
     """
     version = resolve_version(version)
-    prefilled = os.environ.get("LATENTSYNC_WEIGHTS_DIR")
-    if weights_dir is None and prefilled:
-        weights_dir = prefilled
-        download = False if download is None else download
-    folder = Path(weights_dir) if weights_dir is not None else default_weights_dir(version)
-    download = True if download is None else download
-    entries = files_for(manifest if isinstance(manifest, Sequence) and not isinstance(manifest, str)
-                        else read_manifest(manifest), version)
-
-    if not download:
-        if not folder.is_dir():
-            raise InputError(f"weights folder not found: {folder}")
-        record = _Record.load(folder)
-        record.check_version(version)
-        problems = {e.dest: p for e in entries if (p := _problem(e, folder / e.dest, record))}
-        if problems:
-            detail = "; ".join(f"{dest}: {p}" for dest, p in problems.items())
-            raise InputError(f"weights folder {folder} is incomplete or damaged: {detail}")
-        log.info("weights for LatentSync %s verified in %s (%d files)", version, folder, len(entries))
-        return folder
-
-    folder.mkdir(parents=True, exist_ok=True)
-    with _locked(folder):
-        record = _Record.load(folder)
-        record.check_version(version)
-        record.version = version
-        record.save(folder)  # claim the folder for this version before any file of it arrives
-        todo = []
-        for entry in entries:
-            path = folder / entry.dest
-            problem = _problem(entry, path, record)
-            if problem is None:
-                continue
-            if path.exists():
-                log.warning("re-downloading %s: %s", entry.dest, problem)
-                path.unlink()
-            todo.append(entry)
-        started = time.monotonic()
-        try:
-            if todo:
-                left = _download_with_pget(todo, folder) if shutil.which("pget") else todo
-                _download_with_python(left, folder, jobs)
-                log.info("downloaded %d weight files into %s in %.1f s", len(todo), folder,
-                         time.monotonic() - started)
-        finally:
-            for entry in todo:
-                if (folder / entry.dest).is_file():  # only verified files are ever moved into place
-                    record.remember(entry, folder / entry.dest)
-            record.save(folder)
+    lines = list(manifest) if isinstance(manifest, Sequence) and not isinstance(manifest, str) \
+        else read_manifest(manifest)
+    entries = files_for(lines, version)
+    if weights_dir is not None:
+        return _verify(Path(weights_dir), version, entries)
+    folder = default_weights_dir(version, cache_home)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with _locked(folder):
+            _fill(folder, version, entries, archives_for(lines, version), endpoint, jobs)
+    except OSError as e:  # the folder itself (permissions, a full disk while staging): the machine, not the input
+        raise ResourceError(f"cannot write to the weights folder {folder}: {e.strerror or e}") from e
     log.info("weights for LatentSync %s ready in %s", version, folder)
     return folder
 
 
 def verify_weights(weights_dir: str | Path, version: str | None = None,
                    manifest: str | Path | Sequence[WeightFile] | None = None) -> Path:
-    """Check a filled weights folder without touching the network: missing, truncated or altered files are errors."""
-    return ensure_weights(manifest, weights_dir, version, download=False)
+    """Check a filled weights folder without touching the network or writing to it; returns the folder."""
+    return ensure_weights(manifest, weights_dir, version)
+
+
+def _verify(folder: Path, version: str, entries: list[WeightFile]) -> Path:
+    if not folder.is_dir():
+        raise InputError(f"weights folder not found: {folder}")
+    record = _Record.load(folder)
+    record.check_version(version)
+    problems = {e.dest: p for e in entries if (p := _problem(e, folder / e.dest, record))}
+    if problems:
+        detail = "; ".join(f"{dest}: {p}" for dest, p in problems.items())
+        raise InputError(f"weights folder {folder} is incomplete or damaged: {detail} (a folder you name is only "
+                         f"checked, never downloaded into; fix or replace these files)")
+    log.info("weights for LatentSync %s verified in %s (%d files)", version, folder, len(entries))
+    return folder
+
+
+def _fill(folder: Path, version: str, entries: list[WeightFile], archives: list[WeightFile],
+          endpoint: str | None, jobs: int) -> None:
+    """Download what the default folder lacks; refuse (and keep) files that are there but wrong."""
+    for stale in folder.glob(UNPACK_PREFIX + "*"):  # left by a run that was killed mid-unpack
+        shutil.rmtree(stale, ignore_errors=True)
+    record = _Record.load(folder)
+    record.check_version(version)
+    record.version = version
+    record.save(folder)  # claim the folder for this version before any file of it arrives
+    todo, wrong = [], {}
+    for entry in entries:
+        problem = _problem(entry, folder / entry.dest, record)
+        if problem == "missing":
+            todo.append(entry)
+        elif problem is not None:
+            wrong[entry.dest] = problem
+    if wrong:
+        detail = "; ".join(f"{dest}: {p}" for dest, p in wrong.items())
+        raise InputError(f"weights folder {folder} holds files that do not match the weights manifest: {detail}; "
+                         f"they were left untouched: move them away to download fresh copies")
+    started = time.monotonic()
+    try:
+        for archive in archives:
+            if todo:
+                todo = _from_archive(archive, todo, folder, endpoint, record)
+        unreachable = [e.dest for e in todo if e.url is None]
+        if unreachable:
+            raise InputError(f"the weights manifest gives no URL for {', '.join(unreachable)} and no archive "
+                             f"provided it")
+        if todo:
+            left = _download_with_pget(todo, folder, endpoint) if shutil.which("pget") else todo
+            _download_with_python(left, folder, endpoint, jobs)
+            log.info("downloaded %d weight files into %s in %.1f s", len(todo), folder, time.monotonic() - started)
+    finally:
+        for entry in entries:
+            if entry.dest not in record.files and (folder / entry.dest).is_file():
+                record.remember(entry, folder / entry.dest)  # only verified files are ever moved into place
+        record.save(folder)
 
 
 # --- what is on disk ------------------------------------------------------------------------------------------------
@@ -225,14 +282,14 @@ class _Record:
 
 
 def _problem(entry: WeightFile, path: Path, record: _Record) -> str | None:
-    """Why the file at ``path`` is not a valid copy of ``entry`` (None when it is)."""
+    """Why the file at ``path`` is not a valid copy of ``entry`` (None when it is): found vs expected."""
     if not path.is_file():
         return "missing"
     stat = path.stat()
     seen = record.files.get(entry.dest, {})
     expected = entry.size if entry.size is not None else seen.get("size")
     if expected is not None and stat.st_size != expected:
-        return f"{stat.st_size} bytes, expected {expected} (truncated or incomplete)"
+        return f"{stat.st_size} bytes, expected {expected} (truncated, incomplete or another file)"
     if entry.sha256 is None:
         return None
     if seen.get("sha256") == entry.sha256 and seen.get("size") == stat.st_size \
@@ -265,18 +322,76 @@ def _locked(folder: Path) -> Iterator[None]:
 
 
 def _finish(entry: WeightFile, partial: Path, path: Path) -> None:
-    """Check a complete download against the manifest, then move it into place atomically."""
+    """Check a complete download (ours) against the manifest, then move it into place atomically."""
     problem = _problem(entry, partial, _Record(None, {}))
     if problem is not None:
         partial.unlink(missing_ok=True)
         raise InputError(f"downloaded {entry.dest} from {entry.url} does not match the weights manifest: {problem}; "
-                         f"refused and deleted")
+                         f"refused (the download was deleted)")
     os.replace(partial, path)
 
 
-# --- downloading ----------------------------------------------------------------------------------------------------
+# --- archives -------------------------------------------------------------------------------------------------------
 
-def _download_with_pget(entries: list[WeightFile], folder: Path) -> list[WeightFile]:
+def _from_archive(archive: WeightFile, todo: list[WeightFile], folder: Path, endpoint: str | None,
+                  record: _Record) -> list[WeightFile]:
+    """Fetch and unpack one archive into a staging folder, move the verified files ``todo`` needs; return the rest."""
+    url = mirrored(archive.url or "", endpoint)
+    staging = Path(tempfile.mkdtemp(prefix=UNPACK_PREFIX, dir=folder))
+    try:
+        unpacked, target = False, staging / "files"
+        if shutil.which("pget"):
+            # pget unpacks while it downloads: the archive itself is never on disk, each file is checked below.
+            log.info("downloading and unpacking %s with pget", url)
+            proc = subprocess.run([shutil.which("pget") or "pget", "-x", url, str(target)], check=False)
+            unpacked = proc.returncode == 0 and target.is_dir()
+            if not unpacked:
+                log.warning("pget -x failed (exit status %d); downloading the archive with Python", proc.returncode)
+                shutil.rmtree(target, ignore_errors=True)
+        if not unpacked:
+            # A fixed name beside the folder's files, so a cut download resumes at the next start.
+            tar_path = folder / f".latentsync-archive-{PurePosixPath(archive.url or 'weights').name}"
+            _download_one(archive, tar_path, endpoint)  # checked against the archive line's size and sha256
+            _unpack(tar_path, target)
+            tar_path.unlink()
+        base = PurePosixPath(archive.dest)  # "./" → "." : relative_to(".") keeps the whole path
+        left, extra = [], {str(p.relative_to(target)) for p in target.rglob("*") if p.is_file()}
+        for entry in todo:
+            rel = PurePosixPath(entry.dest)
+            inside = str(rel.relative_to(base)) if rel.is_relative_to(base) else None
+            if inside is None or not (target / inside).is_file():
+                left.append(entry)
+                continue
+            extra.discard(inside)
+            problem = _problem(entry, target / inside, _Record(None, {}))
+            if problem is not None:
+                raise InputError(f"{entry.dest} in the archive {url} does not match the weights manifest: {problem}; "
+                                 f"refused")
+            (folder / entry.dest).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(target / inside, folder / entry.dest)
+            record.remember(entry, folder / entry.dest)
+        if extra:
+            log.warning("archive %s: %d files not in the weights manifest were not installed: %s", url, len(extra),
+                        ", ".join(sorted(extra)[:5]))
+        log.info("archive %s gave %d of %d missing files", url, len(todo) - len(left), len(todo))
+        return left
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _unpack(tar_path: Path, target: Path) -> None:
+    """Unpack a (compressed) tar into ``target``; links, devices and paths leaving it are refused by the data filter."""
+    target.mkdir(parents=True, exist_ok=True)
+    try:
+        with tarfile.open(tar_path) as tar:
+            tar.extractall(target, filter="data")
+    except (tarfile.TarError, OSError) as e:
+        raise InputError(f"cannot unpack the weights archive: {e}") from e
+
+
+# --- downloading single files ---------------------------------------------------------------------------------------
+
+def _download_with_pget(entries: list[WeightFile], folder: Path, endpoint: str | None) -> list[WeightFile]:
     """Fetch with Replicate's ``pget multifile`` (parallel chunks); returns the entries it did not deliver."""
     if any(re.search(r"\s", str(folder / e.dest)) for e in entries):
         return entries  # pget's manifest is split on whitespace
@@ -287,8 +402,8 @@ def _download_with_pget(entries: list[WeightFile], folder: Path) -> list[WeightF
         for entry in entries:
             target = targets[entry.dest]
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.unlink(missing_ok=True)  # pget refuses to overwrite
-            lines.append(f"{entry.url} {target}")
+            target.unlink(missing_ok=True)  # ours from an earlier try; pget refuses to overwrite
+            lines.append(f"{mirrored(entry.url or '', endpoint)} {target}")
         listing.write_text("\n".join(lines) + "\n")
         log.info("downloading %d weight files with pget", len(entries))
         proc = subprocess.run([shutil.which("pget") or "pget", "multifile", str(listing)], check=False)
@@ -305,40 +420,44 @@ def _download_with_pget(entries: list[WeightFile], folder: Path) -> list[WeightF
     return left
 
 
-def _download_with_python(entries: list[WeightFile], folder: Path, jobs: int) -> None:
+def _download_with_python(entries: list[WeightFile], folder: Path, endpoint: str | None, jobs: int) -> None:
     """Fetch files in parallel threads; a checksum refusal wins over other errors when several fail."""
     if not entries:
         return
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(jobs, len(entries)))) as pool:
-        futures = [pool.submit(_download_one, e, folder / e.dest) for e in entries]
+        futures = [pool.submit(_download_one, e, folder / e.dest, endpoint) for e in entries]
         errors = [f.exception() for f in futures if f.exception() is not None]
     if errors:
         raise next((e for e in errors if isinstance(e, InputError)), errors[0])
 
 
-def _download_one(entry: WeightFile, path: Path) -> None:
+def _download_one(entry: WeightFile, path: Path, endpoint: str | None = None) -> None:
     """One file: resume ``<dest>.part`` across tries, then verify and rename it into place."""
+    url = mirrored(entry.url or "", endpoint)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".part")
     for attempt in range(1, RETRIES + 1):
         try:
-            _fetch(entry, partial)
+            _fetch(entry, url, partial)
             break
         except urllib.error.HTTPError as e:
             if e.code not in RETRYABLE_HTTP or attempt == RETRIES:
-                raise RuntimeError(f"could not download {entry.dest} from {entry.url}: HTTP {e.code} {e.reason}") from e
+                raise ResourceError(f"could not download {entry.dest} from {url}: HTTP {e.code} {e.reason}") from e
             reason = f"HTTP {e.code}"
         except (_Incomplete, urllib.error.URLError, http.client.HTTPException, OSError) as e:
+            if isinstance(e, OSError) and e.errno == errno.ENOSPC:  # another try would not help; the part is kept
+                need = f" ({entry.size / 1e9:.1f} GB needed)" if entry.size else ""
+                raise ResourceError(f"no space left in {path.parent} while downloading {entry.dest}{need}; free some "
+                                    f"space and start again: the download resumes") from e
             if attempt == RETRIES:
-                raise RuntimeError(f"could not download {entry.dest} from {entry.url} after {RETRIES} tries: "
-                                   f"{e}") from e
+                raise ResourceError(f"could not download {entry.dest} from {url} after {RETRIES} tries: {e}") from e
             reason = str(e) or type(e).__name__
         log.warning("%s: try %d of %d failed (%s); resuming", entry.dest, attempt, RETRIES, reason)
         time.sleep(RETRY_WAIT_S * attempt)
     _finish(entry, partial, path)
 
 
-def _fetch(entry: WeightFile, partial: Path) -> None:
+def _fetch(entry: WeightFile, url: str, partial: Path) -> None:
     """Append the rest of ``entry`` to ``partial`` (a Range request when it has bytes already)."""
     offset = partial.stat().st_size if partial.exists() else 0
     if entry.size is not None and offset > entry.size:
@@ -346,7 +465,7 @@ def _fetch(entry: WeightFile, partial: Path) -> None:
         offset = 0
     if entry.size is not None and offset == entry.size:
         return
-    request = urllib.request.Request(entry.url, headers={"User-Agent": "latentsync-weights/1"})
+    request = urllib.request.Request(url, headers={"User-Agent": "latentsync-weights/1"})
     if offset:
         request.add_header("Range", f"bytes={offset}-")
     try:
@@ -369,7 +488,7 @@ def _fetch(entry: WeightFile, partial: Path) -> None:
         total = offset + int(length) if length and length.isdigit() else None
         if entry.size is not None and total is not None and total != entry.size:
             partial.unlink(missing_ok=True)
-            raise InputError(f"{entry.url} serves {total} bytes for {entry.dest}, the weights manifest expects "
+            raise InputError(f"{url} serves {total} bytes for {entry.dest}, the weights manifest expects "
                              f"{entry.size}; refused")
         if offset:
             log.info("%s: resuming at %.1f MB", entry.dest, offset / 1e6)

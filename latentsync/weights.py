@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -12,6 +13,16 @@ from latentsync.download import ensure_weights, verify_weights  # noqa: F401  (t
 from latentsync.errors import InputError
 
 log = logging.getLogger(__name__)
+
+# What torch.load / safetensors raise for a truncated, foreign or corrupt file (a zip without its directory, a text
+# file, an empty file, a pickle that is not a state dict). Anything else is our bug and keeps its traceback.
+_UNREADABLE = (RuntimeError, pickle.UnpicklingError, EOFError, KeyError, ValueError, OSError)
+
+
+def _safetensor_error() -> type[Exception]:
+    from safetensors import SafetensorError
+
+    return SafetensorError
 
 
 def _torch_load(path: Path) -> object:
@@ -35,9 +46,7 @@ def read_state_dict(path: str | Path, *, key: str | None = "state_dict") -> dict
 
             return load_file(str(path))
         obj = _torch_load(path)
-    except InputError:
-        raise
-    except Exception as e:  # a truncated or foreign file: say which one
+    except (*_UNREADABLE, _safetensor_error()) as e:  # a truncated or foreign file: say which one
         raise InputError(f"cannot read checkpoint {path}: {e}") from e
     if isinstance(obj, Mapping) and key is not None and key in obj:
         obj = obj[key]
@@ -197,7 +206,7 @@ def load_vae(
         )
     try:
         vae = AutoencoderKL.from_pretrained(folder, local_files_only=True, torch_dtype=dtype)
-    except Exception as e:  # missing weights file, foreign config, mismatched tensors
+    except (*_UNREADABLE, _safetensor_error()) as e:  # missing weights file (OSError), foreign config, bad tensors
         raise InputError(f"cannot load the VAE from {folder}: {e}") from e
     vae.register_to_config(scaling_factor=VAE_SCALING_FACTOR, shift_factor=VAE_SHIFT_FACTOR)
     return vae.to(device).eval().requires_grad_(False)

@@ -48,7 +48,13 @@ def test_cog_yaml_essentials(cog_config):
     assert str(build["python_version"]) == "3.11"
     assert (REPO / build["python_requirements"]).is_file()
     assert "python_packages" not in build, "python_packages and python_requirements are exclusive"
-    assert {"ffmpeg", "libgl1", "libglib2.0-0"} <= set(build["system_packages"])
+    assert {"libgl1", "libglib2.0-0"} <= set(build["system_packages"])
+
+
+def test_no_system_ffmpeg_and_the_pinned_one_is_a_requirement(cog_config):
+    assert not any("ffmpeg" in p for p in cog_config["build"]["system_packages"]), "one pinned ffmpeg: imageio-ffmpeg"
+    cog_reqs = _pins(REPO / cog_config["build"]["python_requirements"])
+    assert any(re.fullmatch(r"imageio-ffmpeg==[\d.]+", p) for p in cog_reqs)
 
 
 def test_predict_reference_points_at_a_predictor_class(cog_config):

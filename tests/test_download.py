@@ -3,22 +3,26 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import io
 import json
 import os
 import random
 import re
 import socket
 import stat
+import subprocess
 import sys
+import tarfile
 import threading
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO, shared_file
-from latentsync import InputError
+from mounts import read_only_tmpfs
+from latentsync import InputError, ResourceError
 from latentsync import download
-from latentsync.download import ensure_weights, files_for, read_manifest, verify_weights
+from latentsync.download import default_weights_dir, ensure_weights, files_for, read_manifest, verify_weights
 
 RNG = random.Random(0)
 FILES = {  # what the server holds; sizes make a cut mid-file and several reads per file meaningful
@@ -32,6 +36,24 @@ FILES = {  # what the server holds; sizes make a cut mid-file and several reads 
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def tar_of(members: dict[str, bytes]) -> bytes:
+    """An uncompressed tar holding ``members`` (name → bytes)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+# One version's bundle, as a Replicate-style weights archive: every file of 1.6 plus one the manifest does not list.
+ARCHIVE_MEMBERS = {"latentsync_unet.pt": FILES["unet16.pt"], "whisper/tiny.pt": FILES["tiny.pt"],
+                   "sd-vae-ft-mse/config.json": FILES["vae.json"], "mask.png": FILES["mask.png"],
+                   "README.txt": b"not in the manifest\n"}
+FILES["bundle16.tar"] = tar_of(ARCHIVE_MEMBERS)
 
 
 class FileServer(http.server.ThreadingHTTPServer):
@@ -108,7 +130,7 @@ def server():
 
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch):
-    for name in ("LATENTSYNC_WEIGHTS_DIR", "LATENTSYNC_VERSION", "LATENTSYNC_MANIFEST"):
+    for name in ("LATENTSYNC_WEIGHTS_DIR", "LATENTSYNC_VERSION", "LATENTSYNC_MANIFEST", "HF_ENDPOINT"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(download, "RETRY_WAIT_S", 0.0)
     # a real pget on this machine would take over the Python downloader under test
@@ -132,6 +154,21 @@ def write_manifest(tmp_path: Path, base: str, *, sizes: bool = True, shas: bool 
     return path
 
 
+def fill(manifest: Path, tmp_path: Path, version: str = "1.6", **kwargs) -> Path:
+    """``ensure_weights`` on the default folder (the only one it downloads into), under ``tmp_path/cache``."""
+    return ensure_weights(manifest, None, version, cache_home=tmp_path / "cache", **kwargs)
+
+
+def default_folder(tmp_path: Path, version: str = "1.6") -> Path:
+    return default_weights_dir(version, tmp_path / "cache")
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int, bytes]]:
+    """Every entry under ``folder`` (hidden ones too) with its size, mtime and bytes: to prove nothing changed."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else b"")
+            for p in sorted(folder.rglob("*"))}
+
+
 def expect_folder(folder: Path, version: str = "1.6") -> None:
     unet = "unet16.pt" if version == "1.6" else "unet15.pt"
     assert (folder / "latentsync_unet.pt").read_bytes() == FILES[unet]
@@ -152,10 +189,23 @@ def test_repo_manifest_lists_every_file_of_both_versions():
         entries = {e.dest: e for e in files_for(manifest, version)}
         assert set(entries) == needed
         unets[version] = entries["latentsync_unet.pt"].url
-        hf = f"https://huggingface.co/ByteDance/LatentSync-{version}/resolve/main"
-        assert unets[version] == f"{hf}/latentsync_unet.pt"
+        assert re.fullmatch(rf"https://huggingface\.co/ByteDance/LatentSync-{version}/resolve/[0-9a-f]{{40}}/"
+                            r"latentsync_unet\.pt", unets[version])
         assert all(e.url.startswith("https://") for e in entries.values())
     assert unets["1.5"] != unets["1.6"]
+
+
+def test_repo_manifest_states_size_and_sha256_of_every_file_and_pins_hugging_face_revisions():
+    for entry in read_manifest(REPO / "weights.txt"):
+        assert entry.size is not None and entry.sha256 is not None, entry.dest
+        if entry.url.startswith("https://huggingface.co/"):
+            assert re.search(r"/resolve/[0-9a-f]{40}/", entry.url), f"{entry.url} follows a moving branch"
+    whisper = {e.sha256 for e in read_manifest(REPO / "weights.txt") if e.dest == "whisper/tiny.pt"}
+    assert whisper == {"65147644a518d12f04e32d6f3b26facc3f8dd46e5390956a9424a650c0ce22b9"}  # OpenAI's tiny.pt
+
+
+def test_default_manifest_is_the_shipped_one():
+    assert read_manifest() == read_manifest(REPO / "weights.txt")
 
 
 def test_repo_manifest_checksum_of_mask_matches_the_reference_asset():
@@ -172,6 +222,7 @@ def test_repo_manifest_checksum_of_mask_matches_the_reference_asset():
     ("1.6 https://x/a a.pt 12kB -", "size"),
     ("1.6 https://x/a a.pt - abc", "sha256"),
     ("1.6 https://x/a a.pt -", "5 fields"),
+    ("1.6 - ./ - -", "archive line needs a URL"),
 ])
 def test_bad_manifest_lines_are_refused_with_their_line_number(tmp_path, line, words):
     path = tmp_path / "weights.txt"
@@ -180,13 +231,14 @@ def test_bad_manifest_lines_are_refused_with_their_line_number(tmp_path, line, w
         read_manifest(path)
 
 
-def test_version_comes_from_the_argument_then_the_environment(tmp_path, server, monkeypatch):
+def test_version_comes_from_the_argument_and_the_environment_is_not_read(tmp_path, server, monkeypatch):
     manifest = write_manifest(tmp_path, server.base)
-    monkeypatch.setenv("LATENTSYNC_VERSION", "1.5")
-    expect_folder(ensure_weights(manifest, tmp_path / "w15"), "1.5")
-    expect_folder(ensure_weights(manifest, tmp_path / "w16", "1.6"), "1.6")
+    monkeypatch.setenv("LATENTSYNC_VERSION", "1.5")  # the entry points read it, not the library
+    expect_folder(fill(manifest, tmp_path, "1.5"), "1.5")
+    expect_folder(ensure_weights(manifest, None, cache_home=tmp_path / "cache"), "1.6")
+    assert default_folder(tmp_path, "1.5") != default_folder(tmp_path, "1.6")
     with pytest.raises(InputError, match="1.4"):
-        ensure_weights(manifest, tmp_path / "w14", "1.4")
+        fill(manifest, tmp_path, "1.4")
 
 
 # --- downloading ----------------------------------------------------------------------------------------------------
@@ -194,7 +246,7 @@ def test_version_comes_from_the_argument_then_the_environment(tmp_path, server, 
 def test_cut_connection_is_resumed_with_a_range_request(tmp_path, server):
     manifest = write_manifest(tmp_path, server.base)
     server.cut_once.add("unet16.pt")
-    folder = ensure_weights(manifest, tmp_path / "weights", "1.6")
+    folder = fill(manifest, tmp_path)
     expect_folder(folder)
     tries = [r for name, r in server.requests if name == "unet16.pt"]
     half = len(FILES["unet16.pt"]) // 2
@@ -204,33 +256,33 @@ def test_cut_connection_is_resumed_with_a_range_request(tmp_path, server):
 def test_cut_connection_is_resumed_without_a_known_size(tmp_path, server):
     manifest = write_manifest(tmp_path, server.base, sizes=False, shas=False)
     server.cut_once.add("unet16.pt")
-    expect_folder(ensure_weights(manifest, tmp_path / "weights", "1.6"))
+    expect_folder(fill(manifest, tmp_path))
     assert [r for name, r in server.requests if name == "unet16.pt"][1] == f"bytes={len(FILES['unet16.pt']) // 2}-"
 
 
 def test_partial_file_left_by_an_earlier_run_is_resumed(tmp_path, server):
     manifest = write_manifest(tmp_path, server.base)
-    folder = tmp_path / "weights"
-    folder.mkdir()
+    folder = default_folder(tmp_path)
+    folder.mkdir(parents=True)
     (folder / "latentsync_unet.pt.part").write_bytes(FILES["unet16.pt"][:1000])
-    expect_folder(ensure_weights(manifest, folder, "1.6"))
+    expect_folder(fill(manifest, tmp_path))
     assert [r for name, r in server.requests if name == "unet16.pt"] == ["bytes=1000-"]
 
 
 def test_complete_partial_file_is_finished_without_a_body(tmp_path, server):
     manifest = write_manifest(tmp_path, server.base, sizes=False)
-    folder = tmp_path / "weights"
-    folder.mkdir()
+    folder = default_folder(tmp_path)
+    folder.mkdir(parents=True)
     (folder / "mask.png.part").write_bytes(FILES["mask.png"])
-    expect_folder(ensure_weights(manifest, folder, "1.6"))
+    expect_folder(fill(manifest, tmp_path))
     assert [r for name, r in server.requests if name == "mask.png"] == [f"bytes={len(FILES['mask.png'])}-"]
 
 
 def test_checksum_mismatch_is_refused_and_nothing_is_left_behind(tmp_path, server):
     manifest = write_manifest(tmp_path, server.base, override={"whisper/tiny.pt": "0" * 64})
-    folder = tmp_path / "weights"
+    folder = default_folder(tmp_path)
     with pytest.raises(InputError, match=r"whisper/tiny\.pt.*sha256"):
-        ensure_weights(manifest, folder, "1.6")
+        fill(manifest, tmp_path)
     assert not (folder / "whisper/tiny.pt").exists()
     assert not list(folder.rglob("tiny.pt*"))
     assert (folder / "mask.png").read_bytes() == FILES["mask.png"]  # the other files still arrived
@@ -241,46 +293,64 @@ def test_size_disagreeing_with_the_server_is_refused_before_the_body(tmp_path, s
     text = manifest.read_text().replace(f" {len(FILES['tiny.pt'])} ", f" {len(FILES['tiny.pt']) + 1} ")
     manifest.write_text(text)
     with pytest.raises(InputError, match=r"whisper/tiny\.pt"):
-        ensure_weights(manifest, tmp_path / "weights", "1.6")
-    assert not list((tmp_path / "weights").rglob("tiny.pt*"))
+        fill(manifest, tmp_path)
+    assert not list(default_folder(tmp_path).rglob("tiny.pt*"))
 
 
 def test_missing_file_on_the_server_names_the_file_and_url(tmp_path, server):
     manifest = write_manifest(tmp_path, server.base)
     manifest.write_text(manifest.read_text().replace("/vae.json", "/gone.json"))
-    with pytest.raises(RuntimeError, match=r"sd-vae-ft-mse/config\.json.*gone\.json.*404"):
-        ensure_weights(manifest, tmp_path / "weights", "1.6")
+    with pytest.raises(ResourceError, match=r"sd-vae-ft-mse/config\.json.*gone\.json.*404"):
+        fill(manifest, tmp_path)
 
 
 def test_valid_files_already_present_are_not_requested(tmp_path, server):
     manifest = write_manifest(tmp_path, server.base)
-    folder = ensure_weights(manifest, tmp_path / "weights", "1.6")
+    folder = fill(manifest, tmp_path)
     server.requests.clear()
-    assert ensure_weights(manifest, folder, "1.6") == folder
+    assert fill(manifest, tmp_path) == folder
     assert server.requests == []
 
 
-def test_prefilled_files_are_checked_then_kept(tmp_path, server):
+def test_valid_files_in_the_default_folder_are_kept_and_the_rest_fetched(tmp_path, server):
     manifest = write_manifest(tmp_path, server.base)
-    folder = tmp_path / "weights"
+    folder = default_folder(tmp_path)
     (folder / "whisper").mkdir(parents=True)
     (folder / "whisper/tiny.pt").write_bytes(FILES["tiny.pt"])
-    (folder / "mask.png").write_bytes(b"not the mask")
-    expect_folder(ensure_weights(manifest, folder, "1.6"))
+    expect_folder(fill(manifest, tmp_path))
     names = [name for name, _ in server.requests]
     assert "tiny.pt" not in names and names.count("mask.png") == 1
+
+
+def test_a_wrong_file_in_the_default_folder_is_reported_and_never_deleted(tmp_path, server):
+    manifest = write_manifest(tmp_path, server.base)
+    folder = default_folder(tmp_path)
+    folder.mkdir(parents=True)
+    (folder / "mask.png").write_bytes(b"not the mask")
+    with pytest.raises(InputError) as caught:
+        fill(manifest, tmp_path)
+    message = str(caught.value)
+    assert "mask.png: 12 bytes, expected 1871" in message and "left untouched" in message and "\n" not in message
+    assert (folder / "mask.png").read_bytes() == b"not the mask"
+    assert server.requests == []
+    same_size = bytearray(FILES["mask.png"])
+    same_size[0] ^= 0xFF
+    (folder / "mask.png").write_bytes(bytes(same_size))
+    with pytest.raises(InputError, match=rf"mask\.png: sha256 {sha(bytes(same_size))}, expected {sha(FILES['mask.png'])}"):
+        fill(manifest, tmp_path)
+    assert (folder / "mask.png").read_bytes() == bytes(same_size)
 
 
 def test_several_files_download_in_parallel(tmp_path, server):
     manifest = write_manifest(tmp_path, server.base)
     server.barrier = threading.Barrier(4, timeout=20)  # all four requests must be open at the same time
-    expect_folder(ensure_weights(manifest, tmp_path / "weights", "1.6", jobs=4))
+    expect_folder(fill(manifest, tmp_path, jobs=4))
     assert len(server.requests) == 4
 
 
 def test_a_folder_holds_one_version(tmp_path, server):
     manifest = write_manifest(tmp_path, server.base)
-    folder = ensure_weights(manifest, tmp_path / "weights", "1.6")
+    folder = fill(manifest, tmp_path)
     with pytest.raises(InputError, match="holds LatentSync 1.6"):
         ensure_weights(manifest, folder, "1.5")
     with pytest.raises(InputError, match="holds LatentSync 1.6"):
@@ -292,12 +362,17 @@ def test_a_folder_holds_one_version(tmp_path, server):
 STUB = """#!{python}
 # STAND-IN for Replicate's pget (written by tests/test_download.py): records how it was called, then fetches each
 # `url dest` line of the manifest with urllib, the way `pget multifile` would.
-import json, sys, urllib.request
+import io, json, sys, tarfile, urllib.request
 log = {log!r}
-lines = open(sys.argv[2]).read().split("\\n") if len(sys.argv) > 2 else []
+multifile = sys.argv[1] == "multifile"
+lines = open(sys.argv[2]).read().split("\\n") if multifile else []
 json.dump({{"argv": sys.argv[1:], "manifest": lines}}, open(log, "w"))
 if {fail}:
     sys.exit(1)
+if sys.argv[1] == "-x":  # pget -x URL DEST: download a tar and unpack it into DEST
+    with urllib.request.urlopen(sys.argv[2]) as r:
+        tarfile.open(fileobj=io.BytesIO(r.read())).extractall(sys.argv[3], filter="data")
+    sys.exit(0)
 for line in filter(None, lines):
     url, dest = line.split()
     with urllib.request.urlopen(url) as r, open(dest, "xb") as out:
@@ -319,7 +394,7 @@ def install_stub_pget(tmp_path: Path, monkeypatch, *, fail: bool = False) -> Pat
 def test_pget_multifile_gets_a_manifest_of_url_dest_lines(tmp_path, server, monkeypatch):
     log = install_stub_pget(tmp_path, monkeypatch)
     manifest = write_manifest(tmp_path, server.base)
-    folder = ensure_weights(manifest, tmp_path / "weights", "1.6")
+    folder = fill(manifest, tmp_path)
     expect_folder(folder)
     call = json.loads(log.read_text())
     assert call["argv"][0] == "multifile" and len(call["argv"]) == 2
@@ -336,34 +411,66 @@ def test_pget_output_is_checked_like_any_download(tmp_path, server, monkeypatch)
     install_stub_pget(tmp_path, monkeypatch)
     manifest = write_manifest(tmp_path, server.base, override={"mask.png": "1" * 64})
     with pytest.raises(InputError, match=r"mask\.png.*sha256"):
-        ensure_weights(manifest, tmp_path / "weights", "1.6")
-    assert not list((tmp_path / "weights").glob("mask.png*"))
+        fill(manifest, tmp_path)
+    assert not list(default_folder(tmp_path).glob("mask.png*"))
 
 
 def test_failing_pget_falls_back_to_python(tmp_path, server, monkeypatch):
     log = install_stub_pget(tmp_path, monkeypatch, fail=True)
     manifest = write_manifest(tmp_path, server.base)
-    expect_folder(ensure_weights(manifest, tmp_path / "weights", "1.6"))
+    expect_folder(fill(manifest, tmp_path))
     assert log.exists() and len(server.requests) == 4
 
 
 # --- pre-filled folders (LATENTSYNC_WEIGHTS_DIR) and verification ---------------------------------------------------
 
-def test_weights_dir_from_the_environment_skips_the_network(tmp_path, server, monkeypatch):
+def prefilled(folder: Path, version: str = "1.6") -> Path:
+    """A folder filled by hand (no record, no lock), as a user or an image build would leave it."""
+    unet = "unet16.pt" if version == "1.6" else "unet15.pt"
+    for dest, name in [("latentsync_unet.pt", unet), ("whisper/tiny.pt", "tiny.pt"),
+                       ("sd-vae-ft-mse/config.json", "vae.json"), ("mask.png", "mask.png")]:
+        (folder / dest).parent.mkdir(parents=True, exist_ok=True)
+        (folder / dest).write_bytes(FILES[name])
+    return folder
+
+
+def test_a_named_folder_is_verified_and_never_written_to(tmp_path, server, monkeypatch):
     manifest = write_manifest(tmp_path, server.base)
-    baked = ensure_weights(manifest, tmp_path / "baked", "1.6")
-    server.requests.clear()
-    monkeypatch.setenv("LATENTSYNC_WEIGHTS_DIR", str(baked))
-    assert ensure_weights(manifest, version="1.6") == baked
-    (baked / "whisper/tiny.pt").unlink()
-    with pytest.raises(InputError, match=r"whisper/tiny\.pt: missing"):
-        ensure_weights(manifest, version="1.6")
+    folder = prefilled(tmp_path / "mine")
+    (folder / "whisper/tiny.pt").unlink()
+    before = snapshot(folder)
+    monkeypatch.setenv("LATENTSYNC_WEIGHTS_DIR", str(tmp_path / "elsewhere"))  # the library reads no environment
+    with pytest.raises(InputError, match=r"whisper/tiny\.pt: missing.*never downloaded into"):
+        ensure_weights(manifest, folder, "1.6")
+    assert snapshot(folder) == before  # no record, no lock, no partial file
+    assert server.requests == []
+    (folder / "whisper/tiny.pt").write_bytes(FILES["tiny.pt"])
+    before = snapshot(folder)
+    assert ensure_weights(manifest, folder, "1.6") == folder
+    assert snapshot(folder) == before and server.requests == []
+
+
+def test_a_wrong_file_in_a_named_folder_is_named_with_expected_and_found_and_kept(tmp_path, server):
+    manifest = write_manifest(tmp_path, server.base)
+    folder = prefilled(tmp_path / "mine")
+    (folder / "whisper/tiny.pt").write_bytes(b"x" * 10)
+    with pytest.raises(InputError, match=rf"whisper/tiny\.pt: 10 bytes, expected {len(FILES['tiny.pt'])}"):
+        verify_weights(folder, "1.6", manifest)
+    assert (folder / "whisper/tiny.pt").read_bytes() == b"x" * 10 and server.requests == []
+
+
+def test_a_read_only_folder_is_verified(tmp_path, server):
+    manifest = write_manifest(tmp_path, server.base)
+    with read_only_tmpfs(tmp_path / "ro", prefilled) as folder:
+        with pytest.raises(OSError):
+            (folder / "probe").write_bytes(b"")
+        assert verify_weights(folder, "1.6", manifest) == folder
     assert server.requests == []
 
 
 def test_verify_refuses_a_truncated_file(tmp_path, server):
     manifest = write_manifest(tmp_path, server.base, sizes=False, shas=False)
-    folder = ensure_weights(manifest, tmp_path / "weights", "1.6")
+    folder = fill(manifest, tmp_path)
     verify_weights(folder, "1.6", manifest)
     with open(folder / "latentsync_unet.pt", "r+b") as f:  # sizes unknown to the manifest: the record knows them
         f.truncate(1000)
@@ -385,3 +492,112 @@ def test_verify_refuses_a_sha256_mismatch_in_a_prefilled_folder(tmp_path, server
     with pytest.raises(InputError, match=r"mask\.png: sha256 [0-9a-f]{64}, expected"):
         verify_weights(folder, "1.6", manifest)
     assert server.requests == []
+
+
+# --- Hugging Face mirrors (HF_ENDPOINT) --------------------------------------------------------------------------------
+
+def test_hugging_face_urls_follow_the_endpoint_given(tmp_path, server):
+    manifest = write_manifest(tmp_path, "https://huggingface.co")
+    expect_folder(fill(manifest, tmp_path, endpoint=server.base + "/"))
+    assert sorted(name for name, _ in server.requests) == ["mask.png", "tiny.pt", "unet16.pt", "vae.json"]
+    assert download.mirrored("https://example.com/a.pt", server.base) == "https://example.com/a.pt"
+
+
+# --- archives ---------------------------------------------------------------------------------------------------------
+
+def archive_manifest(tmp_path: Path, base: str, *, archive_sha: str | None = None, member_sha: dict | None = None,
+                     urls: bool = False) -> Path:
+    """Single-file lines without URLs (or with them) plus one 1.6 archive line holding them."""
+    manifest = write_manifest(tmp_path, base, override=member_sha)
+    lines = []
+    for line in manifest.read_text().splitlines():
+        fields = line.split()
+        if fields and not line.startswith("#") and not urls:
+            fields[1] = "-"
+        lines.append(" ".join(fields))
+    tar = FILES["bundle16.tar"]
+    lines.append(f"1.6 {base}/bundle16.tar ./ {len(tar)} {archive_sha or sha(tar)}")
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest
+
+
+def test_an_archive_is_downloaded_checked_and_unpacked(tmp_path, server):
+    folder = fill(archive_manifest(tmp_path, server.base), tmp_path)
+    expect_folder(folder)
+    assert [name for name, _ in server.requests] == ["bundle16.tar"]
+    assert not (folder / "README.txt").exists()  # not in the manifest: not installed (and logged)
+    assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".latentsync-")) == [
+        ".latentsync-weights.json", ".latentsync-weights.lock"]  # no staging folder or archive left
+
+
+def test_an_archive_with_the_wrong_sha256_is_refused_before_unpacking(tmp_path, server):
+    with pytest.raises(InputError, match=r"\./ from .*bundle16\.tar does not match.*sha256"):
+        fill(archive_manifest(tmp_path, server.base, archive_sha="2" * 64), tmp_path)
+    folder = default_folder(tmp_path)
+    assert not (folder / "mask.png").exists()
+    assert sorted(p.name for p in folder.iterdir()) == [".latentsync-weights.json", ".latentsync-weights.lock"]
+
+
+def test_a_file_in_an_archive_must_match_its_own_line(tmp_path, server):
+    manifest = archive_manifest(tmp_path, server.base, member_sha={"mask.png": "3" * 64})
+    with pytest.raises(InputError, match=r"mask\.png in the archive .* sha256 [0-9a-f]{64}, expected 3{64}"):
+        fill(manifest, tmp_path)
+    assert not (default_folder(tmp_path) / "mask.png").exists()
+
+
+def test_files_an_archive_lacks_come_from_their_own_urls(tmp_path, server):
+    manifest = archive_manifest(tmp_path, server.base, urls=True)
+    manifest.write_text(manifest.read_text().replace("unet16.pt latentsync_unet.pt", "unet16.pt extra/unet.pt"))
+    folder = fill(manifest, tmp_path)
+    assert (folder / "extra/unet.pt").read_bytes() == FILES["unet16.pt"]
+    assert [name for name, _ in server.requests] == ["bundle16.tar", "unet16.pt"]
+
+
+def test_an_archive_is_unpacked_by_pget_x_when_pget_is_installed(tmp_path, server, monkeypatch):
+    log = install_stub_pget(tmp_path, monkeypatch)
+    folder = fill(archive_manifest(tmp_path, server.base), tmp_path)
+    expect_folder(folder)
+    call = json.loads(log.read_text())
+    assert call["argv"][:2] == ["-x", f"{server.base}/bundle16.tar"]
+    assert Path(call["argv"][2]).parent.parent == folder  # a staging folder inside the weights folder, now gone
+    assert not Path(call["argv"][2]).parent.exists()
+
+
+# --- the same rule through the CLI (the entry point reads the environment) ---------------------------------------------
+
+SAMPLES = REPO / "samples"
+
+
+def run_cli(tmp_path: Path, capsys, *extra: str) -> tuple[int, str]:
+    from latentsync.cli import main
+
+    status = main([str(SAMPLES / "face.mp4"), str(SAMPLES / "speech.wav"), "-o", str(tmp_path / "out.mp4"), *extra])
+    return status, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("how", ["--weights-dir", "LATENTSYNC_WEIGHTS_DIR"])
+def test_cli_verifies_a_named_folder_and_keeps_a_wrong_file(tmp_path, server, monkeypatch, capsys, how):
+    manifest = write_manifest(tmp_path, server.base)
+    folder = prefilled(tmp_path / "mine")
+    (folder / "mask.png").write_bytes(b"a user's own mask")
+    before = snapshot(folder)
+    monkeypatch.setenv("LATENTSYNC_MANIFEST", str(manifest))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    args = ["--weights-dir", str(folder)] if how == "--weights-dir" else []
+    if how == "LATENTSYNC_WEIGHTS_DIR":
+        monkeypatch.setenv("LATENTSYNC_WEIGHTS_DIR", str(folder))
+    status, err = run_cli(tmp_path, capsys, *args)
+    assert status == 2
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "mask.png: 17 bytes, expected 1871" in line, err
+    assert snapshot(folder) == before and server.requests == []
+    assert not (tmp_path / "cache").exists()  # nothing went to the default folder either
+
+
+def test_cli_without_a_folder_fills_the_default_one(tmp_path, server, monkeypatch, capsys):
+    monkeypatch.setenv("LATENTSYNC_MANIFEST", str(write_manifest(tmp_path, "https://huggingface.co")))
+    monkeypatch.setenv("HF_ENDPOINT", server.base)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    status, err = run_cli(tmp_path, capsys)
+    expect_folder(default_folder(tmp_path))  # downloaded through the mirror and checked
+    assert status == 2 and "latentsync_unet.pt" in err  # the served bytes are random: loading them is refused

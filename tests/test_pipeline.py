@@ -283,13 +283,33 @@ def test_active_speaker_edits_the_face_the_scorer_picks(pipe, media, two_faces, 
     assert _edited_half(out, two_faces["voiced"]) == "right"
 
 
-def test_active_speaker_without_a_soundtrack_falls_back_to_the_largest_face(pipe, media, two_faces, tmp_path, caplog):
+def _faces_of_two_sizes(path, bigger: str):
+    """Two people side by side, no soundtrack: one at full size, the other shrunk to 70 % on a grey background."""
+    import cv2
+
+    from media_utils import face_frame
+
+    frames = []
+    for i in range(40):
+        big = face_frame(2 * np.sin(i / 6), 0)
+        small = np.full_like(big, 110)
+        h, w = big.shape[:2]
+        shrunk = cv2.resize(face_frame(-2 * np.sin(i / 6), 1), (int(w * 0.7), int(h * 0.7)),
+                            interpolation=cv2.INTER_AREA)
+        top, left = (h - shrunk.shape[0]) // 2, (w - shrunk.shape[1]) // 2
+        small[top:top + shrunk.shape[0], left:left + shrunk.shape[1]] = shrunk
+        frames.append(np.concatenate([big, small] if bigger == "left" else [small, big], axis=1))
+    return write_clip(path, frames)
+
+
+@pytest.mark.parametrize("bigger", ["left", "right"])
+def test_active_speaker_without_a_soundtrack_falls_back_to_the_largest_face(pipe, media, tmp_path, caplog, bigger):
+    clip = _faces_of_two_sizes(tmp_path / f"two_sizes_{bigger}.mp4", bigger)
     out = tmp_path / "fallback.mp4"
     with caplog.at_level("WARNING"):
-        pipe.lipsync(two_faces["silent"], media["speech_16"], out, face_select="active_speaker",
-                     loop_mode="cut_off", seed=1, **FAST)
+        pipe.lipsync(clip, media["speech_16"], out, face_select="active_speaker", loop_mode="cut_off", seed=1, **FAST)
     assert "no audio track" in caplog.text
-    assert _edited_half(out, two_faces["silent"]) in ("left", "right")
+    assert _edited_half(out, clip) == bigger
 
 
 def test_keep_fps_processes_and_writes_at_the_source_rate(pipe, media, tmp_path):

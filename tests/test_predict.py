@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import functools
+import gc
 import http.server
 import inspect
+import logging
 import shutil
 import sys
 import threading
@@ -14,6 +16,7 @@ import pytest
 
 from conftest import REPO
 from latentsync import InputError
+from mounts import read_only_tmpfs
 from media_utils import face_clip, probe_streams, tone, write_clip
 from tiny_weights import DESTS, make_tiny_weights, manifest_for
 
@@ -74,15 +77,15 @@ def media(tmp_path_factory):
 
 
 def test_inputs_declare_the_documented_defaults_bounds_and_choices():
-    from latentsync.pipeline import FACE_SELECTS, LOOP_MODES
+    from latentsync.options import FACE_SELECTS, LOOP_MODES
 
     params = inspect.signature(predict.Predictor.predict).parameters
     field = {name: p.default for name, p in params.items() if name != "self"}
     assert list(field) == ["video", "audio", "guidance_scale", "inference_steps", "seed", "loop_mode",
                            "enable_deepcache", "keep_fps", "face_select"]
     assert (field["guidance_scale"].default, field["guidance_scale"].ge, field["guidance_scale"].le) == (1.5, 1.0, 3.0)
-    assert (field["inference_steps"].default, field["inference_steps"].ge, field["inference_steps"].le) == (20, 10, 50)
-    assert field["seed"].default is None
+    assert (field["inference_steps"].default, field["inference_steps"].ge, field["inference_steps"].le) == (20, 1, 100)
+    assert (field["seed"].default, field["seed"].ge, field["seed"].le) == (None, 0, 2**32 - 1)
     assert field["loop_mode"].default == "bounce" and field["loop_mode"].choices == list(LOOP_MODES)
     assert field["face_select"].default == "largest" and field["face_select"].choices == list(FACE_SELECTS)
     assert field["enable_deepcache"].default is True and field["keep_fps"].default is False
@@ -110,6 +113,24 @@ def test_metrics_report_the_seed_frames_and_stage_times(predictor, media, metric
     assert {"sync.offset0_cosine", "sync.best_offset", "sync.confidence"} <= set(metrics)
     call(predictor, video=media["clip"], audio=media["speech"], **FAST)
     assert isinstance(metrics["seed"], int)
+
+
+def test_seed_zero_is_an_ordinary_seed(predictor, media, metrics):
+    call(predictor, video=media["clip"], audio=media["speech"], seed=0, **FAST)
+    assert metrics["seed"] == 0
+
+
+def test_logs_show_progress_and_no_temporary_paths(predictor, media, metrics, caplog, monkeypatch):
+    monkeypatch.setattr(predict, "PROGRESS_EVERY_S", 0.0)  # a heartbeat at every check of the run
+    caplog.set_level(logging.INFO)
+    out = call(predictor, video=media["clip"], audio=media["speech"], seed=5, **FAST)
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "lip-sync still running" in text
+    assert "<video>" in text and "<output>" in text, text  # the pipeline's own lines, with the paths renamed
+    for secret in (str(media["clip"]), media["clip"].name, str(out), out.name, str(predictor.work_root)):
+        assert secret not in text
+    assert not any(isinstance(h, logging.Handler) and h.filters for h in logging.getLogger().handlers
+                   if any(isinstance(f, predict._PathScrubber) for f in h.filters))  # removed after the run
 
 
 def test_file_extensions_are_not_trusted(predictor, media, metrics, tmp_path):
@@ -173,6 +194,23 @@ def test_setup_refuses_a_sha256_mismatch_naming_the_file(env, tiny, tmp_path):
             predict.Predictor().setup()
     finally:
         env.setenv("LATENTSYNC_WEIGHTS_DIR", str(weights))
+    assert (damaged / "mask.png").read_bytes() == bytes(data)  # reported, never deleted or replaced
+
+
+def test_setup_loads_from_a_read_only_weights_folder(env, tiny, tmp_path):
+    weights, _, _ = tiny
+    copy = functools.partial(shutil.copytree, weights, dirs_exist_ok=True)
+    with read_only_tmpfs(tmp_path / "ro", copy) as folder:
+        env.setenv("LATENTSYNC_WEIGHTS_DIR", str(folder))
+        try:
+            p = predict.Predictor()
+            p.setup()  # verified: no lock file, nothing written
+            assert p.pipe.version == "1.6"
+            shutil.rmtree(p.work_root, ignore_errors=True)
+            del p  # its memory-mapped checkpoints keep files on the mount open
+            gc.collect()
+        finally:
+            env.setenv("LATENTSYNC_WEIGHTS_DIR", str(weights))
 
 
 def test_setup_refuses_a_truncated_file_naming_it(env, tiny, tmp_path):
@@ -188,20 +226,22 @@ def test_setup_refuses_a_truncated_file_naming_it(env, tiny, tmp_path):
         env.setenv("LATENTSYNC_WEIGHTS_DIR", str(weights))
 
 
-def test_setup_downloads_what_is_missing_then_loads(env, tiny, tmp_path, monkeypatch):
+def test_setup_downloads_into_the_default_folder_through_hf_endpoint(env, tiny, tmp_path):
     weights, _, _ = tiny
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(weights))
     handler.log_message = lambda *args: None
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     try:
-        manifest = manifest_for(weights, tmp_path / "weights.txt", f"http://127.0.0.1:{server.server_address[1]}")
+        # The manifest names huggingface.co; HF_ENDPOINT (Replicate's mirror, here a local server) serves it.
+        manifest = manifest_for(weights, tmp_path / "weights.txt", "https://huggingface.co")
         env.delenv("LATENTSYNC_WEIGHTS_DIR")
         env.setenv("LATENTSYNC_MANIFEST", str(manifest))
-        monkeypatch.setattr(predict, "ROOT", tmp_path / "project")
+        env.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
+        env.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
         p = predict.Predictor()
         p.setup()
-        folder = tmp_path / "project" / "checkpoints" / "latentsync-1.6"
+        folder = tmp_path / "cache" / "latentsync" / "1.6"
         for dest in DESTS:
             if not (weights / dest).is_file():
                 continue
@@ -211,5 +251,31 @@ def test_setup_downloads_what_is_missing_then_loads(env, tiny, tmp_path, monkeyp
     finally:
         server.shutdown()
         server.server_close()
+        for name in ("HF_ENDPOINT", "XDG_CACHE_HOME"):
+            env.delenv(name)
         env.setenv("LATENTSYNC_WEIGHTS_DIR", str(weights))
         env.setenv("LATENTSYNC_MANIFEST", str(tiny[2]))
+
+
+@pytest.mark.parametrize("value, expected", [("1", {"compile": True}), (None, {})])
+def test_compile_is_asked_for_only_when_latentsync_compile_is_1(env, monkeypatch, value, expected):
+    from latentsync.pipeline import LipSync
+
+    seen = {}
+
+    class Loaded:
+        device, dtype = "cpu", "torch.float32"
+
+    def fake_from_pretrained(weights_dir, **kwargs):
+        seen.update(kwargs)
+        return Loaded()
+
+    monkeypatch.setattr(LipSync, "from_pretrained", fake_from_pretrained)
+    if value is None:
+        monkeypatch.delenv("LATENTSYNC_COMPILE", raising=False)
+    else:
+        monkeypatch.setenv("LATENTSYNC_COMPILE", value)
+    p = predict.Predictor()
+    p.setup()
+    shutil.rmtree(p.work_root, ignore_errors=True)
+    assert {k: v for k, v in seen.items() if k == "compile"} == expected

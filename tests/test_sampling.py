@@ -161,14 +161,21 @@ def _denoise_chunks(unet, data, run, chunks) -> list[torch.Tensor]:
     return outs
 
 
+# The fixture chunks whose float32 trajectory is chaotic on random weights (measured: error 3.3e-2 with Δ 3.4e-2, and
+# 6.4e-3 with Δ 1.9e-2). Only these may use the float32-vs-float64 bound, and never above CHAOTIC_CEILING × std.
+CHAOTIC_CHUNKS = {("cfg_deepcache", 0), ("nocfg", 0)}
+CHAOTIC_CEILING = 5e-3  # × the reference's std: 50× the fixture tolerance, still far below an error of order one
+
+
 @pytest.mark.slow
 def test_denoise_matches_upstream_on_every_fixture_run(parity_dir):
     """Every run, chunked as the metadata says, within 1e-4 × std of upstream's output.
 
     On random weights some 16-frame trajectories are chaotic: float32 rounding alone moves their result by more
     than that tolerance (our own float32 and float64 runs of the same maths differ by Δ), and no float32 port
-    that is not bit-identical to the reference machine's kernels can land closer. For such a chunk the bound is
-    2Δ, measured here; a wrong step, guidance or cache shows up as an error of order one.
+    that is not bit-identical to the reference machine's kernels can land closer. For the chunks named in
+    CHAOTIC_CHUNKS the bound is 2Δ, measured here, capped at CHAOTIC_CEILING × std; every other chunk must meet
+    the tolerance. A wrong step, guidance or cache shows up as an error of order one.
     """
     meta = json.loads((parity_dir / "denoise_meta.json").read_text())
     data = load_file(parity_dir / "denoise_cases.safetensors")
@@ -187,13 +194,15 @@ def test_denoise_matches_upstream_on_every_fixture_run(parity_dir):
         for i, (n, chunk) in enumerate(zip(chunks, outs)):
             err = (chunk - ref[:, :, start:start + n]).abs().max().item()
             bound, note = tol, ""
-            if err > tol:  # is float32 itself this imprecise on this chunk?
+            if err > tol and (run["name"], i) in CHAOTIC_CHUNKS:  # is float32 itself this imprecise on this chunk?
                 inputs = {k: v[:, :, start:start + n] if v.dim() == 5 else v[start:start + n]
                           for k, v in data.items() if not k.endswith(".output")}
                 exact = _denoise_chunks(unet.double(), inputs, run, [n])[0]
                 unet.float()
                 delta = (chunk.double() - exact).abs().max().item()
-                bound, note = max(tol, 2 * delta), f", float32 vs float64 of our own maths {delta:.3g}"
+                ceiling = CHAOTIC_CEILING * ref.std().item()
+                bound = min(max(tol, 2 * delta), ceiling)
+                note = f", float32 vs float64 of our own maths {delta:.3g}, ceiling {ceiling:.3g}"
             print(f"{run['name']} chunk {i} ({n} frames): max abs error {err:.3g} (tolerance {tol:.3g}{note})")
             if not err <= bound:
                 failures.append(f"{run['name']} chunk {i}: {err:.3g} > {bound:.3g}")

@@ -272,4 +272,9 @@ def test_tracks_of_different_lengths_are_refused():
 def test_real_scorer_plugs_into_selection(tiny_net):
     a, wav = _random_clip(32, seed=6)
     b, _ = _random_clip(32, seed=7)
-    assert choose_active_speaker([a, b], wav, SyncScorer(tiny_net, max_offset=2, stride=16)) in (0, 1)
+    scorer = SyncScorer(tiny_net, max_offset=2, stride=16)
+    score_a, score_b = scorer(a, wav), scorer(b, wav)
+    assert score_a.confidence != score_b.confidence  # a real preference, not a tie broken by position
+    expected = 0 if (score_a.confidence, score_a.offset0_cosine) > (score_b.confidence, score_b.offset0_cosine) else 1
+    assert choose_active_speaker([a, b], wav, scorer) == expected
+    assert choose_active_speaker([b, a], wav, scorer) == 1 - expected  # follows the face, not the slot
