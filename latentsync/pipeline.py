@@ -14,6 +14,7 @@ import logging
 import math
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,18 +25,17 @@ from tqdm.auto import tqdm
 
 from latentsync import audio as audio_mod
 from latentsync import video as video_mod
-from latentsync.align import load_mask
-from latentsync.config import config_path, load_config
 from latentsync.crops import AlignStage
 from latentsync.devices import pick_device, pick_dtype
 from latentsync.errors import InputError
+from latentsync.facepool import FacePool, default_workers
 from latentsync.generate import GenerateStage
+from latentsync.loader import compile_unet, load_models
 from latentsync.options import FACE_SELECTS, LOOP_MODES, RunOptions  # noqa: F401 — re-exported for callers
 from latentsync.paste import PasteStage
 from latentsync.stages import Cancelled, StageClock, run_stages  # noqa: F401 — Cancelled re-exported
 from latentsync.timeline import chunk_at, nearest_with_face, output_length, source_index  # noqa: F401
 from latentsync.tracking import track_faces
-from latentsync.weights import load_scheduler, load_unet, load_vae, unet_config_for
 
 log = logging.getLogger(__name__)
 
@@ -105,55 +105,48 @@ class LipSync:
     frame_tap = None
 
     def __init__(self, *, unet, vae, audio_encoder, scheduler, mask: torch.Tensor, resolution: int, num_frames: int,
-                 device: torch.device, dtype: torch.dtype, syncnet=None, version: str | None = None):
+                 device: torch.device, dtype: torch.dtype, syncnet=None, version: str | None = None,
+                 face_workers: int = 0):
         self.unet, self.vae, self.audio_encoder, self.scheduler = unet, vae, audio_encoder, scheduler
         self.mask = mask.to(device=device, dtype=dtype)
         self.resolution, self.num_frames = resolution, num_frames
         self.device, self.dtype = device, dtype
         self.syncnet = syncnet
         self.version = version
+        self.face_workers = int(face_workers)
+        self._face_pool: FacePool | None = None
+        if self.face_workers > 0:
+            self._face_pool = FacePool(self.face_workers)  # started now: workers load mediapipe while we wait
 
     @classmethod
     def from_pretrained(cls, weights_dir: str | Path, version: str = "1.6", device: str | torch.device | None = None,
                         dtype: str | torch.dtype | None = None, unet_config: str | Path | None = None,
-                        syncnet_config: str | Path | None = None) -> "LipSync":
+                        syncnet_config: str | Path | None = None, *, compile: bool = False,
+                        face_workers: int | None = None) -> "LipSync":
         """Load VAE, U-Net, Whisper (and SyncNet when present) from a folder laid out like upstream's ``checkpoints/``.
 
         ``unet_config`` defaults to the config of ``version``; its ``data.resolution`` must match the checkpoint
         (1.5 = 256 px, 1.6 = 512 px). ``syncnet_config`` defaults to the shipped StableSyncNet config.
+        ``compile=True`` compiles the U-Net's full and shallow passes and warms them up here (minutes the first
+        time; cached next to the weights). ``face_workers``: face-detection processes (None: by core count).
         """
-        weights_dir = Path(weights_dir)
-        if not weights_dir.is_dir():
-            raise InputError(f"weights folder not found: {weights_dir}")
         device = pick_device(device)
-        dtype = pick_dtype(device, dtype)
-        unet_config = unet_config or unet_config_for(version)
-        cfg = load_config(unet_config)
-        data = cfg.get("data", {})
-        resolution = int(data.get("resolution", 256))
-        num_frames = int(data.get("num_frames", 16))
-        t0 = time.perf_counter()
-        unet = load_unet(cfg["model"], weights_dir / "latentsync_unet.pt", device=device, dtype=dtype)
-        vae = load_vae(weights_dir / "sd-vae-ft-mse", device=device, dtype=dtype)
-        # Whisper runs in fp16 on CUDA as upstream does (its LayerNorms stay fp32 inside transformers), fp32 elsewhere.
-        encoder = audio_mod.AudioEncoder.from_pretrained(weights_dir / "whisper" / "tiny.pt", device=device,
-                                                         dtype=torch.float16 if device.type == "cuda" else torch.float32)
-        mask = load_mask(weights_dir / "mask.png", resolution)
-        syncnet = None
-        syncnet_path = weights_dir / "stable_syncnet.pt"
-        if syncnet_path.is_file():
-            from latentsync.weights import load_syncnet
+        models = load_models(Path(weights_dir), version, device, pick_dtype(device, dtype), unet_config,
+                             syncnet_config)
+        if compile:
+            compile_unet(models, Path(weights_dir))
+        return cls(**models, face_workers=default_workers() if face_workers is None else face_workers)
 
-            syncnet_config = syncnet_config or config_path("syncnet/syncnet_16_pixel_attn.yaml")
-            syncnet = load_syncnet(syncnet_config, syncnet_path, device=device, dtype=torch.float32)
-        else:
-            log.warning("no %s: results will carry no sync score", syncnet_path)
-        log.info("loaded LatentSync %s (U-Net config %s, %d px, %s %s) in %.1f s", version, unet_config, resolution,
-                 device, str(dtype).removeprefix("torch."), time.perf_counter() - t0)
-        return cls(unet=unet, vae=vae, audio_encoder=encoder, scheduler=load_scheduler(), mask=mask,
-                   resolution=resolution, num_frames=num_frames, device=device, dtype=dtype, syncnet=syncnet,
-                   version=version)
+    def close(self) -> None:
+        """Stop the face-detection workers (they are also stopped at exit)."""
+        if self._face_pool is not None:
+            self._face_pool.close()
+            self._face_pool = None
 
+    def _pool(self) -> FacePool | None:
+        if self.face_workers > 0 and (self._face_pool is None or not self._face_pool.alive):
+            self._face_pool = FacePool(self.face_workers)  # again after an error or a cancel terminated it
+        return self._face_pool
 
     # ------------------------------------------------------------------------------------------------ public API
     def lipsync(self, video: str | Path, audio: str | Path, output: str | Path,
@@ -198,14 +191,15 @@ class LipSync:
             from latentsync.speaker import active_speaker_point
 
             with clock("active_speaker"):
-                face_point = active_speaker_point(self.syncnet, video, fps, info)
+                with self._syncnet_on_device() as syncnet:
+                    face_point = active_speaker_point(syncnet, video, fps, info)
         with clock("audio"):
             features = self.audio_encoder.features(wav)
         audio_frames = audio_mod.audio_frame_count(features, fps)
         # How many source frames matter: `silence` may use the whole video, other modes at most the audio's length.
         limit = None if opts.loop_mode == "silence" else audio_frames
         matrices, has_face = track_faces(video, fps, info, limit, face_point, self.resolution, clock=clock,
-                                         cancel=cancel, progress=progress)
+                                         pool=self._pool(), cancel=cancel, progress=progress)
         if len(matrices) == 0:
             raise InputError(f"{video}: no video frames could be read")
         if not has_face.any():
@@ -287,8 +281,8 @@ class LipSync:
         sync = None
         if self.syncnet is not None:
             crops = {j: c for part in rendered for j, c in part.sync_crops.items()}
-            with clock("sync"):
-                sync = score_spans(self.syncnet, plan.sync_spans, crops, plan.wav, plan.fps)
+            with clock("sync"), self._syncnet_on_device() as syncnet:
+                sync = score_spans(syncnet, plan.sync_spans, crops, plan.wav, plan.fps)
         seconds: dict[str, float] = {}
         for part_seconds in [plan.seconds, *(r.seconds for r in rendered), clock.seconds]:
             for k, v in part_seconds.items():
@@ -296,3 +290,17 @@ class LipSync:
         return LipSyncResult(output=output, seed=plan.options.seed, frames=plan.num_out,
                              frames_with_face=plan.frames_with_face, fps=plan.fps,
                              seconds={k: round(v, 3) for k, v in seconds.items()}, sync=sync)
+
+    @contextmanager
+    def _syncnet_on_device(self):
+        """SyncNet on the model's device while it scores, back on the CPU after (it is needed once per run)."""
+        if self.syncnet is None:
+            yield None
+            return
+        self.syncnet.to(self.device)
+        try:
+            yield self.syncnet
+        finally:
+            self.syncnet.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
