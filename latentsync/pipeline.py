@@ -14,6 +14,7 @@ import logging
 import math
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,11 +29,13 @@ from latentsync import video as video_mod
 from latentsync.crops import AlignStage
 from latentsync.devices import pick_device, pick_dtype
 from latentsync.errors import InputError
+from latentsync.face import FaceLandmarker
 from latentsync.facepool import FacePool, default_workers
 from latentsync.generate import GenerateStage
 from latentsync.loader import compile_unet, load_models
 from latentsync.options import FACE_SELECTS, LOOP_MODES, RunOptions  # noqa: F401 — re-exported for callers
 from latentsync.paste import PasteStage
+from latentsync.scoring import ScoreStage
 from latentsync.stages import Cancelled, StageClock, run_stages  # noqa: F401 — Cancelled re-exported
 from latentsync.timeline import chunk_at, nearest_with_face, output_length, source_index  # noqa: F401
 from latentsync.tracking import track_faces
@@ -91,7 +94,8 @@ class RenderPart:
     chunks: range
     frames: int
     seconds: dict[str, float]
-    sync_crops: dict[int, np.ndarray]  # output frame → SyncNet crop, for the frames of ``Plan.sync_spans`` covered
+    sync_scores: dict[tuple[int, int], Any]  # span of ``Plan.sync_spans`` → its SyncScore (None: unscorable)
+    sync_crops: dict[int, np.ndarray]  # output frame → SyncNet crop, for the spans not scored here
 
 
 class LipSync:
@@ -115,8 +119,7 @@ class LipSync:
         self.version = version
         self.face_workers = int(face_workers)
         self._face_pool: FacePool | None = None
-        if self.face_workers > 0:
-            self._face_pool = FacePool(self.face_workers)  # started now: workers load mediapipe while we wait
+        self._face_landmarker: FaceLandmarker | None = None
 
     @classmethod
     def from_pretrained(cls, weights_dir: str | Path, version: str = "1.6", device: str | torch.device | None = None,
@@ -138,15 +141,22 @@ class LipSync:
         return cls(**models, face_workers=default_workers() if face_workers is None else face_workers)
 
     def close(self) -> None:
-        """Stop the face-detection workers (they are also stopped at exit)."""
+        """Stop the face-detection workers and free the detector (workers are also stopped at exit)."""
         if self._face_pool is not None:
             self._face_pool.close()
             self._face_pool = None
+        if self._face_landmarker is not None:
+            self._face_landmarker.close()
+            self._face_landmarker = None
 
-    def _pool(self) -> FacePool | None:
+    def _detectors(self) -> tuple[FacePool | None, FaceLandmarker | None]:
+        """The face-detection workers, or the in-process detector: made at the first run and kept (building
+        mediapipe's graphs takes a moment), the workers again after an error or a cancel terminated them."""
         if self.face_workers > 0 and (self._face_pool is None or not self._face_pool.alive):
-            self._face_pool = FacePool(self.face_workers)  # again after an error or a cancel terminated it
-        return self._face_pool
+            self._face_pool = FacePool(self.face_workers)
+        if self.face_workers == 0 and self._face_landmarker is None:
+            self._face_landmarker = FaceLandmarker()
+        return self._face_pool, self._face_landmarker
 
     # ------------------------------------------------------------------------------------------------ public API
     def lipsync(self, video: str | Path, audio: str | Path, output: str | Path,
@@ -194,12 +204,19 @@ class LipSync:
                 with self._syncnet_on_device() as syncnet:
                     face_point = active_speaker_point(syncnet, video, fps, info)
         with clock("audio"):
-            features = self.audio_encoder.features(wav)
-        audio_frames = audio_mod.audio_frame_count(features, fps)
+            mel = audio_mod.log_mel(wav)
+        # The features have M // 2 rows for M mel frames: the face pass needs only that count, so Whisper runs
+        # beside it (its result is waited for below, also on error, so no thread outlives the plan).
+        audio_frames = audio_mod.audio_frame_count(torch.empty((mel.shape[1] // 2, 0, 0)), fps)
         # How many source frames matter: `silence` may use the whole video, other modes at most the audio's length.
         limit = None if opts.loop_mode == "silence" else audio_frames
-        matrices, has_face = track_faces(video, fps, info, limit, face_point, self.resolution, clock=clock,
-                                         pool=self._pool(), cancel=cancel, progress=progress)
+        with clock("faces"):
+            pool, landmarker = self._detectors()
+        with ThreadPoolExecutor(1, thread_name_prefix="latentsync-audio") as audio_thread:
+            encoding = audio_thread.submit(self._features, mel, clock)
+            matrices, has_face = track_faces(video, fps, info, limit, face_point, self.resolution, clock=clock,
+                                             pool=pool, landmarker=landmarker, cancel=cancel, progress=progress)
+            features = encoding.result()
         if len(matrices) == 0:
             raise InputError(f"{video}: no video frames could be read")
         if not has_face.any():
@@ -210,8 +227,7 @@ class LipSync:
             # `silence` with a longer video: pad the audio so the mouth closes over the rest of the video.
             pad = int(math.ceil(num_out / fps * audio_mod.SAMPLE_RATE)) - len(wav)
             wav = np.concatenate([wav, np.zeros(max(pad, 0), dtype=np.float32)])
-            with clock("audio"):
-                features = self.audio_encoder.features(wav)
+            features = self._features(audio_mod.log_mel(wav), clock)
         log.info("%s: %d output frames at %.3f fps from %d source frames (%d with a face), loop mode %s", video,
                  num_out, fps, len(matrices), int(has_face.sum()), opts.loop_mode)
         from latentsync.syncscore import sync_spans
@@ -247,8 +263,11 @@ class LipSync:
         writer = video_mod.VideoWriter(out_path, plan.fps, plan.info.width, plan.info.height)
         bar = tqdm(total=frames, desc="lip-sync", unit="frame", disable=not progress)
         paste = PasteStage(writer, plan.matrices, self.resolution, clock, bar, tap=self.frame_tap)
+        # SyncNet scores while the other stages work where it lives (the CPU); on a GPU, in ``finish``.
+        score = ScoreStage(self.syncnet, plan.sync_spans, plan.wav, plan.fps, range(at[0].start, at[-1].stop), clock,
+                           score_now=self.device.type == "cpu")
         try:
-            run_stages(at, [align, generate, paste], concurrent=not self.serial, cancel=cancel)
+            run_stages(at, [align, generate, paste, score], concurrent=not self.serial, cancel=cancel)
             with clock("encode"):
                 writer.close()
         except BaseException:
@@ -258,7 +277,7 @@ class LipSync:
             bar.close()
             align.close()
         return RenderPart(path=Path(out_path), chunks=chunks, frames=frames, seconds=clock.seconds,
-                          sync_crops=paste.sync)
+                          sync_scores=score.scores, sync_crops=score.crops)
 
     def finish(self, plan: Plan, parts: list[Path], output: Path, rendered: list[RenderPart]) -> LipSyncResult:
         """Join the rendered ``parts`` (in chunk order), mux the user's audio into ``output``, score the sync.
@@ -267,7 +286,7 @@ class LipSync:
         settings). ``seconds`` sums the plan's and every part's busy seconds with finishing's own.
         """
         from latentsync.join import join_parts
-        from latentsync.syncscore import score_spans
+        from latentsync.syncscore import combine_scores, score_span
 
         output = Path(output)
         clock = StageClock()
@@ -278,11 +297,16 @@ class LipSync:
                     silent = join_parts([Path(p) for p in parts], Path(tmp) / "joined.mp4")
             with clock("mux"):
                 video_mod.mux_audio(silent, plan.audio, output, duration=plan.num_out / plan.fps)
-        sync = None
-        if self.syncnet is not None:
+        scores = {span: s for part in rendered for span, s in part.sync_scores.items()}
+        todo = [span for span in plan.sync_spans if span not in scores]
+        if todo:
             crops = {j: c for part in rendered for j, c in part.sync_crops.items()}
             with clock("sync"), self._syncnet_on_device() as syncnet:
-                sync = score_spans(syncnet, plan.sync_spans, crops, plan.wav, plan.fps)
+                scores.update((span, score_span(syncnet, span, crops, plan.wav, plan.fps)) for span in todo)
+        scored = [scores[span] for span in plan.sync_spans if scores[span] is not None]
+        if self.syncnet is not None and not scored:
+            log.info("output too short to score its sync (SyncNet needs 16 frames at 25 fps)")
+        sync = combine_scores(scored) if scored else None
         seconds: dict[str, float] = {}
         for part_seconds in [plan.seconds, *(r.seconds for r in rendered), clock.seconds]:
             for k, v in part_seconds.items():
@@ -290,6 +314,10 @@ class LipSync:
         return LipSyncResult(output=output, seed=plan.options.seed, frames=plan.num_out,
                              frames_with_face=plan.frames_with_face, fps=plan.fps,
                              seconds={k: round(v, 3) for k, v in seconds.items()}, sync=sync)
+
+    def _features(self, mel: torch.Tensor, clock: StageClock) -> torch.Tensor:
+        with clock("audio"):
+            return self.audio_encoder.features_from_log_mel(mel)
 
     @contextmanager
     def _syncnet_on_device(self):

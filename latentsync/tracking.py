@@ -32,23 +32,27 @@ class _Detected:
 
 def track_faces(video: Path, fps: float, info: video_mod.VideoInfo, limit: int | None,
                 point: tuple[float, float] | None, resolution: int, *, clock: StageClock,
-                pool: FacePool | None = None, cancel: Any = None, progress: bool = False
-                ) -> tuple[np.ndarray, np.ndarray]:
+                pool: FacePool | None = None, landmarker: FaceLandmarker | None = None, cancel: Any = None,
+                progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Matrices ``(N, 2, 3)`` float32 (NaN where the face is missing) and ``has_face`` ``(N,)`` for the first
     ``limit`` frames (all when None) at ``fps``; the face followed is the largest, or the one nearest ``point``.
 
     With ``pool`` the detection runs in its worker processes (same results); on error or cancel the pool is
-    terminated, so no worker or ffmpeg process outlives the call.
+    terminated, so no worker or ffmpeg process outlives the call. Without, it runs here, on ``landmarker`` (one
+    is made and closed when None).
     """
     aligner = FaceAligner(resolution)
     matrices: list[np.ndarray] = []
     has_face: list[bool] = []
+    own = None
     if pool is None:
-        landmarker = FaceLandmarker()
+        if landmarker is None:
+            with clock("faces"):
+                landmarker = own = FaceLandmarker()
         frames = video_mod.read_frames(video, fps, count=limit, info=info)
         faces = (landmarker.detect(frame) for frame in frames)
     else:
-        landmarker, frames = None, None
+        frames = None
         faces = pool.detect(video, fps, info, limit, check=lambda: check_cancel(cancel))
     tracker = FaceTracker(landmarker=_Detected(faces), point=point)
     bar = tqdm(desc="faces", unit="frame", disable=not progress, total=limit)
@@ -78,8 +82,8 @@ def track_faces(video: Path, fps: float, info: video_mod.VideoInfo, limit: int |
         faces.close()
         if frames is not None:
             frames.close()
-        if landmarker is not None:
-            landmarker.close()
+        if own is not None:
+            own.close()
     if not matrices:
         return np.zeros((0, 2, 3), np.float32), np.zeros(0, bool)
     return np.stack(matrices), np.array(has_face)

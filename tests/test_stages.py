@@ -156,3 +156,19 @@ def pipe_options(**kw):
     from latentsync.options import RunOptions
 
     return RunOptions(**FAST, **kw)
+
+
+def test_stages_overlap_on_a_720p_clip(pipe, tmp_path):
+    """The issue's CPU figure: busy seconds of all stages add up to ≥ 1.3× the wall time (serial: 1.0×)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from pipeline_bench import make_clip
+
+    clip = make_clip(tmp_path / "720p.mp4", 3.0, 1280, 720)
+    result = pipe.lipsync(clip, speech(tmp_path / "s.wav", 3.0), tmp_path / "out.mp4", seed=0, loop_mode="cut_off",
+                          **FAST)
+    seconds = dict(result.seconds)
+    wall = seconds.pop("wall")
+    assert sum(seconds.values()) >= 1.3 * wall, result.seconds
