@@ -67,9 +67,11 @@ def compile_unet(models: dict[str, Any], weights_dir: Path) -> float:
     compiled = CompiledUNet(unet)
     f, lat = models["num_frames"], models["resolution"] // 8
     batch = 2 if GUIDANCE_SCALE > 1 else 1  # the default run: guidance on, unconditional and conditional at once
-    audio = audio_mod.audio_windows(torch.zeros(4, encoder.num_states, encoder.hidden_size), 0, f)
-    x = torch.zeros((batch, unet.config.in_channels, f, lat, lat), device=device, dtype=unet.dtype)
-    seconds = compiled.warm_up(x, torch.tensor(999, device=device),
-                               torch.cat([audio] * batch).to(device=device, dtype=unet.dtype))
+    with torch.inference_mode():  # inputs made as a run makes them (inference tensors), or dynamo recompiles
+        audio = audio_mod.audio_windows(torch.zeros(4, encoder.num_states, encoder.hidden_size), 0, f)
+        audio = torch.cat([audio] * batch).to(device=device, dtype=unet.dtype)
+        x = torch.zeros((batch, unet.config.in_channels, f, lat, lat), device=device, dtype=unet.dtype)
+        t = torch.tensor(999, device=device)
+    seconds = compiled.warm_up(x, t, audio)
     models["unet"] = compiled
     return seconds

@@ -18,6 +18,8 @@ from latentsync.models.unet import DeepCache, UNet3DConditionModel, UNet3DCondit
 
 log = logging.getLogger(__name__)
 
+BACKEND = "inductor"  # torch.compile's default; tests swap in "eager" to check the plumbing in seconds
+
 
 def use_cache_dir(folder: Path) -> Path:
     """Keep inductor's and Triton's compiled artefacts in ``folder``, so a later boot of the same machine reuses them.
@@ -42,8 +44,8 @@ class CompiledUNet:
     def __init__(self, unet: UNet3DConditionModel):
         self.unet = unet
         self.config = unet.config
-        self._full = torch.compile(self._full_pass, dynamic=False)
-        self._shallow = torch.compile(self._shallow_pass, dynamic=False)
+        self._full = torch.compile(self._full_pass, dynamic=False, backend=BACKEND)
+        self._shallow = torch.compile(self._shallow_pass, dynamic=False, backend=BACKEND)
         self._shapes: set[tuple[int, ...]] = set()
 
     @property
