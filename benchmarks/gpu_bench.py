@@ -87,7 +87,7 @@ def full_size_weights(folder: Path, device: torch.device) -> Path:
     from latentsync.models.motion_module import PositionalEncoding
     from latentsync.models.syncnet import StableSyncNet
     from latentsync.models.unet import UNet3DConditionModel
-    from tiny_weights import write_mask
+    import tiny_weights
 
     folder.mkdir(parents=True, exist_ok=True)
     if (folder / "stable_syncnet.pt").is_file():
@@ -112,47 +112,19 @@ def full_size_weights(folder: Path, device: torch.device) -> Path:
                   block_out_channels=(128, 256, 512, 512), sample_size=512,
                   down_block_types=("DownEncoderBlock2D",) * 4,
                   up_block_types=("UpDecoderBlock2D",) * 4).save_pretrained(folder / "sd-vae-ft-mse")
-    torch.save({"dims": _WHISPER_TINY, "model_state_dict": _whisper_state(_WHISPER_TINY)},
-               _mkdir(folder / "whisper") / "tiny.pt")
+    # Whisper tiny's width (384, the U-Net's cross-attention width) in the test helper's OpenAI-format writer;
+    # its other sizes (2 heads instead of 6, a stub decoder) do not change what is timed.
+    tiny_weights.AUDIO_DIM = 384
+    tiny_weights.write_whisper(folder)
     net = StableSyncNet.from_config(load_config(config_path("syncnet/syncnet_16_pixel_attn.yaml"))["model"])
     torch.save({"state_dict": net.state_dict()}, folder / "stable_syncnet.pt")
-    write_mask(folder)
+    tiny_weights.write_mask(folder)
     return folder
-
-
-_WHISPER_TINY = {"n_mels": 80, "n_audio_ctx": 1500, "n_audio_state": 384, "n_audio_head": 6, "n_audio_layer": 4,
-                 "n_vocab": 51865, "n_text_ctx": 448, "n_text_state": 384, "n_text_head": 6, "n_text_layer": 4}
 
 
 def _mkdir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def _whisper_state(dims: dict) -> dict[str, torch.Tensor]:
-    """OpenAI-format encoder weights of Whisper tiny's shapes, random (the loader ignores the decoder)."""
-    g = torch.Generator().manual_seed(1)
-    d, mels, ctx = dims["n_audio_state"], dims["n_mels"], dims["n_audio_ctx"]
-
-    def rnd(*shape: int, scale: float | None = None) -> torch.Tensor:
-        return (torch.randn(shape, generator=g) * (scale or 1 / math.sqrt(shape[-1]))).half()
-
-    pos = torch.arange(ctx)[:, None] * torch.exp(-math.log(10000) * torch.arange(d // 2) / (d // 2 - 1))[None]
-    state = {"encoder.conv1.weight": rnd(d, mels, 3, scale=0.1), "encoder.conv1.bias": rnd(d, scale=0.1),
-             "encoder.conv2.weight": rnd(d, d, 3, scale=0.05), "encoder.conv2.bias": rnd(d, scale=0.1),
-             "encoder.positional_embedding": torch.cat([pos.sin(), pos.cos()], 1).half(),
-             "encoder.ln_post.weight": 1 + rnd(d, scale=0.1), "encoder.ln_post.bias": rnd(d, scale=0.1)}
-    for i in range(dims["n_audio_layer"]):
-        b = f"encoder.blocks.{i}."
-        for name in ("query", "key", "value", "out"):
-            state[b + f"attn.{name}.weight"] = rnd(d, d)
-            if name != "key":
-                state[b + f"attn.{name}.bias"] = rnd(d, scale=0.1)
-        for norm in ("attn_ln", "mlp_ln"):
-            state[b + f"{norm}.weight"], state[b + f"{norm}.bias"] = 1 + rnd(d, scale=0.1), rnd(d, scale=0.1)
-        state[b + "mlp.0.weight"], state[b + "mlp.0.bias"] = rnd(4 * d, d), rnd(4 * d, scale=0.1)
-        state[b + "mlp.2.weight"], state[b + "mlp.2.bias"] = rnd(d, 4 * d), rnd(d, scale=0.1)
-    return state
 
 
 def run_case(version: str, compiled: bool, weights: Path, clips: dict[str, Path], speech: Path, args) -> dict:
