@@ -1,10 +1,11 @@
 """The lip-sync pipeline: upstream LatentSync's maths, streamed so memory stays flat on long videos.
 
 A run is ``plan`` → ``render`` → ``finish``:
-1. *plan*: probe, audio features, pass 1 over the video (track one face, keep only its smoothed 2×3 matrix per
-   frame), the output's length and frame order, and the spans the sync score samples;
+1. *plan*: probe, audio features, pass 1 over the video (``tracking``: one face followed, only its smoothed 2×3
+   matrix kept per frame; Whisper runs beside it), the output's length and frame order, the sync spans;
 2. *render*: for each 16-frame chunk of the output, fetch and align its frames, VAE-encode, denoise, decode,
-   paste back and encode; the three stages run concurrently (``crops``, ``generate``, ``paste``);
+   paste back and encode, score the sync of sampled spans; the stages (``crops``, ``generate``, ``paste``,
+   ``scoring``) run concurrently in threads joined by bounded queues (``stages``);
 3. *finish*: join the rendered parts, mux the user's own audio, score the sync.
 Rendering is split into chunk ranges so that several workers can render parts of one video (issue 12).
 """
