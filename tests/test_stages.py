@@ -165,3 +165,16 @@ def test_stages_overlap_on_a_720p_clip(pipe, tmp_path):
     seconds = dict(result.seconds)
     wall = seconds.pop("wall")
     assert sum(seconds.values()) >= 1.3 * wall, result.seconds
+
+
+def test_detection_workers_plan_the_same_run(pipe, media, monkeypatch):
+    one = pipe.plan(media["gap"], media["speech"], pipe_options(seed=2))
+    monkeypatch.setattr(pipe, "face_workers", 2)
+    try:
+        two = pipe.plan(media["gap"], media["speech"], pipe_options(seed=2))
+        assert pipe._face_pool is not None and pipe._face_pool.alive
+    finally:
+        pipe.close()
+    assert np.array_equal(one.has_face, two.has_face) and one.num_out == two.num_out
+    assert np.array_equal(one.matrices[one.has_face], two.matrices[two.has_face])
+    assert _leftovers() == ([], [])
