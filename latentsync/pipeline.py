@@ -11,11 +11,13 @@ Rendering is split into chunk ranges so that several workers can render parts of
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -38,8 +40,8 @@ from latentsync.paste import PasteStage
 from latentsync.plan import LipSyncResult, Plan, RenderPart
 from latentsync.scoring import ScoreStage
 from latentsync.stages import Cancelled, StageClock, run_stages  # noqa: F401 — Cancelled re-exported
-from latentsync.timeline import chunk_at, nearest_with_face, output_length, source_index  # noqa: F401
-from latentsync.tracking import track_faces
+from latentsync.timeline import Chunk, chunk_at, nearest_with_face, output_length, source_index  # noqa: F401
+from latentsync.tracking import FaceTrack
 
 log = logging.getLogger(__name__)
 
@@ -120,16 +122,27 @@ class LipSync:
         opts = RunOptions.make(options, **overrides).with_seed()
         output = Path(output)
         output.parent.mkdir(parents=True, exist_ok=True)
-        plan = self.plan(video, audio, opts, cancel=cancel, progress=progress)
-        with tempfile.TemporaryDirectory(prefix="latentsync-") as tmp:
-            part = self.render(plan, Path(tmp) / "video.mp4", cancel=cancel, progress=progress)
-            result = self.finish(plan, [part.path], output, [part])
+        # With `bounce`/`loop` the output's length is the audio's, so synthesis need not wait for pass 1 to end.
+        plan, track = self._plan(video, audio, opts, cancel, progress, stream=opts.loop_mode in ("bounce", "loop"))
+        try:
+            with tempfile.TemporaryDirectory(prefix="latentsync-") as tmp:
+                part = self._render(plan, Path(tmp) / "video.mp4", None, cancel, progress, track)
+                if track is not None:
+                    track.ensure(math.inf)
+                    _check_track(plan.video, track)
+                    track.close()
+                    matrices, has_face = track.arrays()
+                    plan = dataclasses.replace(plan, matrices=matrices, has_face=has_face)
+                result = self.finish(plan, [part.path], output, [part])
+        except BaseException:
+            if track is not None:
+                track.close(failed=True)
+            raise
         result.seconds["wall"] = round(time.perf_counter() - t0, 3)
         log.info("wrote %s: %d frames, %d with a face, seed %d, %s", output, result.frames, result.frames_with_face,
                  result.seed, result.seconds)
         return result
 
-    @torch.inference_mode()
     def plan(self, video: str | Path, audio: str | Path, options: RunOptions, *, cancel: Any = None,
              progress: bool = False) -> Plan:
         """Decide the run: probe, audio features, face pass 1 (matrices), output length and order, sync spans.
@@ -138,6 +151,13 @@ class LipSync:
         ``options`` without a seed gets a random one here; the plan carries it, so every ``render`` of the plan
         makes the same random draws.
         """
+        return self._plan(video, audio, options, cancel, progress, stream=False)[0]
+
+    @torch.inference_mode()
+    def _plan(self, video: str | Path, audio: str | Path, options: RunOptions, cancel: Any, progress: bool,
+              stream: bool) -> tuple[Plan, FaceTrack | None]:
+        """``plan``; with ``stream`` (output length = the audio's) pass 1 is left running: the plan's matrices
+        are the open track's growing lists, and the track is returned for ``_render`` to advance."""
         video, audio, opts = Path(video), Path(audio), options.with_seed()
         clock = StageClock()
         with clock("probe"):
@@ -153,37 +173,46 @@ class LipSync:
                     face_point = active_speaker_point(syncnet, video, fps, info)
         with clock("audio"):
             mel = audio_mod.log_mel(wav)
-        # The features have M // 2 rows for M mel frames: the face pass needs only that count, so Whisper runs
-        # beside it (its result is waited for below, also on error, so no thread outlives the plan).
+        # The features have M // 2 rows for M mel frames: the face pass needs only that count.
         audio_frames = audio_mod.audio_frame_count(torch.empty((mel.shape[1] // 2, 0, 0)), fps)
         # How many source frames matter: `silence` may use the whole video, other modes at most the audio's length.
         limit = None if opts.loop_mode == "silence" else audio_frames
         with clock("faces"):
             pool, landmarker = self._detectors()
-        with ThreadPoolExecutor(1, thread_name_prefix="latentsync-audio") as audio_thread:
-            encoding = audio_thread.submit(self._features, mel, clock)
-            matrices, has_face = track_faces(video, fps, info, limit, face_point, self.resolution, clock=clock,
-                                             pool=pool, landmarker=landmarker, cancel=cancel, progress=progress)
-            features = encoding.result()
-        if len(matrices) == 0:
-            raise InputError(f"{video}: no video frames could be read")
-        if not has_face.any():
-            raise InputError(f"{video}: no face was found in any frame; LatentSync needs a visible, roughly "
-                             "frontal face")
-        num_out, order = output_length(opts.loop_mode, len(matrices), audio_frames)
+        if stream:
+            features = self._features(mel, clock)
+        track = FaceTrack(video, fps, info, limit, face_point, self.resolution, clock=clock, pool=pool,
+                          landmarker=landmarker, cancel=cancel, progress=progress)
+        if stream:
+            num_out, order = output_length(opts.loop_mode, audio_frames, audio_frames)
+            matrices, has_face = track.matrices, track.has_face
+        else:
+            try:  # Whisper runs beside the face pass (waited for, also on error: no thread outlives the plan)
+                with ThreadPoolExecutor(1, thread_name_prefix="latentsync-audio") as audio_thread:
+                    encoding = audio_thread.submit(self._features, mel, clock)
+                    track.ensure(math.inf)
+                    features = encoding.result()
+                _check_track(video, track)
+            except BaseException:
+                track.close(failed=True)
+                raise
+            track.close()
+            matrices, has_face = track.arrays()
+            num_out, order = output_length(opts.loop_mode, len(matrices), audio_frames)
+            log.info("%s: %d source frames, %d with a face", video, len(matrices), int(has_face.sum()))
         if num_out > audio_frames:
             # `silence` with a longer video: pad the audio so the mouth closes over the rest of the video.
             pad = int(math.ceil(num_out / fps * audio_mod.SAMPLE_RATE)) - len(wav)
             wav = np.concatenate([wav, np.zeros(max(pad, 0), dtype=np.float32)])
             features = self._features(audio_mod.log_mel(wav), clock)
-        log.info("%s: %d output frames at %.3f fps from %d source frames (%d with a face), loop mode %s", video,
-                 num_out, fps, len(matrices), int(has_face.sum()), opts.loop_mode)
+        log.info("%s: %d output frames at %.3f fps, loop mode %s", video, num_out, fps, opts.loop_mode)
         from latentsync.syncscore import sync_spans
 
-        return Plan(video=video, audio=audio, options=opts, info=info, fps=fps, wav=wav,
+        plan = Plan(video=video, audio=audio, options=opts, info=info, fps=fps, wav=wav,
                     features=features.float().cpu().numpy(), matrices=matrices, has_face=has_face, num_out=num_out,
                     order=order, chunk_size=self.num_frames,
                     sync_spans=sync_spans(num_out) if self.syncnet is not None else [], seconds=clock.seconds)
+        return plan, track if stream else None
 
     def render(self, plan: Plan, out_path: Path, chunks: range | None = None, *, cancel: Any = None,
                progress: bool = False) -> RenderPart:
@@ -194,13 +223,26 @@ class LipSync:
         anywhere and joined by ``finish`` give the whole run's video. On error or cancel nothing is left at
         ``out_path``, and no thread or ffmpeg process of the render survives.
         """
+        return self._render(plan, Path(out_path), chunks, cancel, progress, None)
+
+    def _render(self, plan: Plan, out_path: Path, chunks: range | None, cancel: Any, progress: bool,
+                track: FaceTrack | None) -> RenderPart:
+        """``render``; with ``track`` (a streaming plan's pass 1) each chunk first tracks the frames it shows."""
         chunks = range(plan.num_chunks) if chunks is None else chunks
         if chunks.step != 1 or not 0 <= chunks.start < chunks.stop <= plan.num_chunks:
             raise ValueError(f"chunks must be a non-empty range within 0..{plan.num_chunks}, got {chunks}")
         clock = StageClock()
         size = plan.chunk_size
-        at = [chunk_at(c, size, plan.num_out, plan.order, plan.has_face) for c in chunks]
-        frames = sum(len(c.src) for c in at)
+        covered = range(chunks.start * size, min(chunks.stop * size, plan.num_out))
+
+        def source() -> Iterator[Chunk]:
+            for c in chunks:
+                if track is not None:
+                    track.ensure((c + 1) * size)  # the track's clock is the plan's: its seconds count there
+                    _check_track(plan.video, track)
+                # Past the frames tracked so far, chunk_at's count of source frames is the video's (track ended).
+                yield chunk_at(c, size, plan.num_out, plan.order, plan.has_face)
+
         with torch.inference_mode():
             generate = GenerateStage(self, plan.options.seed, plan.features, plan.fps, plan.options, clock, cancel)
             for c in range(chunks.start):
@@ -208,14 +250,14 @@ class LipSync:
         align = AlignStage(plan.video, plan.fps, plan.info, plan.matrices, self.resolution, self.device,
                            self.dtype, clock)
         writer = video_mod.VideoWriter(out_path, plan.fps, plan.info.width, plan.info.height)
-        bar = tqdm(total=frames, desc="lip-sync", unit="frame", disable=not progress)
+        bar = tqdm(total=len(covered), desc="lip-sync", unit="frame", disable=not progress)
         paste = PasteStage(writer, plan.matrices, self.resolution, self.device, plan.sync_spans, clock, bar,
                            tap=self.frame_tap)
         # SyncNet scores while the other stages work where it lives (the CPU); on a GPU, in ``finish``.
-        score = ScoreStage(self.syncnet, plan.sync_spans, plan.wav, plan.fps, range(at[0].start, at[-1].stop), clock,
+        score = ScoreStage(self.syncnet, plan.sync_spans, plan.wav, plan.fps, covered, clock,
                            score_now=self.device.type == "cpu")
         try:
-            run_stages(at, [align, generate, paste, score], concurrent=not self.serial, cancel=cancel)
+            run_stages(source(), [align, generate, paste, score], concurrent=not self.serial, cancel=cancel)
             with clock("encode"):
                 writer.close()
         except BaseException:
@@ -224,7 +266,7 @@ class LipSync:
         finally:
             bar.close()
             align.close()
-        return RenderPart(path=Path(out_path), chunks=chunks, frames=frames, seconds=clock.seconds,
+        return RenderPart(path=Path(out_path), chunks=chunks, frames=len(covered), seconds=clock.seconds,
                           sync_scores=score.scores, sync_crops=score.crops)
 
     def finish(self, plan: Plan, parts: list[Path], output: Path, rendered: list[RenderPart]) -> LipSyncResult:
@@ -280,3 +322,14 @@ class LipSync:
             self.syncnet.to("cpu")
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
+
+
+def _check_track(video: Path, track: FaceTrack) -> None:
+    """Once pass 1 has ended: an ``InputError`` when it read no frame or found the face in none."""
+    if not track.ended:
+        return
+    if not track.matrices:
+        raise InputError(f"{video}: no video frames could be read")
+    if not any(track.has_face):
+        raise InputError(f"{video}: no face was found in any frame; LatentSync needs a visible, roughly "
+                         "frontal face")
