@@ -63,7 +63,10 @@ def compile_unet(models: dict[str, Any], weights_dir: Path) -> float:
     from latentsync.models.compiled import CompiledUNet, cache_folder, use_cache_dir
 
     unet, encoder, device = models["unet"], models["audio_encoder"], models["device"]
-    use_cache_dir(cache_folder(weights_dir, device))
+    try:
+        use_cache_dir(cache_folder(weights_dir, device))
+    except OSError as exc:  # a read-only weights folder: compile anyway, with inductor's own cache
+        log.warning("cannot keep compiled kernels beside the weights (%s); a later boot compiles again", exc)
     compiled = CompiledUNet(unet)
     f, lat = models["num_frames"], models["resolution"] // 8
     batch = 2 if GUIDANCE_SCALE > 1 else 1  # the default run: guidance on, unconditional and conditional at once
