@@ -1,0 +1,120 @@
+"""Pass 1, face tracking: the smoothed affine matrix of the tracked face in every source frame.
+
+Only the 2×3 matrices are kept (a few bytes a frame). Detection depends on each frame alone (mediapipe in
+static-image mode), so it may run in worker processes over frame ranges (``facepool``); the choice of which face
+to follow and the aligner's smoothing depend on the frames before, so they run here, in frame order. The pass is
+a stream (``FaceTrack``): synthesis may start on the first chunks while later frames are still being tracked.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from latentsync import video as video_mod
+from latentsync.align import FaceAligner
+from latentsync.face import Face, FaceLandmarker, FaceTracker
+from latentsync.facepool import FacePool
+from latentsync.stages import StageClock, check_cancel
+
+
+class _Detected:
+    """A landmarker stand-in that hands the tracker faces detected elsewhere, one frame's list per call."""
+
+    def __init__(self, faces: Iterator[list[Face]]):
+        self._faces = faces
+
+    def detect(self, _frame: Any) -> list[Face]:
+        return next(self._faces)
+
+
+class FaceTrack:
+    """Pass 1 over the first ``limit`` frames (all when None) at ``fps``, tracked on demand: ``ensure(n)``.
+
+    ``matrices`` (2×3 float32, NaN where the face is missing) and ``has_face`` grow as frames are tracked; the
+    face followed is the largest, or the one nearest ``point``. With ``pool`` the detection runs in its worker
+    processes (same results), else here on ``landmarker`` (one is made when None). ``close(failed=True)``
+    terminates the pool, so no worker or ffmpeg process outlives an error or a cancel.
+    """
+
+    def __init__(self, video: Path, fps: float, info: video_mod.VideoInfo, limit: int | None,
+                 point: tuple[float, float] | None, resolution: int, *, clock: StageClock,
+                 pool: FacePool | None = None, landmarker: FaceLandmarker | None = None, cancel: Any = None,
+                 progress: bool = False):
+        self.clock, self.pool, self.cancel = clock, pool, cancel
+        self.matrices: list[np.ndarray] = []
+        self.has_face: list[bool] = []
+        self.ended = self._closed = False
+        self._aligner = FaceAligner(resolution)
+        self._own = self._frames = None
+        if pool is None:
+            if landmarker is None:
+                with clock("faces"):
+                    landmarker = self._own = FaceLandmarker()
+            self._frames = video_mod.read_frames(video, fps, count=limit, info=info)
+            faces = (landmarker.detect(frame) for frame in self._frames)
+        else:
+            faces = pool.detect(video, fps, info, limit, check=lambda: check_cancel(cancel))
+        self._faces = faces
+        self._tracker = FaceTracker(landmarker=_Detected(faces), point=point)
+        self._bar = tqdm(desc="faces", unit="frame", disable=not progress, total=limit)
+
+    def ensure(self, n: float) -> None:
+        """Track until ``n`` frames are known or the video has ended."""
+        while not self.ended and len(self.matrices) < n:
+            if len(self.matrices) % 16 == 0:
+                check_cancel(self.cancel)
+            with self.clock("faces"):
+                try:
+                    face = self._tracker.track(None)
+                except StopIteration:
+                    self.ended = True
+                    break
+                if face is None:
+                    self._aligner.reset()  # upstream's p_bias smoothing restarts after a gap
+                    self.matrices.append(np.full((2, 3), np.nan, np.float32))
+                    self.has_face.append(False)
+                else:
+                    self.matrices.append(self._aligner.matrix(face.anchors))
+                    self.has_face.append(True)
+            self._bar.update()
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(N, 2, 3)`` matrices and ``(N,)`` has_face of the frames tracked so far."""
+        if not self.matrices:
+            return np.zeros((0, 2, 3), np.float32), np.zeros(0, bool)
+        return np.stack(self.matrices), np.array(self.has_face)
+
+    def close(self, failed: bool = False) -> None:
+        """Stop reading and detecting (the workers too, after a failure); once is enough."""
+        if self._closed:
+            return
+        self._closed = True
+        if failed and self.pool is not None:
+            self.pool.terminate()
+        self._bar.close()
+        self._faces.close()
+        if self._frames is not None:
+            self._frames.close()
+        if self._own is not None:
+            self._own.close()
+
+
+def track_faces(video: Path, fps: float, info: video_mod.VideoInfo, limit: int | None,
+                point: tuple[float, float] | None, resolution: int, *, clock: StageClock,
+                pool: FacePool | None = None, landmarker: FaceLandmarker | None = None, cancel: Any = None,
+                progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The whole of pass 1 at once: ``FaceTrack(...).arrays()`` after tracking every frame."""
+    track = FaceTrack(video, fps, info, limit, point, resolution, clock=clock, pool=pool, landmarker=landmarker,
+                      cancel=cancel, progress=progress)
+    try:
+        track.ensure(math.inf)
+    except BaseException:
+        track.close(failed=True)
+        raise
+    track.close()
+    return track.arrays()
