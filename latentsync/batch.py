@@ -1,0 +1,527 @@
+"""Many jobs, and long videos cut into segments, on a Ray cluster: ``python -m latentsync.batch JOBS.jsonl``.
+
+Each line of JOBS is ``{"video": …, "audio": …, "output": …}`` plus any run option (``RunOptions`` names) and
+``"segments"``. Workers are Ray actors that load the models once (one per GPU, or ``--workers`` on CPU) and take one
+task at a time until none are left; the driver hands out tasks, resubmits those whose worker died, and writes one
+JSON line per job to RESULTS. A job is a single task, or with segments: plan (face pass once) → N chunk ranges
+rendered on N workers at once → finish (join, mux the user's audio once).
+
+Outputs appear only by rename from a per-job work folder beside them, and a re-run skips an output only when it is
+a finished mp4 (its boxes span the whole file and it probes with video and audio), so a file left by a killed
+worker never counts as done.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.exceptions import ActorUnavailableError, RayActorError
+
+from latentsync.errors import InputError, LatentSyncError, ResourceError
+from latentsync.options import RunOptions
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 3  # tries of one task whose worker died (killed, out of memory) before its job fails
+MAX_RESTARTS = 4  # restarts of one worker (each reloads the models) before it is given up
+JOB_FIELDS = ("video", "audio", "output")
+WORK_SUFFIX = ".latentsync-work"  # the per-job folder beside an output: temporary outputs and segment parts
+
+
+@dataclass(frozen=True)
+class Job:
+    """One line of the jobs file, checked: absolute paths, validated options and the number of segments."""
+
+    line: int
+    video: Path
+    audio: Path
+    output: Path
+    options: RunOptions
+    segments: int = 1
+
+    @property
+    def work_dir(self) -> Path:
+        """Beside the output (same file system, so the final rename is atomic); removed when the job ends."""
+        return self.output.with_name(f".{self.output.name}{WORK_SUFFIX}")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What every worker needs to load the models; the environment is already resolved (entry point's job)."""
+
+    weights_dir: Path
+    version: str
+    manifest: tuple | None = None  # the parsed WeightFile lines, so nodes need no copy of the manifest file
+    unet_config: Path | None = None
+    syncnet_config: Path | None = None
+    device: str | None = None
+    dtype: str | None = None
+    temp_name: str | None = None  # folder in each node's temporary directory holding one folder per worker
+
+
+# ------------------------------------------------------------------------------------------------ jobs and results
+def read_jobs(path: Path, segments: int = 1) -> tuple[list[Job], list[dict[str, Any]]]:
+    """Parse a jobs file: the good jobs, and a failed result line for each bad one (the others still run)."""
+    if not path.is_file():
+        raise InputError(f"jobs file {path} does not exist")
+    jobs: list[Job] = []
+    failed: list[dict[str, Any]] = []
+    outputs: dict[Path, int] = {}
+    for number, raw in enumerate(path.read_text().splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            entry = json.loads(raw)
+        except json.JSONDecodeError as e:
+            failed.append(result_line(number, None, None, "failed", f"line {number} is not JSON ({e.msg})"))
+            continue
+        if not isinstance(entry, dict):
+            failed.append(result_line(number, None, None, "failed", f"line {number} is not a JSON object"))
+            continue
+        try:
+            job = _job(number, entry, segments)
+            if job.output in outputs:
+                raise InputError(f"output {job.output} is also the output of line {outputs[job.output]}")
+            outputs[job.output] = number
+            jobs.append(job)
+        except InputError as e:
+            failed.append(result_line(number, entry.get("video"), entry.get("output"), "failed", str(e)))
+    if not jobs and not failed:
+        raise InputError(f"jobs file {path} has no jobs")
+    return jobs, failed
+
+
+def _job(number: int, entry: dict[str, Any], segments: int) -> Job:
+    missing = [name for name in JOB_FIELDS if not isinstance(entry.get(name), str) or not entry[name]]
+    if missing:
+        raise InputError(f"line {number} needs {', '.join(repr(m) for m in missing)} (a path)")
+    options = {k: v for k, v in entry.items() if k not in JOB_FIELDS and k != "segments"}
+    video, audio, output = (Path(entry[name]).expanduser().resolve() for name in JOB_FIELDS)
+    if output in (video, audio):
+        raise InputError(f"output {output} is an input of the same job; choose another output path")
+    count = entry.get("segments", segments)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise InputError(f"segments must be a whole number of at least 1, got {count!r}")
+    # Same validation and messages as the CLI and the Python API.
+    return Job(number, video, audio, output, RunOptions.make(options).with_seed(), count)
+
+
+def result_line(line: int, video: Any, output: Any, status: str, error: str | None = None, **fields: Any) -> dict:
+    """One RESULTS line: where, what happened, and (on success) seed, frames, wall seconds and sync score."""
+    return {"line": line, "video": None if video is None else str(video),
+            "output": None if output is None else str(output), "status": status, "error": error,
+            "seed": fields.get("seed"), "frames": fields.get("frames"), "seconds": fields.get("seconds"),
+            "sync": fields.get("sync")}
+
+
+def is_complete(path: Path) -> bool:
+    """A finished mp4: top-level boxes that tile the whole file (a cut-off write does not) and a probe that finds
+    video and audio in it."""
+    from latentsync import video as video_mod
+
+    if not path.is_file() or not _boxes_complete(path):
+        return False
+    try:
+        info = video_mod.probe(path)
+    except InputError:
+        return False
+    return info.has_audio and info.frame_count > 0
+
+
+def _boxes_complete(path: Path) -> bool:
+    """The ISO-BMFF box walk: ftyp, moov and mdat present, and the last box ends exactly at the end of the file."""
+    size = path.stat().st_size
+    seen = set()
+    with path.open("rb") as f:
+        pos = 0
+        while pos < size:
+            f.seek(pos)
+            head = f.read(16)
+            if len(head) < 8:
+                return False
+            length, kind = int.from_bytes(head[:4], "big"), head[4:8]
+            if length == 1:  # 64-bit size follows the type
+                if len(head) < 16:
+                    return False
+                length = int.from_bytes(head[8:16], "big")
+            elif length == 0:  # "to the end of the file": what a writer leaves before it finalises
+                return False
+            if length < 8:
+                return False
+            seen.add(kind)
+            pos += length
+    return pos == size and {b"ftyp", b"moov", b"mdat"} <= seen
+
+
+def _sync_fields(sync: Any) -> dict[str, Any] | None:
+    if sync is None:
+        return None
+    return {"offset0_cosine": round(float(sync.offset0_cosine), 4), "best_offset": int(sync.best_offset),
+            "confidence": round(float(sync.confidence), 4), "windows": int(sync.windows)}
+
+
+def _one_line(error: BaseException) -> str:
+    """The user's one-line message; for our own bugs the exception type too, so they are not mistaken for input."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if isinstance(error, LatentSyncError) else f"internal error ({type(error).__name__}): {text}"
+
+
+def _remove_work_dir(job: Job) -> None:
+    """Remove the job's work folder (ours by name): temporary outputs and parts of a failed or killed attempt."""
+    if job.work_dir.is_dir():
+        shutil.rmtree(job.work_dir, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------ the worker (an actor)
+class Worker:
+    """Loads the models once, then runs whole jobs or the plan / render / finish steps of segmented ones."""
+
+    def __init__(self, config: WorkerConfig, rank: int):
+        self.error: tuple[str, str] | None = None
+        self.tmp: Path | None = None
+        if config.temp_name is not None:
+            # A restarted worker gets the same folder: what its killed predecessor left there goes now.
+            self.tmp = Path(tempfile.gettempdir()) / config.temp_name / f"worker-{rank}"
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp.mkdir(parents=True)
+            tempfile.tempdir = str(self.tmp)  # the pipeline's own TemporaryDirectory()s go there
+        try:
+            from latentsync.download import ensure_weights
+            from latentsync.pipeline import LipSync
+
+            weights = ensure_weights(list(config.manifest) if config.manifest else None, config.weights_dir,
+                                     config.version)
+            self.pipe = LipSync.from_pretrained(weights, version=config.version, device=config.device,
+                                                dtype=config.dtype, unet_config=config.unet_config,
+                                                syncnet_config=config.syncnet_config)
+        except Exception as e:  # reported by ready(), so the driver can exit with the CLI's status
+            self.error = ("input" if isinstance(e, InputError) else "resource", _one_line(e))
+
+    def ready(self) -> dict[str, Any]:
+        """This worker's process id, or why it could not load the models."""
+        return {"pid": os.getpid(), "error": self.error}
+
+    def run(self, job: Job) -> dict[str, Any]:
+        """Lip-sync one whole job; the output appears by rename only once it is finished."""
+        started = time.perf_counter()
+        try:
+            job.work_dir.mkdir(parents=True, exist_ok=True)
+            temp_out = job.work_dir / job.output.name
+            result = self.pipe.lipsync(job.video, job.audio, temp_out, job.options)
+            os.replace(temp_out, job.output)
+        except Exception as e:  # one bad job fails alone; the message is the one the CLI would print
+            return {"error": _one_line(e)}
+        return _success(result, started)
+
+    def close(self) -> None:
+        """Remove this worker's temporary folder."""
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _success(result: Any, started: float) -> dict[str, Any]:
+    return {"error": None, "seed": result.seed, "frames": result.frames,
+            "seconds": round(time.perf_counter() - started, 3), "sync": _sync_fields(result.sync)}
+
+
+# ------------------------------------------------------------------------------------------------ the driver
+@dataclass
+class _Task:
+    """One call to hand to a worker: a whole job ("run"), or one step of a segmented job."""
+
+    kind: str
+    job: Job
+    args: tuple = ()
+    attempts: int = 0
+
+
+@dataclass
+class _Segmented:
+    """Driver-side state of one segmented job between its plan and its finish."""
+
+    plan: Any = None
+    ranges: list[range] = field(default_factory=list)
+    parts: dict[int, Any] = field(default_factory=dict)
+
+
+class Batch:
+    """A pool of workers on the connected Ray cluster and the loop that hands them tasks."""
+
+    def __init__(self, config: WorkerConfig, workers: int, *, resources: dict[str, float] | None = None):
+        actor = ray.remote(Worker).options(max_restarts=MAX_RESTARTS, max_task_retries=0, **(resources or {}))
+        self.handles = [actor.remote(config, rank) for rank in range(workers)]
+        self.pids: dict[int, int] = {}
+        self._closed = False
+        try:
+            states = ray.get([h.ready.remote() for h in self.handles])
+        except RayActorError as e:
+            self.close(graceful=False)
+            raise ResourceError(f"a worker could not start: {_one_line(e)}") from None
+        for rank, state in enumerate(states):
+            if state["error"]:
+                kind, message = state["error"]
+                self.close()
+                raise (InputError if kind == "input" else ResourceError)(message)
+            self.pids[rank] = state["pid"]
+
+    def close(self, *, graceful: bool = True) -> None:
+        """Stop every worker; ``graceful``: idle ones first remove their temporary folders (a killed one cannot,
+        and the driver removes the local ones)."""
+        if self._closed:
+            return
+        self._closed = True
+        if graceful:
+            try:
+                ray.get([h.close.remote() for h in self.handles], timeout=60)
+            except Exception:  # a dead or stuck worker has nothing left to say; it is killed below
+                pass
+        for h in self.handles:
+            ray.kill(h, no_restart=True)
+
+    def run(self, jobs: list[Job], report: Callable[[dict[str, Any]], None],
+            on_dispatch: Callable[[_Task, int], None] | None = None) -> None:
+        """Run every job, calling ``report`` with its result line as it ends. ``on_dispatch(task, worker_pid)``
+        is called after each hand-out (tests kill workers there)."""
+        pending: deque[_Task] = deque(_Task("plan" if j.segments > 1 else "run", j) for j in jobs)
+        idle = list(range(len(self.handles)))
+        inflight: dict[Any, tuple[_Task | None, int]] = {}  # ref → (task, rank); task None: a restart check
+        state: dict[int, _Segmented] = {}
+        failed: set[int] = set()  # lines of segmented jobs that failed while some of their tasks were out
+        started: dict[int, float] = {}
+
+        def end(job: Job, error: str | None, **fields: Any) -> None:
+            _remove_work_dir(job)
+            state.pop(job.line, None)
+            if error is not None:
+                failed.add(job.line)
+            report(result_line(job.line, job.video, job.output, "failed" if error else "succeeded", error,
+                               **fields))
+
+        try:
+            for job in jobs:
+                _remove_work_dir(job)  # left by an earlier run that was killed
+            while pending or inflight:
+                while pending and idle:
+                    task = pending.popleft()
+                    if task.job.line in failed:
+                        continue
+                    rank = idle.pop(0)
+                    started.setdefault(task.job.line, time.perf_counter())
+                    inflight[self._submit(task, rank)] = (task, rank)
+                    if on_dispatch is not None:
+                        on_dispatch(task, self.pids[rank])
+                if all(t is None for t, _ in inflight.values()) and not pending:
+                    break  # only restarting workers are left, and nothing for them to do
+                [ref], _ = ray.wait(list(inflight), num_returns=1)
+                task, rank = inflight.pop(ref)
+                try:
+                    value = ray.get(ref)
+                except RayActorError as e:
+                    if task is None and isinstance(e, ActorUnavailableError):  # still restarting: ask again
+                        inflight[self.handles[rank].ready.remote()] = (None, rank)
+                        continue
+                    if task is None:  # its restarts are used up: this worker is gone for good
+                        log.warning("worker %d could not be restarted; %d left", rank, len(idle) + len(inflight))
+                        if not idle and not inflight:
+                            for t in pending:
+                                if t.job.line not in failed:
+                                    end(t.job, "every worker died; no worker is left to run it")
+                            pending.clear()
+                        continue
+                    task.attempts += 1
+                    log.warning("worker %d died during %s of line %d (try %d of %d)", rank, task.kind,
+                                task.job.line, task.attempts, MAX_ATTEMPTS)
+                    if task.attempts >= MAX_ATTEMPTS:
+                        if task.job.line not in failed:
+                            end(task.job, f"the worker running it died {task.attempts} times (killed, or out "
+                                          "of memory?)")
+                    else:
+                        pending.appendleft(task)
+                    # Ray restarts the actor (reloading the models); ask it for its new pid before using it again.
+                    inflight[self.handles[rank].ready.remote()] = (None, rank)
+                    continue
+                idle.append(rank)
+                if task is None:
+                    self.pids[rank] = value["pid"]
+                    continue
+                if task.job.line in failed:
+                    continue  # a sibling segment already failed this job
+                pending.extendleft(reversed(self._after(task, value, state, end, started)))
+        finally:
+            if inflight:  # interrupted (Ctrl-C) or failed: stop the workers before removing what they write
+                self.close(graceful=False)
+                for task, _ in inflight.values():
+                    if task is not None:
+                        _remove_work_dir(task.job)
+
+    def _submit(self, task: _Task, rank: int):
+        handle = self.handles[rank]
+        if task.kind == "run":
+            return handle.run.remote(task.job)
+        raise AssertionError(f"unknown task kind {task.kind!r}")
+
+    def _after(self, task: _Task, value: Any, state: dict[int, _Segmented], end: Callable[..., None],
+               started: dict[int, float]) -> list[_Task]:
+        """Handle a finished task; returns the tasks it makes ready (the render steps after a plan, …)."""
+        job = task.job
+        if value.get("error"):
+            end(job, value["error"])
+            return []
+        value = {**value, "seconds": round(time.perf_counter() - started[job.line], 3)}
+        end(job, None, **{k: v for k, v in value.items() if k != "error"})
+        return []
+
+
+# ------------------------------------------------------------------------------------------------ the entry point
+@contextmanager
+def connect(address: str | None, *, verbose: bool = False) -> Iterator[bool]:
+    """Join the cluster at ``address``, reuse the Ray this process already joined, or start a local one that stops
+    with the command (also on Ctrl-C); yields whether the cluster is ours."""
+    if ray.is_initialized():
+        yield False
+        return
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=verbose,
+                 logging_level=logging.INFO if verbose else logging.WARNING)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise ResourceError(f"could not {'join the Ray cluster at ' + address if address else 'start Ray'}: "
+                            f"{_one_line(e)}") from None
+    try:
+        yield address is None
+    finally:
+        ray.shutdown()  # stops the local cluster's processes when we started it; only disconnects otherwise
+
+
+def plan_workers(workers: int | None, device: str | None) -> tuple[int, dict[str, float]]:
+    """How many workers, and the Ray resources of each: a GPU each where the cluster has GPUs and the device
+    allows, else an equal share of the CPUs (Ray sets each worker's thread count from it)."""
+    total = ray.cluster_resources()
+    gpus, cpus = int(total.get("GPU", 0)), int(total.get("CPU", 1))
+    use_gpu = gpus > 0 and not (device or "").startswith("cpu")
+    if device and device.startswith("cuda") and gpus == 0:
+        raise ResourceError("--device cuda was asked for, but the Ray cluster has no GPU")
+    n = workers or (gpus if use_gpu else 1)
+    if use_gpu:  # more workers than GPUs share them (Ray's fractional GPUs): allowed, but not faster
+        return n, {"num_gpus": 1 if n <= gpus else round(gpus / n, 4), "num_cpus": 1}
+    return n, {"num_cpus": cpus // n if n <= cpus else round(cpus / n, 4)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The batch command's flags; the model flags are the CLI's own (same help, same environment defaults)."""
+    from latentsync import cli
+
+    p = argparse.ArgumentParser(prog="python -m latentsync.batch",
+                                description="Lip-sync every job of a JSON-lines file on a Ray cluster.")
+    p.add_argument("jobs", type=Path, help='JSON lines: {"video": …, "audio": …, "output": …, option: value, …}')
+    p.add_argument("--results", type=Path, required=True, help="JSON lines written here, one per job")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to use (ray://host:10001, or auto); default: start a local one")
+    p.add_argument("--workers", type=int, default=None,
+                   help="workers, each with its own models (default: one per GPU, else 1)")
+    p.add_argument("--segments", type=int, default=1,
+                   help="cut each video into N parts rendered at once (a job's \"segments\" overrides it)")
+    # Borrowed from the CLI's parser rather than re-typed, so the two cannot drift apart.
+    for action in cli.build_parser()._actions:
+        if action.dest in ("weights_dir", "version", "unet_config", "syncnet_config", "device", "dtype"):
+            p._add_action(action)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, warnings only")
+    p.add_argument("--verbose", action="store_true", help="show the workers' own logs")
+    return p
+
+
+def main(argv: list[str] | None = None, *, on_dispatch: Callable[[_Task, int], None] | None = None) -> int:
+    """Run a batch; exit status 0 when every job succeeded or was skipped, 1 otherwise, 2 on a bad command."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.weights_dir is None:  # as the CLI: $LATENTSYNC_WEIGHTS_DIR, else weights/latentsync-VERSION
+        prefilled = os.environ.get("LATENTSYNC_WEIGHTS_DIR")
+        args.weights_dir = Path(prefilled) if prefilled else Path("weights") / f"latentsync-{args.version}"
+    try:
+        if args.workers is not None and args.workers < 1:
+            raise InputError(f"--workers must be at least 1, got {args.workers}")
+        if args.segments < 1:
+            raise InputError(f"--segments must be at least 1, got {args.segments}")
+        jobs, bad = read_jobs(args.jobs, args.segments)
+        return _run(args, jobs, bad, on_dispatch)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (ResourceError, RuntimeError) as e:  # the machine or the network, not the input
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: the workers were stopped; finished outputs are kept, a re-run skips them",
+              file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace, jobs: list[Job], bad: list[dict[str, Any]],
+         on_dispatch: Callable[[_Task, int], None] | None) -> int:
+    from tqdm.auto import tqdm
+
+    from latentsync.download import ensure_weights, read_manifest
+
+    todo = [j for j in jobs if not is_complete(j.output)]
+    skipped = [j for j in jobs if j not in todo]
+    counts: Counter[str] = Counter()
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    with args.results.open("w") as results, \
+            tqdm(total=len(jobs) + len(bad), unit="job", desc="jobs", disable=args.quiet) as bar:
+
+        def report(line: dict[str, Any]) -> None:
+            results.write(json.dumps(line) + "\n")
+            results.flush()
+            counts[line["status"]] += 1
+            bar.set_postfix(counts, refresh=False)
+            bar.update(1)
+            if line["status"] == "failed":
+                log.warning("line %s failed: %s", line["line"], line["error"])
+
+        for line in bad:
+            report(line)
+        for job in skipped:
+            report(result_line(job.line, job.video, job.output, "skipped"))
+        if todo:
+            manifest = tuple(read_manifest(None))  # $LATENTSYNC_MANIFEST or weights.txt, read here, sent to nodes
+            weights_dir = args.weights_dir.resolve()
+            with connect(args.address, verbose=args.verbose) as local, \
+                    tempfile.TemporaryDirectory(prefix="latentsync-batch-") as tmp:
+                if local:  # fetch or verify the weights once here, not in every worker at once
+                    try:
+                        ensure_weights(manifest, weights_dir, args.version)
+                    except RuntimeError as e:
+                        raise ResourceError(str(e)) from None
+                workers, resources = plan_workers(args.workers, args.device)
+                config = WorkerConfig(weights_dir, args.version, manifest, _absolute(args.unet_config),
+                                      _absolute(args.syncnet_config), args.device, args.dtype, Path(tmp).name)
+                batch = Batch(config, workers, resources=resources)
+                try:
+                    batch.run(todo, report, on_dispatch)
+                finally:
+                    batch.close()
+    print(f"{counts['succeeded']} succeeded, {counts['skipped']} skipped, {counts['failed']} failed; "
+          f"results in {args.results}")
+    return 1 if counts["failed"] else 0
+
+
+def _absolute(path: Path | None) -> Path | None:
+    return None if path is None else Path(path).resolve()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
