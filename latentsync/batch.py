@@ -483,7 +483,10 @@ def _run(args: argparse.Namespace, jobs: list[Job], bad: list[dict[str, Any]],
     with args.results.open("w") as results, \
             tqdm(total=len(jobs) + len(bad), unit="job", desc="jobs", disable=args.quiet) as bar:
 
+        lines: list[dict[str, Any]] = []
+
         def report(line: dict[str, Any]) -> None:
+            lines.append(line)
             results.write(json.dumps(line) + "\n")
             results.flush()
             counts[line["status"]] += 1
@@ -512,6 +515,13 @@ def _run(args: argparse.Namespace, jobs: list[Job], bad: list[dict[str, Any]],
                 batch = Batch(config, workers, resources=resources)
                 try:
                     batch.run(todo, report, on_dispatch)
+                except KeyboardInterrupt:  # every job still gets its line, so RESULTS says what a re-run will do
+                    done = {line["line"] for line in lines}
+                    for job in todo:
+                        if job.line not in done:
+                            report(result_line(job.line, job.video, job.output, "failed",
+                                               "interrupted (Ctrl-C) before it finished"))
+                    raise
                 finally:
                     batch.close()
     print(f"{counts['succeeded']} succeeded, {counts['skipped']} skipped, {counts['failed']} failed; "
