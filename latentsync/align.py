@@ -168,6 +168,10 @@ class FaceAligner:
         crop = self.warp_crop(frame_rgb, matrix)
         return cv2.resize(crop, (self.resolution, self.resolution), interpolation=cv2.INTER_LANCZOS4)
 
+    def warp_batch(self, frames: list[np.ndarray], matrices: list[np.ndarray]) -> np.ndarray:
+        """Aligned faces (n, R, R, 3) uint8 for frames and their known matrices: ``warp`` for each, batched."""
+        return np.stack([self.warp(f, m) for f, m in zip(frames, matrices)])
+
     @torch.no_grad()
     def warp_crop(self, frame_rgb: np.ndarray | torch.Tensor, matrix: np.ndarray) -> np.ndarray:
         """The (h, w, 3) uint8 crop (before the stretch to R×R) that ``matrix`` cuts from the frame."""
@@ -243,6 +247,11 @@ class FaceAligner:
             out = frame_rgb.clone()
             out[r0:r1, c0:c1] = blended.to(frame_rgb.device)
         return out
+
+    def restore_batch(self, frames: list[np.ndarray], faces: torch.Tensor, matrices: list[np.ndarray]
+                      ) -> list[np.ndarray]:
+        """``restore`` for each frame with its generated face ``faces[k]`` (n, 3, R, R) and matrix."""
+        return [self.restore(f, faces[k], m) for k, (f, m) in enumerate(zip(frames, matrices))]
 
 
 def _invert(matrix: np.ndarray) -> np.ndarray:

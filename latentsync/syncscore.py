@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from latentsync.audio import wav2lip_mel
+from latentsync.audio import SAMPLE_RATE, wav2lip_mel
 from latentsync.models.syncnet import StableSyncNet
 
 log = logging.getLogger(__name__)
@@ -215,3 +215,49 @@ def combine_scores(scores: Sequence[SyncScore]) -> SyncScore:
         offsets=offsets,
         mean_cosines=tuple(float(c) for c in mean),
     )
+
+
+# ------------------------------------------------------------------------------- sampled spans of a pipeline run
+SYNC_SPAN, SYNC_BUDGET = 64, 256  # scored output frames: spans of 64, at most 256 in all
+
+
+def sync_spans(num_out: int) -> list[tuple[int, int]]:
+    """Output-frame spans whose generated crops are scored: a fixed budget spread over the video.
+
+    Scoring every frame would keep every crop; a few evenly spaced spans bound both the memory and the cost
+    (under 0.1 % of the U-Net's work) while sampling the whole video.
+    """
+    if num_out <= SYNC_SPAN:
+        return [(0, num_out)]
+    # Spans of equal length whatever the video's length, so scoring costs the same memory for every video.
+    count = min(SYNC_BUDGET // SYNC_SPAN, math.ceil(num_out / SYNC_SPAN))
+    starts = np.linspace(0, num_out - SYNC_SPAN, count).round().astype(int)
+    return [(int(s), int(s) + SYNC_SPAN) for s in starts]
+
+
+def sync_crop(faces: torch.Tensor) -> np.ndarray:
+    """Generated faces (n, 3, R, R) in [−1, 1] as the (n, 256, 256, 3) uint8 crops SyncNet was trained on."""
+    x = (faces.float().clamp(-1, 1) + 1) * 127.5
+    if x.shape[-1] != RESOLUTION:
+        x = F.interpolate(x, size=(RESOLUTION, RESOLUTION), mode="area")
+    return x.round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def score_spans(model: StableSyncNet, spans: Sequence[tuple[int, int]], crops: dict[int, np.ndarray],
+                wav: np.ndarray, fps: float) -> SyncScore | None:
+    """SyncNet agreement of the generated mouths (``crops``: output frame → crop) with the audio, over ``spans``.
+
+    A span missing any crop, or shorter than SyncNet's window, is left out; None when no span is left.
+    """
+    scorer = SyncScorer(model, fps=fps)
+    scores = []
+    for start, stop in spans:
+        if any(j not in crops for j in range(start, stop)) or stop - start < scorer.window_frames * fps / VIDEO_FPS:
+            continue
+        a = int(round(start / fps * SAMPLE_RATE))
+        b = int(round(stop / fps * SAMPLE_RATE))
+        scores.append(scorer(np.stack([crops[j] for j in range(start, stop)]), wav[a:b]))
+    if not scores:
+        log.info("output too short to score its sync (SyncNet needs %d frames)", scorer.window_frames)
+        return None
+    return combine_scores(scores)

@@ -1,0 +1,123 @@
+"""Running the synthesis stages: one after another (serial), or each in its own thread joined by bounded queues.
+
+Every stage is a callable taking the previous stage's item. Concurrently, a chunk is fetched while the one before
+it is on the GPU and the one before that is pasted back and encoded; torch and ffmpeg release the GIL, so the
+threads overlap for real. The first error in any stage stops every stage and is raised to the caller unchanged.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+QUEUE_DEPTH = 2  # items waiting between two stages: memory stays flat in video length
+_POLL_S = 0.05  # how often a blocked stage looks whether another one failed
+
+_DONE = object()
+
+
+class Cancelled(Exception):
+    """The caller's cancel event was set; the run stopped between chunks and cleaned up."""
+
+
+def check_cancel(cancel: Any) -> None:
+    """Raise :class:`Cancelled` when ``cancel`` (anything with ``is_set()``) is set."""
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("lip-sync cancelled")
+
+
+class StageClock:
+    """Busy seconds per stage name; safe to use from several threads at once."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def __call__(self, stage: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(stage, time.perf_counter() - t0)
+
+    def add(self, stage: str, seconds: float) -> None:
+        with self._lock:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+
+
+def run_stages(items: Iterable[Any], stages: list[Callable[[Any], Any]], *, concurrent: bool,
+               cancel: Any = None) -> None:
+    """Push every item through ``stages`` in order (each stage's result feeds the next; the last one's is dropped).
+
+    ``cancel`` is checked before each item is taken. Concurrently, every stage runs in its own thread (with
+    inference mode on, which is per thread) and the caller waits; nothing of the run survives its return.
+    """
+    if not concurrent:
+        for item in items:
+            check_cancel(cancel)
+            for stage in stages:
+                item = stage(item)
+        return
+
+    failed = threading.Event()
+    errors: list[BaseException] = []
+    queues = [queue.Queue(maxsize=QUEUE_DEPTH) for _ in stages[1:]]
+
+    def put(q: queue.Queue, item: Any) -> bool:
+        while not failed.is_set():
+            try:
+                q.put(item, timeout=_POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def source() -> Iterable[Any]:
+        for item in items:
+            check_cancel(cancel)
+            yield item
+
+    def inbox(q: queue.Queue) -> Iterable[Any]:
+        while not failed.is_set():
+            try:
+                item = q.get(timeout=_POLL_S)
+            except queue.Empty:
+                continue
+            if item is _DONE:
+                return
+            yield item
+
+    def worker(k: int) -> None:
+        try:
+            with torch.inference_mode():
+                for item in source() if k == 0 else inbox(queues[k - 1]):
+                    out = stages[k](item)
+                    if k < len(queues) and not put(queues[k], out):
+                        return
+                if k < len(queues):
+                    put(queues[k], _DONE)
+        except BaseException as exc:  # noqa: BLE001 — handed to the caller's thread below
+            if not failed.is_set():
+                errors.append(exc)
+            failed.set()
+
+    threads = [threading.Thread(target=worker, args=(k,), name=f"latentsync-stage-{k}", daemon=True)
+               for k in range(len(stages))]
+    for t in threads:
+        t.start()
+    try:
+        for t in threads:
+            t.join()
+    except BaseException:  # KeyboardInterrupt in the caller: stop the stages before leaving
+        failed.set()
+        for t in threads:
+            t.join()
+        raise
+    if errors:
+        raise errors[0]
