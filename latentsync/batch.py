@@ -227,6 +227,35 @@ class Worker:
             return {"error": _one_line(e)}
         return _success(result, started)
 
+    def plan(self, job: Job) -> tuple[dict[str, Any], Any]:
+        """Plan a segmented job (the face pass runs here, once for the whole video); the plan stays in Ray's
+        object store for the renders."""
+        try:
+            plan = self.pipe.plan(job.video, job.audio, job.options)
+        except Exception as e:
+            return {"error": _one_line(e)}, None
+        return {"error": None, "num_chunks": plan.num_chunks}, plan
+
+    def render(self, job: Job, plan: Any, index: int, chunks: range) -> dict[str, Any]:
+        """Render output chunks ``chunks`` of the plan into part ``index`` of the job's work folder."""
+        try:
+            job.work_dir.mkdir(parents=True, exist_ok=True)
+            part = self.pipe.render(plan, job.work_dir / f"part-{index:03d}.mp4", chunks)
+        except Exception as e:
+            return {"error": _one_line(e)}
+        return {"error": None, "part": part}
+
+    def finish(self, job: Job, plan: Any, parts: list[Any]) -> dict[str, Any]:
+        """Join the parts, mux the user's audio once, score the sync; the output appears by rename."""
+        started = time.perf_counter()
+        try:
+            temp_out = job.work_dir / job.output.name
+            result = self.pipe.finish(plan, [part.path for part in parts], temp_out, parts)
+            os.replace(temp_out, job.output)
+        except Exception as e:
+            return {"error": _one_line(e)}
+        return _success(result, started)
+
     def close(self) -> None:
         """Remove this worker's temporary folder."""
         if self.tmp is not None:
@@ -253,9 +282,16 @@ class _Task:
 class _Segmented:
     """Driver-side state of one segmented job between its plan and its finish."""
 
-    plan: Any = None
+    plan: Any = None  # an ObjectRef: the plan stays in the object store, the renders read it from there
     ranges: list[range] = field(default_factory=list)
-    parts: dict[int, Any] = field(default_factory=dict)
+    parts: dict[int, Any] = field(default_factory=dict)  # part index → RenderPart
+
+
+def split_chunks(num_chunks: int, segments: int) -> list[range]:
+    """``segments`` contiguous chunk ranges of near-equal length (fewer when there are fewer chunks)."""
+    n = max(1, min(segments, num_chunks))
+    bounds = [round(i * num_chunks / n) for i in range(n + 1)]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
 class Batch:
@@ -300,14 +336,18 @@ class Batch:
         idle = list(range(len(self.handles)))
         inflight: dict[Any, tuple[_Task | None, int]] = {}  # ref → (task, rank); task None: a restart check
         state: dict[int, _Segmented] = {}
-        failed: set[int] = set()  # lines of segmented jobs that failed while some of their tasks were out
+        ended: set[int] = set()  # jobs reported; a sibling segment still out is ignored when it comes back
         started: dict[int, float] = {}
 
+        def tidy(job: Job) -> None:
+            # The work folder goes once no task of the job can still write into it.
+            if not any(t is not None and t.job.line == job.line for t, _ in inflight.values()):
+                _remove_work_dir(job)
+
         def end(job: Job, error: str | None, **fields: Any) -> None:
-            _remove_work_dir(job)
+            ended.add(job.line)
             state.pop(job.line, None)
-            if error is not None:
-                failed.add(job.line)
+            tidy(job)
             report(result_line(job.line, job.video, job.output, "failed" if error else "succeeded", error,
                                **fields))
 
@@ -317,11 +357,11 @@ class Batch:
             while pending or inflight:
                 while pending and idle:
                     task = pending.popleft()
-                    if task.job.line in failed:
+                    if task.job.line in ended:
                         continue
                     rank = idle.pop(0)
                     started.setdefault(task.job.line, time.perf_counter())
-                    inflight[self._submit(task, rank)] = (task, rank)
+                    inflight[self._submit(task, rank, state)] = (task, rank)
                     if on_dispatch is not None:
                         on_dispatch(task, self.pids[rank])
                 if all(t is None for t, _ in inflight.values()) and not pending:
@@ -338,19 +378,20 @@ class Batch:
                         log.warning("worker %d could not be restarted; %d left", rank, len(idle) + len(inflight))
                         if not idle and not inflight:
                             for t in pending:
-                                if t.job.line not in failed:
+                                if t.job.line not in ended:
                                     end(t.job, "every worker died; no worker is left to run it")
                             pending.clear()
                         continue
                     task.attempts += 1
                     log.warning("worker %d died during %s of line %d (try %d of %d)", rank, task.kind,
                                 task.job.line, task.attempts, MAX_ATTEMPTS)
-                    if task.attempts >= MAX_ATTEMPTS:
-                        if task.job.line not in failed:
-                            end(task.job, f"the worker running it died {task.attempts} times (killed, or out "
-                                          "of memory?)")
+                    if task.job.line in ended:
+                        tidy(task.job)
+                    elif task.attempts >= MAX_ATTEMPTS:
+                        end(task.job, f"the worker running it died {task.attempts} times (killed, or out of "
+                                      "memory?)")
                     else:
-                        pending.appendleft(task)
+                        pending.appendleft(task)  # to the first idle worker, this one included once restarted
                     # Ray restarts the actor (reloading the models); ask it for its new pid before using it again.
                     inflight[self.handles[rank].ready.remote()] = (None, rank)
                     continue
@@ -358,8 +399,10 @@ class Batch:
                 if task is None:
                     self.pids[rank] = value["pid"]
                     continue
-                if task.job.line in failed:
-                    continue  # a sibling segment already failed this job
+                if task.job.line in ended:  # a sibling segment already failed this job
+                    tidy(task.job)
+                    continue
+                # A job's next steps go first, so its segments run at once on the idle workers.
                 pending.extendleft(reversed(self._after(task, value, state, end, started)))
         finally:
             if inflight:  # interrupted (Ctrl-C) or failed: stop the workers before removing what they write
@@ -368,19 +411,40 @@ class Batch:
                     if task is not None:
                         _remove_work_dir(task.job)
 
-    def _submit(self, task: _Task, rank: int):
-        handle = self.handles[rank]
+    def _submit(self, task: _Task, rank: int, state: dict[int, _Segmented]):
+        """Hand ``task`` to worker ``rank``; returns the reference to wait on."""
+        handle, job = self.handles[rank], task.job
         if task.kind == "run":
-            return handle.run.remote(task.job)
+            return handle.run.remote(job)
+        if task.kind == "plan":
+            info, plan = handle.plan.options(num_returns=2).remote(job)
+            state.setdefault(job.line, _Segmented()).plan = plan
+            return info
+        segmented = state[job.line]
+        if task.kind == "render":
+            index, chunks = task.args
+            return handle.render.remote(job, segmented.plan, index, chunks)
+        if task.kind == "finish":
+            return handle.finish.remote(job, segmented.plan, [segmented.parts[i] for i in sorted(segmented.parts)])
         raise AssertionError(f"unknown task kind {task.kind!r}")
 
-    def _after(self, task: _Task, value: Any, state: dict[int, _Segmented], end: Callable[..., None],
+    @staticmethod
+    def _after(task: _Task, value: Any, state: dict[int, _Segmented], end: Callable[..., None],
                started: dict[int, float]) -> list[_Task]:
-        """Handle a finished task; returns the tasks it makes ready (the render steps after a plan, …)."""
+        """Handle a finished task; returns the tasks it makes ready (the renders after a plan, the finish after
+        the last render)."""
         job = task.job
         if value.get("error"):
             end(job, value["error"])
             return []
+        if task.kind == "plan":
+            segmented = state[job.line]
+            segmented.ranges = split_chunks(value["num_chunks"], job.segments)
+            return [_Task("render", job, (i, r)) for i, r in enumerate(segmented.ranges)]
+        if task.kind == "render":
+            segmented = state[job.line]
+            segmented.parts[task.args[0]] = value["part"]
+            return [_Task("finish", job)] if len(segmented.parts) == len(segmented.ranges) else []
         value = {**value, "seconds": round(time.perf_counter() - started[job.line], 3)}
         end(job, None, **{k: v for k, v in value.items() if k != "error"})
         return []

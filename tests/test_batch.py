@@ -5,11 +5,12 @@ import json
 import os
 import signal
 
+import numpy as np
 import pytest
 
 from latentsync import InputError
 from latentsync.batch import WORK_SUFFIX, is_complete, main, read_jobs
-from media_utils import face_clip, speech
+from media_utils import decode_video, face_clip, probe_streams, speech
 from tiny_weights import make_tiny_weights, manifest_for
 
 ray = pytest.importorskip("ray")
@@ -34,7 +35,8 @@ def weights(tmp_path_factory):
 @pytest.fixture(scope="module")
 def media(tmp_path_factory):
     d = tmp_path_factory.mktemp("media")
-    return {"clip25": face_clip(d / "clip25.mp4", 25), "speech_1s": speech(d / "speech1.wav", 1.0)}
+    return {"clip25": face_clip(d / "clip25.mp4", 25), "speech_1s": speech(d / "speech1.wav", 1.0),
+            "clip40": face_clip(d / "clip40.mp4", 40), "speech_16": speech(d / "speech16.wav", 1.6)}
 
 
 @pytest.fixture
@@ -73,7 +75,7 @@ def test_a_bad_job_fails_alone_and_a_rerun_skips_the_finished_ones(batch, media,
         assert r["seed"] == seed and r["frames"] == 25 and r["seconds"] > 0 and r["error"] is None
         assert r["sync"] is not None and is_complete(tmp_path / f"{seed}.mp4")
     assert not (tmp_path / "bad.mp4").exists()
-    assert not list(tmp_path.glob(f"*{WORK_SUFFIX}")), "a job's work folder was left behind"
+    assert not list(tmp_path.glob(f".*{WORK_SUFFIX}")), "a job's work folder was left behind"
     stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("[0-9].mp4")}
 
     status, lines = batch(jobs, "--workers", "2")
@@ -83,21 +85,46 @@ def test_a_bad_job_fails_alone_and_a_rerun_skips_the_finished_ones(batch, media,
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps, "a finished output was rendered again"
 
 
-def test_a_killed_worker_is_retried_and_the_job_succeeds(batch, media, tmp_path):
+def test_segments_rendered_on_two_workers_equal_a_single_process_run(batch, media, tmp_path):
+    common = {"video": str(media["clip40"]), "audio": str(media["speech_16"]), "seed": 11, **FAST}
+    whole, parts = tmp_path / "whole.mp4", tmp_path / "parts.mp4"
+    status, lines = batch([{**common, "output": str(whole)}, {**common, "output": str(parts), "segments": 3}],
+                          "--workers", "2")
+    assert status == 0 and [r["status"] for r in lines] == ["succeeded"] * 2
+    a, b = _blocks(decode_video(whole)), _blocks(decode_video(parts))
+    assert len(a) == len(b) == 40  # 3 chunks of 16, 16 and 8 frames, one per segment
+    # The frames before encoding are identical; x264 codes each part as its own stream, so pixels differ by its
+    # rounding (1.9 levels on average here). On 8×8 block means that is 0.7 levels, another seed's mouth 2.6.
+    diff = np.abs(a - b).mean(axis=(1, 2, 3))
+    assert diff.max() <= 1.0, f"joined segments differ from the single run by up to {diff.max():.2f} grey levels"
+    audio = [s for s in probe_streams(parts)["streams"] if s["codec_type"] == "audio"]
+    assert len(audio) == 1 and abs(float(audio[0]["duration"]) - 40 / 25) < 0.05, "the user's audio, muxed once"
+    assert {r["seed"] for r in lines} == {11} and lines[0]["frames"] == lines[1]["frames"] == 40
+    assert not list(tmp_path.glob(f".*{WORK_SUFFIX}")), "segment parts were left behind"
+
+
+def _blocks(frames: np.ndarray, k: int = 8) -> np.ndarray:
+    """Means of k×k pixel blocks: what the encoder's rounding leaves alone while a different mouth still shows."""
+    n, h, w, c = frames.shape
+    return frames[:, : h // k * k, : w // k * k].reshape(n, h // k, k, w // k, k, c).mean(axis=(2, 4))
+
+
+def test_a_killed_worker_loses_only_its_task_which_is_retried(batch, media, tmp_path):
     killed = []
 
-    def kill_first(task, pid):  # SIGKILL the worker right after it was handed the job: a crash mid-job
-        if not killed:
-            killed.append(pid)
+    def kill(task, pid):  # SIGKILL the worker right after it is handed a whole job, and again for a segment
+        if task.kind in ("run", "render") and task.kind not in killed:
+            killed.append(task.kind)
             os.kill(pid, signal.SIGKILL)
 
-    out = tmp_path / "out.mp4"
-    job = {"video": str(media["clip25"]), "audio": str(media["speech_1s"]), "output": str(out), "seed": 5, **FAST}
-    status, [line] = batch([job], "--workers", "2", on_dispatch=kill_first)
-    assert killed, "the hook never ran"
-    assert status == 0 and line["status"] == "succeeded" and line["seed"] == 5
-    assert is_complete(out)
-    assert not (tmp_path / f".out.mp4{WORK_SUFFIX}").exists()
+    common = {"video": str(media["clip25"]), "audio": str(media["speech_1s"]), "seed": 5, **FAST}
+    jobs = [{**common, "output": str(tmp_path / "whole.mp4")},
+            {**common, "output": str(tmp_path / "parts.mp4"), "segments": 2}]
+    status, lines = batch(jobs, "--workers", "2", on_dispatch=kill)
+    assert killed == ["run", "render"]
+    assert status == 0 and [r["status"] for r in lines] == ["succeeded"] * 2
+    assert is_complete(tmp_path / "whole.mp4") and is_complete(tmp_path / "parts.mp4")
+    assert not list(tmp_path.glob(f".*{WORK_SUFFIX}")), "a killed task's files were left behind"
 
 
 def test_a_cut_off_mp4_is_not_complete(media, tmp_path):
