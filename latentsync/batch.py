@@ -224,7 +224,7 @@ class Worker:
             result = self.pipe.lipsync(job.video, job.audio, temp_out, job.options)
             os.replace(temp_out, job.output)
         except Exception as e:  # one bad job fails alone; the message is the one the CLI would print
-            return {"error": _one_line(e)}
+            return _failure(e)
         return _success(result, started)
 
     def plan(self, job: Job) -> tuple[dict[str, Any], Any]:
@@ -233,7 +233,7 @@ class Worker:
         try:
             plan = self.pipe.plan(job.video, job.audio, job.options)
         except Exception as e:
-            return {"error": _one_line(e)}, None
+            return _failure(e), None
         return {"error": None, "num_chunks": plan.num_chunks}, plan
 
     def render(self, job: Job, plan: Any, index: int, chunks: range) -> dict[str, Any]:
@@ -242,7 +242,7 @@ class Worker:
             job.work_dir.mkdir(parents=True, exist_ok=True)
             part = self.pipe.render(plan, job.work_dir / f"part-{index:03d}.mp4", chunks)
         except Exception as e:
-            return {"error": _one_line(e)}
+            return _failure(e)
         return {"error": None, "part": part}
 
     def finish(self, job: Job, plan: Any, parts: list[Any]) -> dict[str, Any]:
@@ -253,13 +253,20 @@ class Worker:
             result = self.pipe.finish(plan, [part.path for part in parts], temp_out, parts)
             os.replace(temp_out, job.output)
         except Exception as e:
-            return {"error": _one_line(e)}
+            return _failure(e)
         return _success(result, started)
 
     def close(self) -> None:
         """Remove this worker's temporary folder."""
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _failure(error: Exception) -> dict[str, Any]:
+    """A failed task's answer; our own bugs also leave their traceback in the worker's log."""
+    if not isinstance(error, LatentSyncError):
+        log.error("internal error in a worker", exc_info=error)
+    return {"error": _one_line(error)}
 
 
 def _success(result: Any, started: float) -> dict[str, Any]:
@@ -579,12 +586,13 @@ def _run(args: argparse.Namespace, jobs: list[Job], bad: list[dict[str, Any]],
                 batch = Batch(config, workers, resources=resources)
                 try:
                     batch.run(todo, report, on_dispatch)
-                except KeyboardInterrupt:  # every job still gets its line, so RESULTS says what a re-run will do
+                except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (Ray's handler exits): every job
+                    # still gets its line, so RESULTS says what a re-run will do
                     done = {line["line"] for line in lines}
                     for job in todo:
                         if job.line not in done:
                             report(result_line(job.line, job.video, job.output, "failed",
-                                               "interrupted (Ctrl-C) before it finished"))
+                                               "interrupted (Ctrl-C or SIGTERM) before it finished"))
                     raise
                 finally:
                     batch.close()
