@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3  # tries of one task whose worker died (killed, out of memory) before its job fails
 MAX_RESTARTS = 4  # restarts of one worker (each reloads the models) before it is given up
+CONNECT_TIMEOUT_S = 10.0
 JOB_FIELDS = ("video", "audio", "output")
 WORK_SUFFIX = ".latentsync-work"  # the per-job folder beside an output: temporary outputs and segment parts
 
@@ -175,9 +177,15 @@ def _sync_fields(sync: Any) -> dict[str, Any] | None:
 
 
 def _one_line(error: BaseException) -> str:
-    """The user's one-line message; for our own bugs the exception type too, so they are not mistaken for input."""
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if isinstance(error, LatentSyncError) else f"internal error ({type(error).__name__}): {text}"
+    """An error's message on one line."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def _message(error: BaseException) -> str:
+    """What a job's ``error`` says: the user's one-line message, or for our own bugs the type too, so that they are
+    not mistaken for a problem with the input."""
+    return _one_line(error) if isinstance(error, LatentSyncError) else \
+        f"internal error ({type(error).__name__}): {_one_line(error)}"
 
 
 def _remove_work_dir(job: Job) -> None:
@@ -209,7 +217,7 @@ class Worker:
                                                 dtype=config.dtype, unet_config=config.unet_config,
                                                 syncnet_config=config.syncnet_config)
         except Exception as e:  # reported by ready(), so the driver can exit with the CLI's status
-            self.error = ("input" if isinstance(e, InputError) else "resource", _one_line(e))
+            self.error = ("input" if isinstance(e, InputError) else "resource", _message(e))
 
     def ready(self) -> dict[str, Any]:
         """This worker's process id, or why it could not load the models."""
@@ -266,7 +274,7 @@ def _failure(error: Exception) -> dict[str, Any]:
     """A failed task's answer; our own bugs also leave their traceback in the worker's log."""
     if not isinstance(error, LatentSyncError):
         log.error("internal error in a worker", exc_info=error)
-    return {"error": _one_line(error)}
+    return {"error": _message(error)}
 
 
 def _success(result: Any, started: float) -> dict[str, Any]:
@@ -465,6 +473,8 @@ def connect(address: str | None, *, verbose: bool = False) -> Iterator[bool]:
     if ray.is_initialized():
         yield False
         return
+    if address is not None:
+        _check_reachable(address)
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=verbose,
                  logging_level=logging.INFO if verbose else logging.WARNING)
@@ -475,6 +485,18 @@ def connect(address: str | None, *, verbose: bool = False) -> Iterator[bool]:
         yield address is None
     finally:
         ray.shutdown()  # stops the local cluster's processes when we started it; only disconnects otherwise
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in seconds on a ``host:port`` nobody answers at (Ray itself keeps retrying for minutes)."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto", or a form Ray resolves itself
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        raise ResourceError(f"no Ray cluster answers at {address} ({e.strerror or e}); is `ray start --head` "
+                            "running there?") from None
 
 
 def plan_workers(workers: int | None, device: str | None) -> tuple[int, dict[str, float]]:
