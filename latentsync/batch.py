@@ -13,7 +13,6 @@ worker never counts as done.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -347,122 +346,138 @@ class Batch:
             on_dispatch: Callable[[_Task, int], None] | None = None) -> None:
         """Run every job, calling ``report`` with its result line as it ends. ``on_dispatch(task, worker_pid)``
         is called after each hand-out (tests kill workers there)."""
-        pending: deque[_Task] = deque(_Task("plan" if j.segments > 1 else "run", j) for j in jobs)
-        idle = list(range(len(self.handles)))
-        inflight: dict[Any, tuple[_Task | None, int]] = {}  # ref → (task, rank); task None: a restart check
-        state: dict[int, _Segmented] = {}
-        ended: set[int] = set()  # jobs reported; a sibling segment still out is ignored when it comes back
-        started: dict[int, float] = {}
-
-        def tidy(job: Job) -> None:
-            # The work folder goes once no task of the job can still write into it.
-            if not any(t is not None and t.job.line == job.line for t, _ in inflight.values()):
-                _remove_work_dir(job)
-
-        def end(job: Job, error: str | None, **fields: Any) -> None:
-            ended.add(job.line)
-            state.pop(job.line, None)
-            tidy(job)
-            report(result_line(job.line, job.video, job.output, "failed" if error else "succeeded", error,
-                               **fields))
-
+        for job in jobs:
+            _remove_work_dir(job)  # left by an earlier run that was killed
+        run = _Run(self, jobs, report, on_dispatch)
         try:
-            for job in jobs:
-                _remove_work_dir(job)  # left by an earlier run that was killed
-            while pending or inflight:
-                while pending and idle:
-                    task = pending.popleft()
-                    if task.job.line in ended:
-                        continue
-                    rank = idle.pop(0)
-                    started.setdefault(task.job.line, time.perf_counter())
-                    inflight[self._submit(task, rank, state)] = (task, rank)
-                    if on_dispatch is not None:
-                        on_dispatch(task, self.pids[rank])
-                if all(t is None for t, _ in inflight.values()) and not pending:
-                    break  # only restarting workers are left, and nothing for them to do
-                [ref], _ = ray.wait(list(inflight), num_returns=1)
-                task, rank = inflight.pop(ref)
-                try:
-                    value = ray.get(ref)
-                except RayActorError as e:
-                    if task is None and isinstance(e, ActorUnavailableError):  # still restarting: ask again
-                        inflight[self.handles[rank].ready.remote()] = (None, rank)
-                        continue
-                    if task is None:  # its restarts are used up: this worker is gone for good
-                        log.warning("worker %d could not be restarted; %d left", rank, len(idle) + len(inflight))
-                        if not idle and not inflight:
-                            for t in pending:
-                                if t.job.line not in ended:
-                                    end(t.job, "every worker died; no worker is left to run it")
-                            pending.clear()
-                        continue
-                    task.attempts += 1
-                    log.warning("worker %d died during %s of line %d (try %d of %d)", rank, task.kind,
-                                task.job.line, task.attempts, MAX_ATTEMPTS)
-                    if task.job.line in ended:
-                        tidy(task.job)
-                    elif task.attempts >= MAX_ATTEMPTS:
-                        end(task.job, f"the worker running it died {task.attempts} times (killed, or out of "
-                                      "memory?)")
-                    else:
-                        pending.appendleft(task)  # to the first idle worker, this one included once restarted
-                    # Ray restarts the actor (reloading the models); ask it for its new pid before using it again.
-                    inflight[self.handles[rank].ready.remote()] = (None, rank)
-                    continue
-                idle.append(rank)
-                if task is None:
-                    self.pids[rank] = value["pid"]
-                    continue
-                if task.job.line in ended:  # a sibling segment already failed this job
-                    tidy(task.job)
-                    continue
-                # A job's next steps go first, so its segments run at once on the idle workers.
-                pending.extendleft(reversed(self._after(task, value, state, end, started)))
+            run.loop()
         finally:
-            if inflight:  # interrupted (Ctrl-C) or failed: stop the workers before removing what they write
+            if run.inflight:  # interrupted (Ctrl-C) or failed: stop the workers before removing what they write
                 self.close(graceful=False)
-                for task, _ in inflight.values():
+                for task, _ in run.inflight.values():
                     if task is not None:
                         _remove_work_dir(task.job)
 
-    def _submit(self, task: _Task, rank: int, state: dict[int, _Segmented]):
+
+class _Run:
+    """One pass of a batch: the queue of tasks, the idle workers, what is out, and each segmented job's state."""
+
+    def __init__(self, batch: Batch, jobs: list[Job], report: Callable[[dict[str, Any]], None],
+                 on_dispatch: Callable[[_Task, int], None] | None):
+        self.batch, self.report, self.on_dispatch = batch, report, on_dispatch
+        self.pending: deque[_Task] = deque(_Task("plan" if j.segments > 1 else "run", j) for j in jobs)
+        self.idle = list(range(len(batch.handles)))
+        self.inflight: dict[Any, tuple[_Task | None, int]] = {}  # ref → (task, rank); None: a restart check
+        self.segmented: dict[int, _Segmented] = {}
+        self.ended: set[int] = set()  # jobs reported; a sibling segment still out is ignored when it returns
+        self.started: dict[int, float] = {}
+
+    def loop(self) -> None:
+        """Hand tasks to idle workers and take their answers until every job has ended."""
+        while self.pending or self.inflight:
+            self._dispatch()
+            if not self.pending and all(t is None for t, _ in self.inflight.values()):
+                break  # only restarting workers are out, and nothing is left for them
+            [ref], _ = ray.wait(list(self.inflight), num_returns=1)
+            task, rank = self.inflight.pop(ref)
+            try:
+                value = ray.get(ref)
+            except RayActorError as e:
+                self._died(task, rank, e)
+                continue
+            self.idle.append(rank)
+            if task is None:
+                self.batch.pids[rank] = value["pid"]
+            elif task.job.line in self.ended:  # a sibling segment already failed this job
+                self._tidy(task.job)
+            else:
+                # A job's next steps go first, so its segments run at once on the idle workers.
+                self.pending.extendleft(reversed(self._next(task, value)))
+
+    def _dispatch(self) -> None:
+        while self.pending and self.idle:
+            task = self.pending.popleft()
+            if task.job.line in self.ended:
+                continue
+            rank = self.idle.pop(0)
+            self.started.setdefault(task.job.line, time.perf_counter())
+            self.inflight[self._submit(task, rank)] = (task, rank)
+            if self.on_dispatch is not None:
+                self.on_dispatch(task, self.batch.pids[rank])
+
+    def _submit(self, task: _Task, rank: int):
         """Hand ``task`` to worker ``rank``; returns the reference to wait on."""
-        handle, job = self.handles[rank], task.job
+        handle, job = self.batch.handles[rank], task.job
         if task.kind == "run":
             return handle.run.remote(job)
         if task.kind == "plan":
             info, plan = handle.plan.options(num_returns=2).remote(job)
-            state.setdefault(job.line, _Segmented()).plan = plan
+            self.segmented.setdefault(job.line, _Segmented()).plan = plan
             return info
-        segmented = state[job.line]
+        state = self.segmented[job.line]
         if task.kind == "render":
             index, chunks = task.args
-            return handle.render.remote(job, segmented.plan, index, chunks)
+            return handle.render.remote(job, state.plan, index, chunks)
         if task.kind == "finish":
-            return handle.finish.remote(job, segmented.plan, [segmented.parts[i] for i in sorted(segmented.parts)])
+            return handle.finish.remote(job, state.plan, [state.parts[i] for i in sorted(state.parts)])
         raise AssertionError(f"unknown task kind {task.kind!r}")
 
-    @staticmethod
-    def _after(task: _Task, value: Any, state: dict[int, _Segmented], end: Callable[..., None],
-               started: dict[int, float]) -> list[_Task]:
-        """Handle a finished task; returns the tasks it makes ready (the renders after a plan, the finish after
-        the last render)."""
+    def _next(self, task: _Task, value: dict[str, Any]) -> list[_Task]:
+        """Take a task's answer; returns the tasks it makes ready (the renders after a plan, the finish after the
+        last render)."""
         job = task.job
         if value.get("error"):
-            end(job, value["error"])
+            self._end(job, value["error"])
             return []
         if task.kind == "plan":
-            segmented = state[job.line]
-            segmented.ranges = split_chunks(value["num_chunks"], job.segments)
-            return [_Task("render", job, (i, r)) for i, r in enumerate(segmented.ranges)]
+            state = self.segmented[job.line]
+            state.ranges = split_chunks(value["num_chunks"], job.segments)
+            return [_Task("render", job, (i, r)) for i, r in enumerate(state.ranges)]
         if task.kind == "render":
-            segmented = state[job.line]
-            segmented.parts[task.args[0]] = value["part"]
-            return [_Task("finish", job)] if len(segmented.parts) == len(segmented.ranges) else []
-        value = {**value, "seconds": round(time.perf_counter() - started[job.line], 3)}
-        end(job, None, **{k: v for k, v in value.items() if k != "error"})
+            state = self.segmented[job.line]
+            state.parts[task.args[0]] = value["part"]
+            return [_Task("finish", job)] if len(state.parts) == len(state.ranges) else []
+        fields = {k: v for k, v in value.items() if k != "error"}
+        self._end(job, None, **{**fields, "seconds": round(time.perf_counter() - self.started[job.line], 3)})
         return []
+
+    def _died(self, task: _Task | None, rank: int, error: RayActorError) -> None:
+        """Worker ``rank`` died running ``task`` (None: while restarting): retry the task, wait for the restart."""
+        handle = self.batch.handles[rank]
+        if task is None:
+            if isinstance(error, ActorUnavailableError):  # still restarting: ask again
+                self.inflight[handle.ready.remote()] = (None, rank)
+                return
+            log.warning("worker %d could not be restarted; %d left", rank, len(self.idle) + len(self.inflight))
+            if not self.idle and not self.inflight:  # its restarts are used up, and it was the last one
+                for t in self.pending:
+                    if t.job.line not in self.ended:
+                        self._end(t.job, "every worker died; no worker is left to run it")
+                self.pending.clear()
+            return
+        task.attempts += 1
+        log.warning("worker %d died during %s of line %d (try %d of %d)", rank, task.kind, task.job.line,
+                    task.attempts, MAX_ATTEMPTS)
+        if task.job.line in self.ended:
+            self._tidy(task.job)
+        elif task.attempts >= MAX_ATTEMPTS:
+            self._end(task.job, f"the worker running it died {task.attempts} times (killed, or out of memory?)")
+        else:
+            self.pending.appendleft(task)  # to the first idle worker, this one included once restarted
+        # Ray restarts the actor (reloading the models); its new pid comes back before it is used again.
+        self.inflight[handle.ready.remote()] = (None, rank)
+
+    def _end(self, job: Job, error: str | None, **fields: Any) -> None:
+        self.ended.add(job.line)
+        self.segmented.pop(job.line, None)
+        self._tidy(job)
+        self.report(result_line(job.line, job.video, job.output, "failed" if error else "succeeded", error,
+                                **fields))
+
+    def _tidy(self, job: Job) -> None:
+        # The work folder goes once no task of the job can still write into it.
+        if not any(t is not None and t.job.line == job.line for t, _ in self.inflight.values()):
+            _remove_work_dir(job)
 
 
 # ------------------------------------------------------------------------------------------------ the entry point
