@@ -165,93 +165,127 @@ class FaceAligner:
 
     def warp(self, frame_rgb: np.ndarray | torch.Tensor, matrix: np.ndarray) -> np.ndarray:
         """The aligned face (R, R, 3) uint8 for a known matrix: the crop, stretched to R×R with Lanczos."""
-        crop = self.warp_crop(frame_rgb, matrix)
-        return cv2.resize(crop, (self.resolution, self.resolution), interpolation=cv2.INTER_LANCZOS4)
+        return self.warp_batch([frame_rgb], [matrix])[0]
 
-    def warp_batch(self, frames: list[np.ndarray], matrices: list[np.ndarray]) -> np.ndarray:
-        """Aligned faces (n, R, R, 3) uint8 for frames and their known matrices: ``warp`` for each, batched."""
-        return np.stack([self.warp(f, m) for f, m in zip(frames, matrices)])
+    def warp_batch(self, frames: list[np.ndarray | torch.Tensor], matrices: list[np.ndarray]) -> np.ndarray:
+        """Aligned faces (n, R, R, 3) uint8 for frames and their known matrices.
 
-    @torch.no_grad()
+        The warps run on the device (that of tensor frames, else the aligner's) with one transfer back for the
+        whole batch; the Lanczos stretch is OpenCV's on the CPU, as upstream's, on the small crops.
+        """
+        crops = self._crop_batch(frames, matrices).cpu().numpy()
+        size = (self.resolution, self.resolution)
+        return np.stack([cv2.resize(c, size, interpolation=cv2.INTER_LANCZOS4) for c in crops])
+
     def warp_crop(self, frame_rgb: np.ndarray | torch.Tensor, matrix: np.ndarray) -> np.ndarray:
         """The (h, w, 3) uint8 crop (before the stretch to R×R) that ``matrix`` cuts from the frame."""
-        device = frame_rgb.device if isinstance(frame_rgb, torch.Tensor) else self.device
-        height, width = frame_rgb.shape[:2]
-        crop_w, crop_h = self.face_size
-        inv = _invert(matrix)
-        corners = np.array([[0, 0, 1], [crop_w - 1, 0, 1], [0, crop_h - 1, 1], [crop_w - 1, crop_h - 1, 1]], float)
-        src_pts = corners @ inv.T
-        # Only the frame pixels bilinear sampling can reach are read. The window includes every in-frame pixel a
-        # sample touches, and pixels beyond the frame still read as zero, so the result equals a full-frame warp.
-        r0, r1 = _span(src_pts[:, 1], height)
-        c0, c1 = _span(src_pts[:, 0], width)
-        if r0 >= r1 or c0 >= c1:  # the crop lies wholly outside the frame: all fill
-            return np.full((crop_h, crop_w, 3), int(_FILL), dtype=np.uint8)
-        src = _as_chw_float(frame_rgb, device, slice(r0, r1), slice(c0, c1))
-        inv_t = torch.as_tensor(inv, dtype=torch.float32, device=device)
-        rows = torch.arange(crop_h, dtype=torch.float32, device=device)
-        cols = torch.arange(crop_w, dtype=torch.float32, device=device)
-        grid = _sample_grid(inv_t, rows, cols, (r1 - r0, c1 - c0), (r0, c0))
-        crop = _warp(src, grid, _FILL)[0].permute(1, 2, 0)
-        return crop.to(torch.uint8).cpu().numpy()  # truncation, as upstream's astype(np.uint8)
+        return self._crop_batch([frame_rgb], [matrix])[0].cpu().numpy()
 
     @torch.no_grad()
+    def _crop_batch(self, frames: list[np.ndarray | torch.Tensor], matrices: list[np.ndarray]) -> torch.Tensor:
+        """(n, h, w, 3) uint8 crops on the device; every frame window is uploaded before any warp is queued."""
+        crop_w, crop_h = self.face_size
+        corners = np.array([[0, 0, 1], [crop_w - 1, 0, 1], [0, crop_h - 1, 1], [crop_w - 1, crop_h - 1, 1]], float)
+        jobs = []
+        for frame, matrix in zip(frames, matrices):
+            device = frame.device if isinstance(frame, torch.Tensor) else self.device
+            height, width = frame.shape[:2]
+            inv = _invert(matrix)
+            src_pts = corners @ inv.T
+            # Only the frame pixels bilinear sampling can reach are read. The window includes every in-frame pixel
+            # a sample touches, and pixels beyond the frame still read as zero, so the result equals a full warp.
+            r0, r1 = _span(src_pts[:, 1], height)
+            c0, c1 = _span(src_pts[:, 0], width)
+            window = None
+            if r0 < r1 and c0 < c1:  # else the crop lies wholly outside the frame: all fill
+                window = _as_chw_float(frame, device, slice(r0, r1), slice(c0, c1))
+            jobs.append((device, inv, (r0, r1, c0, c1), window))
+        crops = []
+        for device, inv, (r0, r1, c0, c1), window in jobs:
+            if window is None:
+                crops.append(torch.full((crop_h, crop_w, 3), int(_FILL), dtype=torch.uint8, device=device))
+                continue
+            inv_t = torch.as_tensor(inv, dtype=torch.float32, device=device)
+            rows = torch.arange(crop_h, dtype=torch.float32, device=device)
+            cols = torch.arange(crop_w, dtype=torch.float32, device=device)
+            grid = _sample_grid(inv_t, rows, cols, (r1 - r0, c1 - c0), (r0, c0))
+            # truncation, as upstream's astype(np.uint8)
+            crops.append(_warp(window, grid, _FILL)[0].permute(1, 2, 0).to(torch.uint8))
+        return torch.stack(crops)
+
     def restore(self, frame_rgb: np.ndarray | torch.Tensor, face: torch.Tensor, matrix: np.ndarray
                 ) -> np.ndarray | torch.Tensor:
         """Paste a generated face (3, R, R) in [-1, 1] back into the (H, W, 3) uint8 frame it was aligned from.
 
         Runs on ``face``'s device; returns the same type as ``frame_rgb`` (numpy, or a tensor on its device).
         """
-        device = face.device
-        height, width = frame_rgb.shape[:2]
+        return self.restore_batch([frame_rgb], face[None], [matrix])[0]
+
+    @torch.no_grad()
+    def restore_batch(self, frames: list[np.ndarray | torch.Tensor], faces: torch.Tensor,
+                      matrices: list[np.ndarray]) -> list[np.ndarray | torch.Tensor]:
+        """``restore`` for each frame with its generated face ``faces[k]`` (n, 3, R, R) and matrix, on ``faces``'
+        device: the frame windows go up first, the feather widths come back in one transfer, and the pasted
+        windows come back in one more — no host sync per frame."""
+        device = faces.device
         crop_w, crop_h = self.face_size
-        m = np.asarray(matrix, dtype=np.float64).reshape(2, 3)
-        inv = _invert(m)
-        corners = np.array([[-1, -1, 1], [crop_w, -1, 1], [-1, crop_h, 1], [crop_w, crop_h, 1]], float) @ inv.T
-        # Upstream blends over the whole frame, but its weight is exactly zero beyond the warped crop rectangle
-        # grown by the feather width (w_edge below, which grows with the pasted area): a window with a margin of
-        # twice that width, from the rectangle's exact area, plus slack, gives the same pixels.
-        area = crop_w * crop_h / max(abs(m[0, 0] * m[1, 1] - m[0, 1] * m[1, 0]), 1e-12)
-        margin = 2 * (int(math.sqrt(area)) // 20) + 4
-        r0, r1 = _clip_span(corners[:, 1], margin, height)
-        c0, c1 = _clip_span(corners[:, 0], margin, width)
-        if r0 >= r1 or c0 >= c1:
-            return frame_rgb
-
-        face_crop = F.interpolate(face.to(torch.float32).unsqueeze(0), size=(crop_h, crop_w), mode="bicubic",
-                                  align_corners=False, antialias=True)
-        m_t = torch.as_tensor(m, dtype=torch.float32, device=device)
-        rows = torch.arange(r0, r1, dtype=torch.float32, device=device)
-        cols = torch.arange(c0, c1, dtype=torch.float32, device=device)
-        grid = _sample_grid(m_t, rows, cols, (crop_h, crop_w), (0, 0))
-        inv_face = _warp(face_crop, grid, _FILL)
-        inv_face = (inv_face / 2 + 0.5).clamp(0, 1) * 255
-        inv_mask = _warp(torch.ones((1, 1, crop_h, crop_w), device=device), grid, None)
-        inv_mask = _erode(inv_mask, 2, 1)  # kornia.morphology.erosion with a 2×2 kernel
-        pasted = inv_mask * inv_face
-
-        w_edge = int(float(inv_mask.sum()) ** 0.5) // 20
-        erosion = 2 * w_edge or 3  # cv2.erode (default anchor); OpenCV reads an empty kernel as 3×3
-        center = _erode(inv_mask, erosion, erosion // 2)
-        blur = 2 * w_edge + 1
-        sigma = 0.3 * ((blur - 1) * 0.5 - 1) + 0.8
-        soft = _gaussian_blur(center, blur, sigma)
-
-        window = _as_chw_float(frame_rgb, device, slice(r0, r1), slice(c0, c1))
-        blended = soft * pasted + (1 - soft) * window
-        blended = blended.clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0)
-        if isinstance(frame_rgb, np.ndarray):
-            out = frame_rgb.copy()
-            out[r0:r1, c0:c1] = blended.cpu().numpy()
-        else:
-            out = frame_rgb.clone()
-            out[r0:r1, c0:c1] = blended.to(frame_rgb.device)
+        jobs = []  # (k, matrix, window bounds, frame window on the device)
+        for k, (frame, matrix) in enumerate(zip(frames, matrices)):
+            height, width = frame.shape[:2]
+            m = np.asarray(matrix, dtype=np.float64).reshape(2, 3)
+            inv = _invert(m)
+            corners = np.array([[-1, -1, 1], [crop_w, -1, 1], [-1, crop_h, 1], [crop_w, crop_h, 1]], float) @ inv.T
+            # Upstream blends over the whole frame, but its weight is exactly zero beyond the warped crop rectangle
+            # grown by the feather width (w_edge below, which grows with the pasted area): a window with a margin
+            # of twice that width, from the rectangle's exact area, plus slack, gives the same pixels.
+            area = crop_w * crop_h / max(abs(m[0, 0] * m[1, 1] - m[0, 1] * m[1, 0]), 1e-12)
+            margin = 2 * (int(math.sqrt(area)) // 20) + 4
+            r0, r1 = _clip_span(corners[:, 1], margin, height)
+            c0, c1 = _clip_span(corners[:, 0], margin, width)
+            if r0 < r1 and c0 < c1:
+                jobs.append((k, m, (r0, r1, c0, c1), _as_chw_float(frame, device, slice(r0, r1), slice(c0, c1))))
+        out = list(frames)
+        if not jobs:
+            return out
+        face_crops = F.interpolate(faces[[k for k, *_ in jobs]].to(torch.float32), size=(crop_h, crop_w),
+                                   mode="bicubic", align_corners=False, antialias=True)
+        pasted, masks = [], []
+        for crop, (_, m, (r0, r1, c0, c1), _) in zip(face_crops, jobs):
+            m_t = torch.as_tensor(m, dtype=torch.float32, device=device)
+            rows = torch.arange(r0, r1, dtype=torch.float32, device=device)
+            cols = torch.arange(c0, c1, dtype=torch.float32, device=device)
+            grid = _sample_grid(m_t, rows, cols, (crop_h, crop_w), (0, 0))
+            inv_face = _warp(crop[None], grid, _FILL)
+            inv_face = (inv_face / 2 + 0.5).clamp(0, 1) * 255
+            inv_mask = _warp(torch.ones((1, 1, crop_h, crop_w), device=device), grid, None)
+            inv_mask = _erode(inv_mask, 2, 1)  # kornia.morphology.erosion with a 2×2 kernel
+            pasted.append(inv_mask * inv_face)
+            masks.append(inv_mask)
+        sums = torch.stack([mask.sum() for mask in masks]).cpu().tolist()  # the one sync for the feather widths
+        blended = []
+        for total, mask, paste, (_, _, _, window) in zip(sums, masks, pasted, jobs):
+            w_edge = int(total ** 0.5) // 20
+            erosion = 2 * w_edge or 3  # cv2.erode (default anchor); OpenCV reads an empty kernel as 3×3
+            center = _erode(mask, erosion, erosion // 2)
+            blur = 2 * w_edge + 1
+            sigma = 0.3 * ((blur - 1) * 0.5 - 1) + 0.8
+            soft = _gaussian_blur(center, blur, sigma)
+            mixed = soft * paste + (1 - soft) * window
+            blended.append(mixed.clamp(0, 255).to(torch.uint8)[0].permute(1, 2, 0))
+        flat = torch.cat([b.reshape(-1) for b in blended])
+        host = flat.cpu() if any(isinstance(frames[job[0]], np.ndarray) for job in jobs) else None  # one transfer
+        offset = 0
+        for (k, _, (r0, r1, c0, c1), _), piece in zip(jobs, blended):
+            frame, n = frames[k], piece.numel()
+            if isinstance(frame, np.ndarray):
+                restored = frame.copy()
+                restored[r0:r1, c0:c1] = host[offset:offset + n].numpy().reshape(piece.shape)
+            else:
+                restored = frame.clone()
+                restored[r0:r1, c0:c1] = piece.to(frame.device)
+            out[k] = restored
+            offset += n
         return out
-
-    def restore_batch(self, frames: list[np.ndarray], faces: torch.Tensor, matrices: list[np.ndarray]
-                      ) -> list[np.ndarray]:
-        """``restore`` for each frame with its generated face ``faces[k]`` (n, 3, R, R) and matrix."""
-        return [self.restore(f, faces[k], m) for k, (f, m) in enumerate(zip(frames, matrices))]
 
 
 def _invert(matrix: np.ndarray) -> np.ndarray:

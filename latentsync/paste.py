@@ -23,9 +23,8 @@ class PasteStage:
                  bar: tqdm, tap: Callable[[int, np.ndarray], None] | None = None):
         self.writer, self.matrices, self.clock, self.bar, self.tap = writer, matrices, clock, bar, tap
         self.aligner = FaceAligner(resolution)
-        self.sync: dict[int, np.ndarray] = {}
 
-    def __call__(self, work: Work) -> None:
+    def __call__(self, work: Work) -> Work:
         chunk = work.chunk
         frames = [work.frames[s] for s in chunk.src]
         if work.faces is not None:
@@ -35,10 +34,11 @@ class PasteStage:
                                                       [self.matrices[chunk.src[k]] for k in keep])
                 for k, frame in zip(keep, restored):
                     frames[k] = frame
-        self.sync.update(work.sync)
         with self.clock("encode"):
             for k, frame in enumerate(frames):
                 if self.tap is not None:
                     self.tap(chunk.start + k, frame)
                 self.writer.write(frame)
         self.bar.update(len(frames))
+        work.frames, work.faces = {}, None  # only the sync crops travel on
+        return work

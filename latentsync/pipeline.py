@@ -14,6 +14,8 @@ import logging
 import math
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,18 +26,19 @@ from tqdm.auto import tqdm
 
 from latentsync import audio as audio_mod
 from latentsync import video as video_mod
-from latentsync.align import load_mask
-from latentsync.config import config_path, load_config
 from latentsync.crops import AlignStage
 from latentsync.devices import pick_device, pick_dtype
 from latentsync.errors import InputError
+from latentsync.face import FaceLandmarker
+from latentsync.facepool import FacePool, default_workers
 from latentsync.generate import GenerateStage
+from latentsync.loader import compile_unet, load_models
 from latentsync.options import FACE_SELECTS, LOOP_MODES, RunOptions  # noqa: F401 — re-exported for callers
 from latentsync.paste import PasteStage
+from latentsync.scoring import ScoreStage
 from latentsync.stages import Cancelled, StageClock, run_stages  # noqa: F401 — Cancelled re-exported
 from latentsync.timeline import chunk_at, nearest_with_face, output_length, source_index  # noqa: F401
 from latentsync.tracking import track_faces
-from latentsync.weights import load_scheduler, load_unet, load_vae, unet_config_for
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +94,8 @@ class RenderPart:
     chunks: range
     frames: int
     seconds: dict[str, float]
-    sync_crops: dict[int, np.ndarray]  # output frame → SyncNet crop, for the frames of ``Plan.sync_spans`` covered
+    sync_scores: dict[tuple[int, int], Any]  # span of ``Plan.sync_spans`` → its SyncScore (None: unscorable)
+    sync_crops: dict[int, np.ndarray]  # output frame → SyncNet crop, for the spans not scored here
 
 
 class LipSync:
@@ -105,55 +109,54 @@ class LipSync:
     frame_tap = None
 
     def __init__(self, *, unet, vae, audio_encoder, scheduler, mask: torch.Tensor, resolution: int, num_frames: int,
-                 device: torch.device, dtype: torch.dtype, syncnet=None, version: str | None = None):
+                 device: torch.device, dtype: torch.dtype, syncnet=None, version: str | None = None,
+                 face_workers: int = 0):
         self.unet, self.vae, self.audio_encoder, self.scheduler = unet, vae, audio_encoder, scheduler
         self.mask = mask.to(device=device, dtype=dtype)
         self.resolution, self.num_frames = resolution, num_frames
         self.device, self.dtype = device, dtype
         self.syncnet = syncnet
         self.version = version
+        self.face_workers = int(face_workers)
+        self._face_pool: FacePool | None = None
+        self._face_landmarker: FaceLandmarker | None = None
 
     @classmethod
     def from_pretrained(cls, weights_dir: str | Path, version: str = "1.6", device: str | torch.device | None = None,
                         dtype: str | torch.dtype | None = None, unet_config: str | Path | None = None,
-                        syncnet_config: str | Path | None = None) -> "LipSync":
+                        syncnet_config: str | Path | None = None, *, compile: bool = False,
+                        face_workers: int | None = None) -> "LipSync":
         """Load VAE, U-Net, Whisper (and SyncNet when present) from a folder laid out like upstream's ``checkpoints/``.
 
         ``unet_config`` defaults to the config of ``version``; its ``data.resolution`` must match the checkpoint
         (1.5 = 256 px, 1.6 = 512 px). ``syncnet_config`` defaults to the shipped StableSyncNet config.
+        ``compile=True`` compiles the U-Net's full and shallow passes and warms them up here (minutes the first
+        time; cached next to the weights). ``face_workers``: face-detection processes (None: by core count).
         """
-        weights_dir = Path(weights_dir)
-        if not weights_dir.is_dir():
-            raise InputError(f"weights folder not found: {weights_dir}")
         device = pick_device(device)
-        dtype = pick_dtype(device, dtype)
-        unet_config = unet_config or unet_config_for(version)
-        cfg = load_config(unet_config)
-        data = cfg.get("data", {})
-        resolution = int(data.get("resolution", 256))
-        num_frames = int(data.get("num_frames", 16))
-        t0 = time.perf_counter()
-        unet = load_unet(cfg["model"], weights_dir / "latentsync_unet.pt", device=device, dtype=dtype)
-        vae = load_vae(weights_dir / "sd-vae-ft-mse", device=device, dtype=dtype)
-        # Whisper runs in fp16 on CUDA as upstream does (its LayerNorms stay fp32 inside transformers), fp32 elsewhere.
-        encoder = audio_mod.AudioEncoder.from_pretrained(weights_dir / "whisper" / "tiny.pt", device=device,
-                                                         dtype=torch.float16 if device.type == "cuda" else torch.float32)
-        mask = load_mask(weights_dir / "mask.png", resolution)
-        syncnet = None
-        syncnet_path = weights_dir / "stable_syncnet.pt"
-        if syncnet_path.is_file():
-            from latentsync.weights import load_syncnet
+        models = load_models(Path(weights_dir), version, device, pick_dtype(device, dtype), unet_config,
+                             syncnet_config)
+        if compile:
+            compile_unet(models, Path(weights_dir))
+        return cls(**models, face_workers=default_workers() if face_workers is None else face_workers)
 
-            syncnet_config = syncnet_config or config_path("syncnet/syncnet_16_pixel_attn.yaml")
-            syncnet = load_syncnet(syncnet_config, syncnet_path, device=device, dtype=torch.float32)
-        else:
-            log.warning("no %s: results will carry no sync score", syncnet_path)
-        log.info("loaded LatentSync %s (U-Net config %s, %d px, %s %s) in %.1f s", version, unet_config, resolution,
-                 device, str(dtype).removeprefix("torch."), time.perf_counter() - t0)
-        return cls(unet=unet, vae=vae, audio_encoder=encoder, scheduler=load_scheduler(), mask=mask,
-                   resolution=resolution, num_frames=num_frames, device=device, dtype=dtype, syncnet=syncnet,
-                   version=version)
+    def close(self) -> None:
+        """Stop the face-detection workers and free the detector (workers are also stopped at exit)."""
+        if self._face_pool is not None:
+            self._face_pool.close()
+            self._face_pool = None
+        if self._face_landmarker is not None:
+            self._face_landmarker.close()
+            self._face_landmarker = None
 
+    def _detectors(self) -> tuple[FacePool | None, FaceLandmarker | None]:
+        """The face-detection workers, or the in-process detector: made at the first run and kept (building
+        mediapipe's graphs takes a moment), the workers again after an error or a cancel terminated them."""
+        if self.face_workers > 0 and (self._face_pool is None or not self._face_pool.alive):
+            self._face_pool = FacePool(self.face_workers)
+        if self.face_workers == 0 and self._face_landmarker is None:
+            self._face_landmarker = FaceLandmarker()
+        return self._face_pool, self._face_landmarker
 
     # ------------------------------------------------------------------------------------------------ public API
     def lipsync(self, video: str | Path, audio: str | Path, output: str | Path,
@@ -198,14 +201,22 @@ class LipSync:
             from latentsync.speaker import active_speaker_point
 
             with clock("active_speaker"):
-                face_point = active_speaker_point(self.syncnet, video, fps, info)
+                with self._syncnet_on_device() as syncnet:
+                    face_point = active_speaker_point(syncnet, video, fps, info)
         with clock("audio"):
-            features = self.audio_encoder.features(wav)
-        audio_frames = audio_mod.audio_frame_count(features, fps)
+            mel = audio_mod.log_mel(wav)
+        # The features have M // 2 rows for M mel frames: the face pass needs only that count, so Whisper runs
+        # beside it (its result is waited for below, also on error, so no thread outlives the plan).
+        audio_frames = audio_mod.audio_frame_count(torch.empty((mel.shape[1] // 2, 0, 0)), fps)
         # How many source frames matter: `silence` may use the whole video, other modes at most the audio's length.
         limit = None if opts.loop_mode == "silence" else audio_frames
-        matrices, has_face = track_faces(video, fps, info, limit, face_point, self.resolution, clock=clock,
-                                         cancel=cancel, progress=progress)
+        with clock("faces"):
+            pool, landmarker = self._detectors()
+        with ThreadPoolExecutor(1, thread_name_prefix="latentsync-audio") as audio_thread:
+            encoding = audio_thread.submit(self._features, mel, clock)
+            matrices, has_face = track_faces(video, fps, info, limit, face_point, self.resolution, clock=clock,
+                                             pool=pool, landmarker=landmarker, cancel=cancel, progress=progress)
+            features = encoding.result()
         if len(matrices) == 0:
             raise InputError(f"{video}: no video frames could be read")
         if not has_face.any():
@@ -216,8 +227,7 @@ class LipSync:
             # `silence` with a longer video: pad the audio so the mouth closes over the rest of the video.
             pad = int(math.ceil(num_out / fps * audio_mod.SAMPLE_RATE)) - len(wav)
             wav = np.concatenate([wav, np.zeros(max(pad, 0), dtype=np.float32)])
-            with clock("audio"):
-                features = self.audio_encoder.features(wav)
+            features = self._features(audio_mod.log_mel(wav), clock)
         log.info("%s: %d output frames at %.3f fps from %d source frames (%d with a face), loop mode %s", video,
                  num_out, fps, len(matrices), int(has_face.sum()), opts.loop_mode)
         from latentsync.syncscore import sync_spans
@@ -253,8 +263,11 @@ class LipSync:
         writer = video_mod.VideoWriter(out_path, plan.fps, plan.info.width, plan.info.height)
         bar = tqdm(total=frames, desc="lip-sync", unit="frame", disable=not progress)
         paste = PasteStage(writer, plan.matrices, self.resolution, clock, bar, tap=self.frame_tap)
+        # SyncNet scores while the other stages work where it lives (the CPU); on a GPU, in ``finish``.
+        score = ScoreStage(self.syncnet, plan.sync_spans, plan.wav, plan.fps, range(at[0].start, at[-1].stop), clock,
+                           score_now=self.device.type == "cpu")
         try:
-            run_stages(at, [align, generate, paste], concurrent=not self.serial, cancel=cancel)
+            run_stages(at, [align, generate, paste, score], concurrent=not self.serial, cancel=cancel)
             with clock("encode"):
                 writer.close()
         except BaseException:
@@ -264,7 +277,7 @@ class LipSync:
             bar.close()
             align.close()
         return RenderPart(path=Path(out_path), chunks=chunks, frames=frames, seconds=clock.seconds,
-                          sync_crops=paste.sync)
+                          sync_scores=score.scores, sync_crops=score.crops)
 
     def finish(self, plan: Plan, parts: list[Path], output: Path, rendered: list[RenderPart]) -> LipSyncResult:
         """Join the rendered ``parts`` (in chunk order), mux the user's audio into ``output``, score the sync.
@@ -273,7 +286,7 @@ class LipSync:
         settings). ``seconds`` sums the plan's and every part's busy seconds with finishing's own.
         """
         from latentsync.join import join_parts
-        from latentsync.syncscore import score_spans
+        from latentsync.syncscore import combine_scores, score_span
 
         output = Path(output)
         clock = StageClock()
@@ -284,11 +297,16 @@ class LipSync:
                     silent = join_parts([Path(p) for p in parts], Path(tmp) / "joined.mp4")
             with clock("mux"):
                 video_mod.mux_audio(silent, plan.audio, output, duration=plan.num_out / plan.fps)
-        sync = None
-        if self.syncnet is not None:
+        scores = {span: s for part in rendered for span, s in part.sync_scores.items()}
+        todo = [span for span in plan.sync_spans if span not in scores]
+        if todo:
             crops = {j: c for part in rendered for j, c in part.sync_crops.items()}
-            with clock("sync"):
-                sync = score_spans(self.syncnet, plan.sync_spans, crops, plan.wav, plan.fps)
+            with clock("sync"), self._syncnet_on_device() as syncnet:
+                scores.update((span, score_span(syncnet, span, crops, plan.wav, plan.fps)) for span in todo)
+        scored = [scores[span] for span in plan.sync_spans if scores[span] is not None]
+        if self.syncnet is not None and not scored:
+            log.info("output too short to score its sync (SyncNet needs 16 frames at 25 fps)")
+        sync = combine_scores(scored) if scored else None
         seconds: dict[str, float] = {}
         for part_seconds in [plan.seconds, *(r.seconds for r in rendered), clock.seconds]:
             for k, v in part_seconds.items():
@@ -296,3 +314,21 @@ class LipSync:
         return LipSyncResult(output=output, seed=plan.options.seed, frames=plan.num_out,
                              frames_with_face=plan.frames_with_face, fps=plan.fps,
                              seconds={k: round(v, 3) for k, v in seconds.items()}, sync=sync)
+
+    def _features(self, mel: torch.Tensor, clock: StageClock) -> torch.Tensor:
+        with clock("audio"):
+            return self.audio_encoder.features_from_log_mel(mel)
+
+    @contextmanager
+    def _syncnet_on_device(self):
+        """SyncNet on the model's device while it scores, back on the CPU after (it is needed once per run)."""
+        if self.syncnet is None:
+            yield None
+            return
+        self.syncnet.to(self.device)
+        try:
+            yield self.syncnet
+        finally:
+            self.syncnet.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()

@@ -59,10 +59,11 @@ def run_stages(items: Iterable[Any], stages: list[Callable[[Any], Any]], *, conc
     inference mode on, which is per thread) and the caller waits; nothing of the run survives its return.
     """
     if not concurrent:
-        for item in items:
-            check_cancel(cancel)
-            for stage in stages:
-                item = stage(item)
+        with torch.inference_mode():
+            for item in items:
+                check_cancel(cancel)
+                for stage in stages:
+                    item = stage(item)
         return
 
     failed = threading.Event()

@@ -243,21 +243,14 @@ def sync_crop(faces: torch.Tensor) -> np.ndarray:
     return x.round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def score_spans(model: StableSyncNet, spans: Sequence[tuple[int, int]], crops: dict[int, np.ndarray],
-                wav: np.ndarray, fps: float) -> SyncScore | None:
-    """SyncNet agreement of the generated mouths (``crops``: output frame → crop) with the audio, over ``spans``.
-
-    A span missing any crop, or shorter than SyncNet's window, is left out; None when no span is left.
-    """
+def score_span(model: StableSyncNet, span: tuple[int, int], crops: dict[int, np.ndarray], wav: np.ndarray,
+               fps: float) -> SyncScore | None:
+    """SyncNet agreement of the generated mouths of output frames ``span`` (``crops``: frame → crop) with the
+    audio; None when a crop is missing or the span is shorter than SyncNet's window."""
+    start, stop = span
     scorer = SyncScorer(model, fps=fps)
-    scores = []
-    for start, stop in spans:
-        if any(j not in crops for j in range(start, stop)) or stop - start < scorer.window_frames * fps / VIDEO_FPS:
-            continue
-        a = int(round(start / fps * SAMPLE_RATE))
-        b = int(round(stop / fps * SAMPLE_RATE))
-        scores.append(scorer(np.stack([crops[j] for j in range(start, stop)]), wav[a:b]))
-    if not scores:
-        log.info("output too short to score its sync (SyncNet needs %d frames)", scorer.window_frames)
+    if any(j not in crops for j in range(start, stop)) or stop - start < scorer.window_frames * fps / VIDEO_FPS:
         return None
-    return combine_scores(scores)
+    a = int(round(start / fps * SAMPLE_RATE))
+    b = int(round(stop / fps * SAMPLE_RATE))
+    return scorer(np.stack([crops[j] for j in range(start, stop)]), wav[a:b])

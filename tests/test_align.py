@@ -193,3 +193,24 @@ def test_cuda_equals_cpu(cases):
     out_g = gpu.restore(torch.from_numpy(data["frame"]).cuda(), generated.cuda(), m_c)
     err = np.abs(out_g.cpu().numpy().astype(int) - out_c)
     assert err.max() <= 1 and err.mean() < 0.01
+
+
+def test_batches_equal_frame_by_frame(cases):
+    """A chunk's warps and paste-backs done together (one transfer each way) equal them done one at a time."""
+    data, meta = cases
+    r = resolutions(meta)[0]
+    frame = data["frame"]
+    shifted = np.roll(frame, (7, -11), axis=(0, 1))
+    anchors = data["landmarks3"]
+    aligner = FaceAligner(r)
+    matrices = [aligner.matrix(a) for a in anchors[:3]]
+    frames = [frame, shifted, frame]
+    batch = aligner.warp_batch(frames, matrices)
+    for k in range(3):
+        np.testing.assert_array_equal(batch[k], aligner.warp(frames[k], matrices[k]))
+    faces = torch.from_numpy(data[f"r{r}.restore_face_in"])[None].repeat(3, 1, 1, 1)
+    faces[1] = -faces[1]
+    restored = aligner.restore_batch(frames, faces, matrices)
+    for k in range(3):
+        np.testing.assert_array_equal(restored[k], aligner.restore(frames[k], faces[k], matrices[k]))
+    assert not np.array_equal(restored[0], frame) and not np.array_equal(restored[1], shifted)

@@ -1,0 +1,77 @@
+"""Loading every model a run needs from a folder laid out like upstream's ``checkpoints/``, and the opt-in compile."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from latentsync import audio as audio_mod
+from latentsync.align import load_mask
+from latentsync.config import config_path, load_config
+from latentsync.errors import InputError
+from latentsync.options import GUIDANCE_SCALE
+from latentsync.weights import load_scheduler, load_unet, load_vae, unet_config_for
+
+log = logging.getLogger(__name__)
+
+
+def load_models(weights_dir: Path, version: str, device: torch.device, dtype: torch.dtype,
+                unet_config: str | Path | None, syncnet_config: str | Path | None) -> dict[str, Any]:
+    """The keyword arguments of ``LipSync(...)``: VAE, U-Net, Whisper, scheduler, mask, sizes, SyncNet if present.
+
+    SyncNet (fp32, 1.6 GB at full size) stays on the CPU until a score is computed: it is needed once per run,
+    and the GPU's memory is the U-Net's.
+    """
+    if not weights_dir.is_dir():
+        raise InputError(f"weights folder not found: {weights_dir}")
+    unet_config = unet_config or unet_config_for(version)
+    cfg = load_config(unet_config)
+    data = cfg.get("data", {})
+    resolution = int(data.get("resolution", 256))
+    t0 = time.perf_counter()
+    unet = load_unet(cfg["model"], weights_dir / "latentsync_unet.pt", device=device, dtype=dtype)
+    vae = load_vae(weights_dir / "sd-vae-ft-mse", device=device, dtype=dtype)
+    # Whisper runs in fp16 on CUDA as upstream does (its LayerNorms stay fp32 inside transformers), fp32 elsewhere.
+    encoder = audio_mod.AudioEncoder.from_pretrained(weights_dir / "whisper" / "tiny.pt", device=device,
+                                                     dtype=torch.float16 if device.type == "cuda" else torch.float32)
+    syncnet = None
+    syncnet_path = weights_dir / "stable_syncnet.pt"
+    if syncnet_path.is_file():
+        from latentsync.weights import load_syncnet
+
+        syncnet_config = syncnet_config or config_path("syncnet/syncnet_16_pixel_attn.yaml")
+        syncnet = load_syncnet(syncnet_config, syncnet_path, device="cpu", dtype=torch.float32)
+    else:
+        log.warning("no %s: results will carry no sync score", syncnet_path)
+    log.info("loaded LatentSync %s (U-Net config %s, %d px, %s %s) in %.1f s", version, unet_config, resolution,
+             device, str(dtype).removeprefix("torch."), time.perf_counter() - t0)
+    return dict(unet=unet, vae=vae, audio_encoder=encoder, scheduler=load_scheduler(),
+                mask=load_mask(weights_dir / "mask.png", resolution), resolution=resolution,
+                num_frames=int(data.get("num_frames", 16)), device=device, dtype=dtype, syncnet=syncnet,
+                version=version)
+
+
+def compile_unet(models: dict[str, Any], weights_dir: Path) -> float:
+    """Swap ``models["unet"]`` for its compiled passes, warmed up for a whole guided chunk; returns the seconds.
+
+    Compiled artefacts are cached in ``weights_dir/compile-cache/<gpu>-torch<version>``, so a later boot of the
+    same machine type loads them instead of compiling again.
+    """
+    from latentsync.models.compiled import CompiledUNet, cache_folder, use_cache_dir
+
+    unet, encoder, device = models["unet"], models["audio_encoder"], models["device"]
+    use_cache_dir(cache_folder(weights_dir, device))
+    compiled = CompiledUNet(unet)
+    f, lat = models["num_frames"], models["resolution"] // 8
+    batch = 2 if GUIDANCE_SCALE > 1 else 1  # the default run: guidance on, unconditional and conditional at once
+    with torch.inference_mode():  # inputs made as a run makes them (inference tensors), or dynamo recompiles
+        audio = audio_mod.audio_windows(torch.zeros(4, encoder.num_states, encoder.hidden_size), 0, f)
+        audio = torch.cat([audio] * batch).to(device=device, dtype=unet.dtype)
+        x = torch.zeros((batch, unet.config.in_channels, f, lat, lat), device=device, dtype=unet.dtype)
+        t = torch.tensor(999, device=device)
+    seconds = compiled.warm_up(x, t, audio)
+    models["unet"] = compiled
+    return seconds

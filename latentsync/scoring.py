@@ -1,0 +1,36 @@
+"""Synthesis stage 4, sync scoring: each sampled span is scored as soon as its generated crops are all there.
+
+On the CPU the scoring overlaps the other stages. On a GPU, SyncNet stays off the device while the U-Net works
+(it is 1.6 GB in fp32) and the spans are scored once rendering is done (``score_now=False``: crops are only
+collected). A span only partly inside a rendered chunk range is left to ``LipSync.finish``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from latentsync.crops import Work
+from latentsync.stages import StageClock
+from latentsync.syncscore import SyncScore, score_span
+
+
+class ScoreStage:
+    """Collects the crops of ``spans`` and, with ``score_now``, scores every span wholly inside ``frames``."""
+
+    def __init__(self, syncnet: Any, spans: list[tuple[int, int]], wav: np.ndarray, fps: float, frames: range,
+                 clock: StageClock, score_now: bool):
+        self.syncnet, self.spans, self.wav, self.fps, self.clock = syncnet, spans, wav, fps, clock
+        self.todo = [s for s in spans if score_now and frames.start <= s[0] and s[1] <= frames.stop]
+        self.scores: dict[tuple[int, int], SyncScore | None] = {}
+        self.crops: dict[int, np.ndarray] = {}  # output frame → crop, for spans not scored yet
+
+    def __call__(self, work: Work) -> None:
+        self.crops.update(work.sync)
+        for span in [s for s in self.todo if all(j in self.crops for j in range(*s))]:
+            with self.clock("sync"):
+                self.scores[span] = score_span(self.syncnet, span, self.crops, self.wav, self.fps)
+            self.todo.remove(span)
+            # Crops that no unscored span needs are dropped: memory stays at a span or two.
+            unscored = [s for s in self.spans if s not in self.scores]
+            self.crops = {j: c for j, c in self.crops.items() if any(a <= j < b for a, b in unscored)}
