@@ -13,13 +13,16 @@ worker never counts as done.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
@@ -64,14 +67,25 @@ class Job:
 class WorkerConfig:
     """What every worker needs to load the models; the environment is already resolved (entry point's job)."""
 
-    weights_dir: Path
+    weights_dir: Path | None  # None: each node fills its default weights folder from the network
     version: str
-    manifest: tuple | None = None  # the parsed WeightFile lines, so nodes need no copy of the manifest file
+    manifest: tuple = ()  # the parsed WeightFile lines, so nodes need no copy of the manifest file
+    download: dict[str, Any] = field(default_factory=dict)  # ensure_weights' endpoint / cache_home, when set
     unet_config: Path | None = None
     syncnet_config: Path | None = None
     device: str | None = None
     dtype: str | None = None
+    compile: bool = False
     temp_name: str | None = None  # folder in each node's temporary directory holding one folder per worker
+
+    def weights(self) -> Path:
+        """Verify (a named folder) or fill (the default one) this node's weights; returns the folder."""
+        from latentsync.download import ensure_weights
+
+        try:
+            return ensure_weights(list(self.manifest), self.weights_dir, self.version, **self.download)
+        except RuntimeError as e:  # the network, not the input
+            raise ResourceError(_one_line(e)) from None
 
 
 # ------------------------------------------------------------------------------------------------ jobs and results
@@ -207,14 +221,12 @@ class Worker:
             self.tmp.mkdir(parents=True)
             tempfile.tempdir = str(self.tmp)  # the pipeline's own TemporaryDirectory()s go there
         try:
-            from latentsync.download import ensure_weights
             from latentsync.pipeline import LipSync
 
-            weights = ensure_weights(list(config.manifest) if config.manifest else None, config.weights_dir,
-                                     config.version)
-            self.pipe = LipSync.from_pretrained(weights, version=config.version, device=config.device,
+            compile_kw = {"compile": True} if config.compile else {}
+            self.pipe = LipSync.from_pretrained(config.weights(), version=config.version, device=config.device,
                                                 dtype=config.dtype, unet_config=config.unet_config,
-                                                syncnet_config=config.syncnet_config)
+                                                syncnet_config=config.syncnet_config, **compile_kw)
         except Exception as e:  # reported by ready(), so the driver can exit with the CLI's status
             self.error = ("input" if isinstance(e, InputError) else "resource", _message(e))
 
@@ -496,10 +508,28 @@ def connect(address: str | None, *, verbose: bool = False) -> Iterator[bool]:
     except (ConnectionError, RuntimeError, ValueError) as e:
         raise ResourceError(f"could not {'join the Ray cluster at ' + address if address else 'start Ray'}: "
                             f"{_one_line(e)}") from None
+    # ray.init installed its own SIGTERM handler (exit at once); ours unwinds like Ctrl-C, cleaning up on the way.
+    previous = signal.signal(signal.SIGTERM, _terminate) if _main_thread() else None
     try:
         yield address is None
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         ray.shutdown()  # stops the local cluster's processes when we started it; only disconnects otherwise
+
+
+# The signal that stopped the run: Ray's wait turns whatever the handler raises into a plain KeyboardInterrupt.
+_received: list[int] = []
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    """SIGTERM, handled as Ctrl-C is."""
+    _received.append(signum)
+    raise KeyboardInterrupt
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 def _check_reachable(address: str) -> None:
@@ -544,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cut each video into N parts rendered at once (a job's \"segments\" overrides it)")
     # Borrowed from the CLI's parser rather than re-typed, so the two cannot drift apart.
     for action in cli.build_parser()._actions:
-        if action.dest in ("weights_dir", "version", "unet_config", "syncnet_config", "device", "dtype"):
+        if action.dest in ("weights_dir", "version", "unet_config", "syncnet_config", "device", "dtype", "compile"):
             p._add_action(action)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, warnings only")
     p.add_argument("--verbose", action="store_true", help="show the workers' own logs")
@@ -554,35 +584,53 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None, *, on_dispatch: Callable[[_Task, int], None] | None = None) -> int:
     """Run a batch; exit status 0 when every job succeeded or was skipped, 1 otherwise, 2 on a bad command."""
     args = build_parser().parse_args(argv)
+    _received.clear()
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    if args.weights_dir is None:  # as the CLI: $LATENTSYNC_WEIGHTS_DIR, else weights/latentsync-VERSION
-        prefilled = os.environ.get("LATENTSYNC_WEIGHTS_DIR")
-        args.weights_dir = Path(prefilled) if prefilled else Path("weights") / f"latentsync-{args.version}"
     try:
         if args.workers is not None and args.workers < 1:
             raise InputError(f"--workers must be at least 1, got {args.workers}")
         if args.segments < 1:
             raise InputError(f"--segments must be at least 1, got {args.segments}")
+        config = worker_config(args)
         jobs, bad = read_jobs(args.jobs, args.segments)
-        return _run(args, jobs, bad, on_dispatch)
+        return _run(args, config, jobs, bad, on_dispatch)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (ResourceError, RuntimeError) as e:  # the machine or the network, not the input
-        print(f"error: {_one_line(e)}", file=sys.stderr)
+    except ResourceError as e:  # the machine or the network, not the input
+        print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted: the workers were stopped; finished outputs are kept, a re-run skips them",
-              file=sys.stderr)
-        return 130
+        signum = _received[-1] if _received else signal.SIGINT
+        print(f"error: interrupted by {signal.Signals(signum).name}; the workers were stopped, finished outputs "
+              "are kept and a re-run skips them", file=sys.stderr)
+        return 128 + signum
 
 
-def _run(args: argparse.Namespace, jobs: list[Job], bad: list[dict[str, Any]],
+def worker_config(args: argparse.Namespace) -> WorkerConfig:
+    """The workers' settings from the command line and, as the CLI reads them, the ``LATENTSYNC_*`` variables
+    (and ``HF_ENDPOINT`` / ``XDG_CACHE_HOME`` for the download), resolved here once for every node."""
+    from latentsync.download import read_manifest
+    from latentsync.options import check_file
+
+    named = args.weights_dir or os.environ.get("LATENTSYNC_WEIGHTS_DIR")
+    configs = {}
+    for name, variable in (("unet_config", "LATENTSYNC_UNET_CONFIG"), ("syncnet_config", "LATENTSYNC_SYNCNET_CONFIG")):
+        flag, given = f"--{name.replace('_', '-')}", getattr(args, name)
+        if given is None and os.environ.get(variable):
+            flag, given = variable, os.environ[variable]
+        configs[name] = check_file(flag, given).resolve() if given else None
+    download = {k: v for k, v in (("endpoint", os.environ.get("HF_ENDPOINT")),
+                                  ("cache_home", os.environ.get("XDG_CACHE_HOME"))) if v}
+    return WorkerConfig(Path(named).expanduser().resolve() if named else None, args.version,
+                        tuple(read_manifest(os.environ.get("LATENTSYNC_MANIFEST") or None)), download,
+                        device=args.device, dtype=args.dtype, compile=getattr(args, "compile", False), **configs)
+
+
+def _run(args: argparse.Namespace, config: WorkerConfig, jobs: list[Job], bad: list[dict[str, Any]],
          on_dispatch: Callable[[_Task, int], None] | None) -> int:
     from tqdm.auto import tqdm
-
-    from latentsync.download import ensure_weights, read_manifest
 
     todo = [j for j in jobs if not is_complete(j.output)]
     skipped = [j for j in jobs if j not in todo]
@@ -608,23 +656,16 @@ def _run(args: argparse.Namespace, jobs: list[Job], bad: list[dict[str, Any]],
         for job in skipped:
             report(result_line(job.line, job.video, job.output, "skipped"))
         if todo:
-            manifest = tuple(read_manifest(None))  # $LATENTSYNC_MANIFEST or weights.txt, read here, sent to nodes
-            weights_dir = args.weights_dir.resolve()
             with connect(args.address, verbose=args.verbose) as local, \
                     tempfile.TemporaryDirectory(prefix="latentsync-batch-") as tmp:
-                if local:  # fetch or verify the weights once here, not in every worker at once
-                    try:
-                        ensure_weights(manifest, weights_dir, args.version)
-                    except RuntimeError as e:
-                        raise ResourceError(str(e)) from None
+                if local:  # verify or fetch the weights once here, not in every worker at once
+                    config.weights()
                 workers, resources = plan_workers(args.workers, args.device)
-                config = WorkerConfig(weights_dir, args.version, manifest, _absolute(args.unet_config),
-                                      _absolute(args.syncnet_config), args.device, args.dtype, Path(tmp).name)
-                batch = Batch(config, workers, resources=resources)
+                batch = Batch(dataclasses.replace(config, temp_name=Path(tmp).name), workers, resources=resources)
                 try:
                     batch.run(todo, report, on_dispatch)
-                except (KeyboardInterrupt, SystemExit):  # Ctrl-C, or SIGTERM (Ray's handler exits): every job
-                    # still gets its line, so RESULTS says what a re-run will do
+                except KeyboardInterrupt:  # Ctrl-C or SIGTERM: every job still gets its line, so RESULTS says
+                    # what a re-run will do
                     done = {line["line"] for line in lines}
                     for job in todo:
                         if job.line not in done:
@@ -636,10 +677,6 @@ def _run(args: argparse.Namespace, jobs: list[Job], bad: list[dict[str, Any]],
     print(f"{counts['succeeded']} succeeded, {counts['skipped']} skipped, {counts['failed']} failed; "
           f"results in {args.results}")
     return 1 if counts["failed"] else 0
-
-
-def _absolute(path: Path | None) -> Path | None:
-    return None if path is None else Path(path).resolve()
 
 
 if __name__ == "__main__":
