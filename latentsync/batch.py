@@ -144,11 +144,15 @@ def result_line(line: int, video: Any, output: Any, status: str, error: str | No
 
 
 def is_complete(path: Path) -> bool:
-    """A finished mp4: top-level boxes that tile the whole file (a cut-off write does not) and a probe that finds
-    video and audio in it."""
+    """A finished output: a probe finds video and audio in it and, for MP4/MOV, its top-level boxes tile the whole
+    file (a cut-off write does not). Outputs only ever appear by rename, so this is the second line of defence."""
     from latentsync import video as video_mod
 
-    if not path.is_file() or not _boxes_complete(path):
+    if not path.is_file():
+        return False
+    with path.open("rb") as f:
+        iso = f.read(8)[4:] == b"ftyp"
+    if iso and not _boxes_complete(path):
         return False
     try:
         info = video_mod.probe(path)
