@@ -2,9 +2,12 @@
 
     .venv/bin/python benchmarks/pipeline_bench.py             # 1080p 30 s speed + 720p 10 s / 60 s peak RSS
     .venv/bin/python benchmarks/pipeline_bench.py --memory 10 60 120
+    .venv/bin/python benchmarks/pipeline_bench.py --skip-speed --memory --overlap 10   # issue 11's CPU figure
 
-Prints seconds per stage, the total divided by a plain ffmpeg decode + x264 encode of the same clip, and the peak resident
-memory of a fresh process per clip length (the memory rule: 60 s within 1.15× of 10 s).
+Prints busy seconds per stage, the total divided by a plain ffmpeg decode + x264 encode of the same clip, and the peak
+resident memory of a fresh process per clip length (the memory rule: 60 s within 1.15× of 10 s). ``--overlap S``
+runs S seconds of 720p with the stages concurrent and serial: wall, and busy seconds summed over the wall (≥ 1.3
+concurrently is issue 11's target on a CPU).
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "tests"))
+sys.path[:0] = [str(HERE.parent), str(HERE.parent / "tests")]  # this checkout first
 
 from latentsync.media import ffmpeg_exe  # noqa: E402
 
@@ -65,11 +68,12 @@ def ffmpeg_baseline(clip: Path, out: Path) -> float:
     return time.perf_counter() - t0
 
 
-def run_once(clip: Path, audio: Path, out: Path, weights: Path, cfg: Path, steps: int) -> dict:
+def run_once(clip: Path, audio: Path, out: Path, weights: Path, cfg: Path, steps: int, serial: bool = False) -> dict:
     """One pipeline run in this process; returns the result's figures and this process's peak RSS."""
     from latentsync.pipeline import LipSync
 
     pipe = LipSync.from_pretrained(weights, unet_config=cfg, syncnet_config=weights / "syncnet.yaml", device="cpu")
+    pipe.serial = serial
     t0 = time.perf_counter()
     result = pipe.lipsync(clip, audio, out, inference_steps=steps, seed=0, loop_mode="cut_off")
     wall = time.perf_counter() - t0
@@ -78,13 +82,15 @@ def run_once(clip: Path, audio: Path, out: Path, weights: Path, cfg: Path, steps
 
 
 def child(args) -> None:
-    figures = run_once(Path(args.clip), Path(args.audio), Path(args.out), Path(args.weights), Path(args.cfg), args.steps)
+    figures = run_once(Path(args.clip), Path(args.audio), Path(args.out), Path(args.weights), Path(args.cfg), args.steps,
+                       args.serial)
     print("RESULT " + json.dumps(figures))
 
 
-def in_subprocess(clip, audio, out, weights, cfg, steps) -> dict:
+def in_subprocess(clip, audio, out, weights, cfg, steps, serial=False) -> dict:
     proc = subprocess.run([sys.executable, __file__, "--child", "--clip", str(clip), "--audio", str(audio),
-                           "--out", str(out), "--weights", str(weights), "--cfg", str(cfg), "--steps", str(steps)],
+                           "--out", str(out), "--weights", str(weights), "--cfg", str(cfg), "--steps", str(steps),
+                           *(["--serial"] if serial else [])],
                           capture_output=True, text=True, check=True)
     line = next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))
     return json.loads(line[7:])
@@ -99,6 +105,8 @@ def main() -> None:
     p.add_argument("--speed-seconds", type=float, default=30.0)
     p.add_argument("--memory", type=float, nargs="*", default=[10.0, 60.0])
     p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--serial", action="store_true", help="run the synthesis stages one after another")
+    p.add_argument("--overlap", type=float, default=0.0, help="seconds of 720p for the overlap figure (0: skip)")
     args = p.parse_args()
     if args.child:
         return child(args)
@@ -117,6 +125,14 @@ def main() -> None:
             for stage, sec in sorted(r["seconds"].items(), key=lambda kv: -kv[1]):
                 print(f"  {stage:>14}: {sec:8.2f} s")
             print(f"  pipeline wall {r['wall']:.1f} s; ffmpeg decode+x264 {base:.1f} s; ratio {r['wall'] / base:.2f}x")
+        if args.overlap:
+            clip = make_clip(tmp / "overlap.mp4", args.overlap, 1280, 720)
+            audio = make_speech(tmp / "overlap.wav", args.overlap)
+            for serial in (False, True):
+                r = in_subprocess(clip, audio, tmp / "overlap_out.mp4", weights, cfg, 2, serial)
+                busy = sum(v for k, v in r["seconds"].items() if k != "wall")
+                print(f"720p {args.overlap:g} s, {'serial' if serial else 'concurrent'}: wall {r['seconds']['wall']:.1f} s,"
+                      f" busy {busy:.1f} s = {busy / r['seconds']['wall']:.2f}x the wall; {r['seconds']}")
         peaks = {}
         for seconds in args.memory:
             clip = make_clip(tmp / f"mem{seconds:g}.mp4", seconds, 1280, 720)

@@ -17,8 +17,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from latentsync import audio as audio_mod
 from latentsync.crops import Work
 from latentsync.sampling import denoise
-from latentsync.stages import StageClock, check_cancel
-from latentsync.syncscore import sync_crop
+from latentsync.stages import StageClock, check_cancel, made, take
 from latentsync.timeline import Chunk
 
 DEEPCACHE_INTERVAL = 3  # upstream's DeepCacheSDHelper(cache_interval=3, cache_branch_id=0)
@@ -27,11 +26,10 @@ DEEPCACHE_INTERVAL = 3  # upstream's DeepCacheSDHelper(cache_interval=3, cache_b
 class GenerateStage:
     """Generates the mouth region of each chunk on the model's device, in chunk order."""
 
-    def __init__(self, pipe: Any, seed: int, features: np.ndarray, fps: float, options: Any,
-                 sync_spans: list[tuple[int, int]], clock: StageClock, cancel: Any = None):
+    def __init__(self, pipe: Any, seed: int, features: np.ndarray, fps: float, options: Any, clock: StageClock,
+                 cancel: Any = None):
         self.pipe, self.fps, self.options, self.clock, self.cancel = pipe, fps, options, clock, cancel
         self.features = torch.from_numpy(features)
-        self.sync_spans = sync_spans
         R = pipe.resolution
         self.generator = torch.Generator(pipe.device).manual_seed(seed)
         # One noise draw for the whole video, shared by every frame (upstream, spec §5.7), drawn before any chunk.
@@ -62,6 +60,7 @@ class GenerateStage:
         pipe, opts, n = self.pipe, self.options, len(chunk.src)
         R = pipe.resolution
         mask = pipe.mask  # (1, R, R), 1 = keep
+        take(work.pixels, work.ready)
         pixels = work.pixels
         with self.clock("vae_encode"):
             mask_lat = F.interpolate(mask.expand(n, 1, R, R), size=(R // 8, R // 8))
@@ -81,11 +80,7 @@ class GenerateStage:
             decoded = pipe.vae.decode(lat / cfg.scaling_factor + cfg.shift_factor).sample
             # Outside the mouth mask the original aligned pixels come back exactly (upstream §5.10).
             work.faces = decoded * (1 - mask) + pixels * mask
-        wanted = [k for k in range(n) if any(a <= chunk.start + k < b for a, b in self.sync_spans)]
-        if wanted:
-            with self.clock("sync"):
-                work.sync = dict(zip((chunk.start + k for k in wanted), sync_crop(work.faces[wanted])))
-        work.pixels = None  # the crops are no longer needed: free them before the next chunk arrives
+        work.pixels, work.ready = None, made(pipe.device)  # the crops are no longer needed: free them now
         return work
 
 

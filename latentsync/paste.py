@@ -4,12 +4,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from latentsync import video as video_mod
 from latentsync.align import FaceAligner
 from latentsync.crops import Work
-from latentsync.stages import StageClock
+from latentsync.stages import StageClock, on_stream, own_stream, take
+from latentsync.syncscore import sync_crop
 
 
 class PasteStage:
@@ -19,21 +21,23 @@ class PasteStage:
     there, before the codec's rounding).
     """
 
-    def __init__(self, writer: video_mod.VideoWriter, matrices: np.ndarray, resolution: int, clock: StageClock,
-                 bar: tqdm, tap: Callable[[int, np.ndarray], None] | None = None):
+    def __init__(self, writer: video_mod.VideoWriter, matrices: np.ndarray, resolution: int, device: torch.device,
+                 sync_spans: list[tuple[int, int]], clock: StageClock, bar: tqdm,
+                 tap: Callable[[int, np.ndarray], None] | None = None):
         self.writer, self.matrices, self.clock, self.bar, self.tap = writer, matrices, clock, bar, tap
+        self.sync_spans = sync_spans
         self.aligner = FaceAligner(resolution)
+        self.stream = own_stream(device)
 
     def __call__(self, work: Work) -> Work:
         chunk = work.chunk
         frames = [work.frames[s] for s in chunk.src]
         if work.faces is not None:
-            with self.clock("restore"):
-                keep = [k for k, h in enumerate(chunk.has_face) if h]
-                restored = self.aligner.restore_batch([frames[k] for k in keep], work.faces[keep],
-                                                      [self.matrices[chunk.src[k]] for k in keep])
-                for k, frame in zip(keep, restored):
-                    frames[k] = frame
+            with on_stream(self.stream):
+                take(work.faces, work.ready)
+                self._sync_crops(work)
+                with self.clock("restore"):
+                    self._restore(work, frames)
         with self.clock("encode"):
             for k, frame in enumerate(frames):
                 if self.tap is not None:
@@ -42,3 +46,19 @@ class PasteStage:
         self.bar.update(len(frames))
         work.frames, work.faces = {}, None  # only the sync crops travel on
         return work
+
+    def _restore(self, work: Work, frames: list[np.ndarray]) -> None:
+        chunk = work.chunk
+        keep = [k for k, h in enumerate(chunk.has_face) if h]
+        restored = self.aligner.restore_batch([frames[k] for k in keep], work.faces[keep],
+                                              [self.matrices[chunk.src[k]] for k in keep])
+        for k, frame in zip(keep, restored):
+            frames[k] = frame
+
+    def _sync_crops(self, work: Work) -> None:
+        """SyncNet's crops of the generated faces of this chunk's frames that lie in a sampled span."""
+        start = work.chunk.start
+        wanted = [k for k in range(len(work.chunk.src)) if any(a <= start + k < b for a, b in self.sync_spans)]
+        if wanted:
+            with self.clock("sync"):
+                work.sync = dict(zip((start + k for k in wanted), sync_crop(work.faces[wanted])))

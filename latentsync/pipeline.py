@@ -16,7 +16,6 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from latentsync.generate import GenerateStage
 from latentsync.loader import compile_unet, load_models
 from latentsync.options import FACE_SELECTS, LOOP_MODES, RunOptions  # noqa: F401 — re-exported for callers
 from latentsync.paste import PasteStage
+from latentsync.plan import LipSyncResult, Plan, RenderPart
 from latentsync.scoring import ScoreStage
 from latentsync.stages import Cancelled, StageClock, run_stages  # noqa: F401 — Cancelled re-exported
 from latentsync.timeline import chunk_at, nearest_with_face, output_length, source_index  # noqa: F401
@@ -43,59 +43,6 @@ from latentsync.tracking import track_faces
 log = logging.getLogger(__name__)
 
 UPSTREAM_FPS = 25.0
-
-
-@dataclass
-class LipSyncResult:
-    """What a run produced: the mp4, the seed actually used, frame counts and busy seconds per stage (+ wall)."""
-
-    output: Path
-    seed: int
-    frames: int
-    frames_with_face: int
-    fps: float
-    seconds: dict[str, float] = field(default_factory=dict)
-    sync: Any = None  # a SyncScore when SyncNet is loaded
-
-
-@dataclass
-class Plan:
-    """Everything ``render`` and ``finish`` need, decided once per video; picklable (paths, arrays, numbers)."""
-
-    video: Path
-    audio: Path
-    options: RunOptions  # validated, with the concrete seed of this run
-    info: video_mod.VideoInfo
-    fps: float  # processing and output frame rate
-    wav: np.ndarray  # 16 kHz mono float32, padded with silence to the output's length where `silence` needs it
-    features: np.ndarray  # Whisper features (rows, states, hidden) of ``wav``
-    matrices: np.ndarray  # (num_source, 2, 3) float32 frame→crop matrices, NaN where the face is missing
-    has_face: np.ndarray  # (num_source,) bool
-    num_out: int  # output frames
-    order: str  # "bounce" or "loop": the source order past the video's end
-    chunk_size: int  # output frames per chunk (the model's 16)
-    sync_spans: list[tuple[int, int]]  # output-frame spans whose generated crops are scored
-    seconds: dict[str, float] = field(default_factory=dict)  # busy seconds of planning
-
-    @property
-    def num_chunks(self) -> int:
-        return math.ceil(self.num_out / self.chunk_size)
-
-    @property
-    def frames_with_face(self) -> int:
-        return sum(bool(self.has_face[source_index(j, len(self.has_face), self.order)]) for j in range(self.num_out))
-
-
-@dataclass
-class RenderPart:
-    """What ``render`` wrote: a silent H.264 file of output chunks ``chunks``, busy seconds and the sync crops."""
-
-    path: Path
-    chunks: range
-    frames: int
-    seconds: dict[str, float]
-    sync_scores: dict[tuple[int, int], Any]  # span of ``Plan.sync_spans`` → its SyncScore (None: unscorable)
-    sync_crops: dict[int, np.ndarray]  # output frame → SyncNet crop, for the spans not scored here
 
 
 class LipSync:
@@ -254,15 +201,15 @@ class LipSync:
         at = [chunk_at(c, size, plan.num_out, plan.order, plan.has_face) for c in chunks]
         frames = sum(len(c.src) for c in at)
         with torch.inference_mode():
-            generate = GenerateStage(self, plan.options.seed, plan.features, plan.fps, plan.options,
-                                     plan.sync_spans, clock, cancel)
+            generate = GenerateStage(self, plan.options.seed, plan.features, plan.fps, plan.options, clock, cancel)
             for c in range(chunks.start):
                 generate.skip(chunk_at(c, size, plan.num_out, plan.order, plan.has_face))
         align = AlignStage(plan.video, plan.fps, plan.info, plan.matrices, self.resolution, self.device,
                            self.dtype, clock)
         writer = video_mod.VideoWriter(out_path, plan.fps, plan.info.width, plan.info.height)
         bar = tqdm(total=frames, desc="lip-sync", unit="frame", disable=not progress)
-        paste = PasteStage(writer, plan.matrices, self.resolution, clock, bar, tap=self.frame_tap)
+        paste = PasteStage(writer, plan.matrices, self.resolution, self.device, plan.sync_spans, clock, bar,
+                           tap=self.frame_tap)
         # SyncNet scores while the other stages work where it lives (the CPU); on a GPU, in ``finish``.
         score = ScoreStage(self.syncnet, plan.sync_spans, plan.wav, plan.fps, range(at[0].start, at[-1].stop), clock,
                            score_now=self.device.type == "cpu")

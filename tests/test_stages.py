@@ -11,6 +11,7 @@ import pytest
 from latentsync import InputError
 from latentsync.pipeline import LipSync
 from latentsync.stages import QUEUE_DEPTH, Cancelled, run_stages
+from cancel_utils import CancelAfter
 from media_utils import face_clip, speech
 from tiny_weights import make_tiny_weights
 
@@ -132,14 +133,6 @@ def test_a_face_pass_failure_is_raised_before_any_frame(pipe, media, tmp_path, m
     assert _leftovers() == ([], [])
 
 
-class _CancelAfter:
-    def __init__(self, n: int):
-        self.n = n
-
-    def is_set(self) -> bool:
-        self.n -= 1
-        return self.n < 0
-
 
 def test_cancel_between_chunks_stops_every_stage(pipe, media, tmp_path, monkeypatch):
     seen = []
@@ -147,7 +140,7 @@ def test_cancel_between_chunks_stops_every_stage(pipe, media, tmp_path, monkeypa
     plan = pipe.plan(media["gap"], media["speech"], pipe_options(seed=1))
     with pytest.raises(Cancelled):
         # Cancel is checked before each chunk and after every denoising step: set it during chunk 1's steps.
-        pipe.render(plan, tmp_path / "part.mp4", cancel=_CancelAfter(1 + 2 + 1 + 1))
+        pipe.render(plan, tmp_path / "part.mp4", cancel=CancelAfter(1 + 2 + 1 + 1))
     assert max(seen, default=-1) < 2 * plan.chunk_size  # stopped within one chunk of the cancel
     assert not (tmp_path / "part.mp4").exists() and _leftovers() == ([], [])
 

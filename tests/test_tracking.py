@@ -10,6 +10,7 @@ from latentsync import video as video_mod
 from latentsync.facepool import FacePool
 from latentsync.stages import Cancelled, StageClock
 from latentsync.tracking import track_faces
+from cancel_utils import CancelAfter
 from media_utils import face_clip
 
 
@@ -44,20 +45,12 @@ def test_worker_processes_give_the_single_process_matrices(gap_clip, pool):
     assert np.array_equal(limited[:20], one[:20]) and len(limited) == 33
 
 
-class _CancelAfter:
-    def __init__(self, n: int):
-        self.n = n
-
-    def is_set(self) -> bool:
-        self.n -= 1
-        return self.n < 0
-
 
 def test_cancel_and_errors_stop_the_workers(gap_clip, tmp_path):
     before = _children()  # other tests' pools, multiprocessing's resource tracker
     p = FacePool(2)
     with pytest.raises(Cancelled):
-        _track(gap_clip, pool=p, cancel=_CancelAfter(2))
+        _track(gap_clip, pool=p, cancel=CancelAfter(2))
     assert not p.alive and _children() <= before  # terminated: no worker, no ffmpeg left
     p = FacePool(2)
     gone = tmp_path / "gone.mp4"
