@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -155,7 +156,8 @@ def is_complete(path: Path) -> bool:
     if iso and not _boxes_complete(path):
         return False
     try:
-        info = video_mod.probe(path)
+        # No input caps here: an output may rightly outlast them (a short video looped over long audio).
+        info = video_mod.probe(path, max_side=2**31, max_duration=math.inf)
     except InputError:
         return False
     return info.has_audio and info.frame_count > 0
