@@ -26,6 +26,7 @@ from typing import Any, Optional
 
 from cog import BasePredictor, Input, Path
 
+from latentsync import media
 from latentsync.download import ensure_weights
 from latentsync.errors import InputError
 from latentsync.options import DEFAULT_VERSION, RunOptions, check_version
@@ -56,17 +57,17 @@ class Predictor(BasePredictor):
         from latentsync.pipeline import LipSync
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        # Passed only when asked for, so this file works with pipelines that predate the keyword.
-        extra = {"compile": True} if env.get("LATENTSYNC_COMPILE") == "1" else {}
+        compiled = env.get("LATENTSYNC_COMPILE") == "1"
         self.pipe = LipSync.from_pretrained(weights_dir, version=version, device=device,
                                             unet_config=env.get("LATENTSYNC_UNET_CONFIG") or None,
-                                            syncnet_config=env.get("LATENTSYNC_SYNCNET_CONFIG") or None, **extra)
+                                            syncnet_config=env.get("LATENTSYNC_SYNCNET_CONFIG") or None,
+                                            compile=compiled, caps=media.caps_from_env(env))
         # One folder per worker; each prediction gets its own sub-folder and removes the previous one.
         self.work_root = FsPath(tempfile.mkdtemp(prefix="latentsync-cog-"))
         self.last_run: FsPath | None = None
         log.info("setup done in %.1f s: LatentSync %s from %s (weights %.1f s) on %s, %s%s",
                  time.perf_counter() - started, version, weights_dir, weights_s, self.pipe.device,
-                 str(self.pipe.dtype).removeprefix("torch."), ", compiled" if extra else "")
+                 str(self.pipe.dtype).removeprefix("torch."), ", compiled" if compiled else "")
 
     def predict(
         self,

@@ -77,6 +77,7 @@ class WorkerConfig:
     device: str | None = None
     dtype: str | None = None
     compile: bool = False
+    caps: Any = None  # media.MediaCaps read from the environment by the entry point
     temp_name: str | None = None  # folder in each node's temporary directory holding one folder per worker
 
     def weights(self) -> Path:
@@ -229,10 +230,10 @@ class Worker:
         try:
             from latentsync.pipeline import LipSync
 
-            compile_kw = {"compile": True} if config.compile else {}
             self.pipe = LipSync.from_pretrained(config.weights(), version=config.version, device=config.device,
                                                 dtype=config.dtype, unet_config=config.unet_config,
-                                                syncnet_config=config.syncnet_config, **compile_kw)
+                                                syncnet_config=config.syncnet_config, compile=config.compile,
+                                                caps=config.caps)
         except Exception as e:  # reported by ready(), so the driver can exit with the CLI's status
             self.error = ("input" if isinstance(e, InputError) else "resource", _message(e))
 
@@ -617,6 +618,7 @@ def main(argv: list[str] | None = None, *, on_dispatch: Callable[[_Task, int], N
 def worker_config(args: argparse.Namespace) -> WorkerConfig:
     """The workers' settings from the command line and, as the CLI reads them, the ``LATENTSYNC_*`` variables
     (and ``HF_ENDPOINT`` / ``XDG_CACHE_HOME`` for the download), resolved here once for every node."""
+    from latentsync import media
     from latentsync.download import read_manifest
     from latentsync.options import check_file
 
@@ -631,7 +633,8 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
                                   ("cache_home", os.environ.get("XDG_CACHE_HOME"))) if v}
     return WorkerConfig(Path(named).expanduser().resolve() if named else None, args.version,
                         tuple(read_manifest(os.environ.get("LATENTSYNC_MANIFEST") or None)), download,
-                        device=args.device, dtype=args.dtype, compile=getattr(args, "compile", False), **configs)
+                        device=args.device, dtype=args.dtype, compile=args.compile,
+                        caps=media.caps_from_env(os.environ), **configs)
 
 
 def _run(args: argparse.Namespace, config: WorkerConfig, jobs: list[Job], bad: list[dict[str, Any]],

@@ -158,6 +158,9 @@ def _run(args: argparse.Namespace, cancel: threading.Event) -> int:
                               face_point=tuple(args.face_point) if args.face_point else None)
     unet_config = _config_file("--unet-config", args.unet_config, "LATENTSYNC_UNET_CONFIG")
     syncnet_config = _config_file("--syncnet-config", args.syncnet_config, "LATENTSYNC_SYNCNET_CONFIG")
+    from latentsync.media import caps_from_env
+
+    caps = caps_from_env(os.environ)
     from latentsync.preflight import check_run_paths
 
     check_run_paths(args.video, args.audio, args.output)
@@ -178,9 +181,8 @@ def _run(args: argparse.Namespace, cancel: threading.Event) -> int:
                                  cache_home=os.environ.get("XDG_CACHE_HOME") or None)
     except RuntimeError as e:  # the network, not the input
         raise ResourceError(str(e)) from e
-    compile_kw = {"compile": True} if args.compile else {}
     pipe = LipSync.from_pretrained(weights, version=args.version, device=device, dtype=dtype, unet_config=unet_config,
-                                   syncnet_config=syncnet_config, **compile_kw)
+                                   syncnet_config=syncnet_config, compile=args.compile, caps=caps)
     result = pipe.lipsync(args.video, args.audio, args.output, options=options, cancel=cancel,
                           progress=not args.quiet)
     print(f"wrote {result.output}: {result.frames} frames at {result.fps:g} fps, {result.frames_with_face} with a face, "
