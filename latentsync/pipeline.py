@@ -174,7 +174,7 @@ class LipSync:
 
             with clock("active_speaker"):
                 with self._syncnet_on_device() as syncnet:
-                    face_point = active_speaker_point(syncnet, video, fps, info)
+                    face_point = active_speaker_point(syncnet, video, fps, info, self.caps.max_duration)
         with clock("audio"):
             mel = audio_mod.log_mel(wav)
         # The features have M // 2 rows for M mel frames: the face pass needs only that count.

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
 
 from latentsync import audio as audio_mod
+from latentsync import media
 from latentsync import video as video_mod
 from latentsync.align import FaceAligner
 from latentsync.errors import InputError
@@ -19,10 +19,12 @@ ACTIVE_SPEAKER_SECONDS = 5.0  # how much of the video the speaker is chosen on
 _SYNC_FPS = 25.0  # SyncNet's training rate: its windows are 16 frames at this rate
 
 
-def active_speaker_point(syncnet, video: Path, fps: float, info: video_mod.VideoInfo) -> tuple[float, float] | None:
+def active_speaker_point(syncnet, video: Path, fps: float, info: video_mod.VideoInfo,
+                         max_duration: float = media.MAX_DURATION_S) -> tuple[float, float] | None:
     """Score every face of the first seconds against the video's own audio; the speaker's box centre.
 
     None (edit the largest face) when there is one face, no soundtrack, or too few frames to compare.
+    ``max_duration`` is the deployment's cap, already applied to the video by its probe.
     """
     from latentsync import syncscore
 
@@ -31,7 +33,7 @@ def active_speaker_point(syncnet, video: Path, fps: float, info: video_mod.Video
     if not info.has_audio:
         log.warning("%s has no audio track to find the speaker by; editing the largest face", video)
         return None
-    wav = audio_mod.load_audio(video, max_duration=math.inf)  # the video itself was already held to the caps
+    wav = audio_mod.load_audio(video, max_duration=max_duration)
     landmarker = FaceLandmarker()
     trackers: list[FaceTracker] = []
     aligners: list[FaceAligner] = []

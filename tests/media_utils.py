@@ -118,7 +118,8 @@ def probe_streams(path: Path) -> dict:
         if container.duration is not None:
             fmt["duration"] = f"{container.duration / 1e6:.6f}"
         counts = dict.fromkeys((s.index for s in container.streams.video), 0)
-        for packet in container.demux(*container.streams.video):
+        # demux() with no streams named reads them all: an audio-only file has no frames to count.
+        for packet in container.demux(*container.streams.video) if counts else ():
             counts[packet.stream.index] += len(packet.decode())
     for entry in streams:
         if entry["index"] in counts:

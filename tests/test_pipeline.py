@@ -379,3 +379,14 @@ def test_rendered_chunk_ranges_join_to_the_whole_run(pipe, media, tmp_path, monk
     assert np.abs(a - b).mean() <= 1.5
     assert joined.sync == one.sync and joined.seed == 11
     assert abs(float(_audio_stream(probe_streams(tmp_path / "joined.mp4"))["duration"]) - plan.num_out / 25) < 0.05
+
+
+def test_the_deployments_caps_reach_the_pipeline(weights, media, tmp_path):
+    from latentsync.media import MediaCaps
+
+    folder, cfg = weights
+    capped = LipSync.from_pretrained(folder, unet_config=cfg, syncnet_config=folder / "syncnet.yaml", device="cpu",
+                                     caps=MediaCaps(max_side=200, max_duration=600.0))
+    with pytest.raises(InputError, match="LATENTSYNC_MAX_SIDE"):
+        capped.lipsync(media["clip25"], media["speech_1s"], tmp_path / "o.mp4", **FAST)
+    assert not (tmp_path / "o.mp4").exists()

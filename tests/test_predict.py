@@ -257,7 +257,8 @@ def test_setup_downloads_into_the_default_folder_through_hf_endpoint(env, tiny, 
         env.setenv("LATENTSYNC_MANIFEST", str(tiny[2]))
 
 
-@pytest.mark.parametrize("value, expected", [("1", {"compile": True}), (None, {})])
+@pytest.mark.parametrize("value, expected", [("1", {"compile": True}), (None, {"compile": False}),
+                                             ("0", {"compile": False})])
 def test_compile_is_asked_for_only_when_latentsync_compile_is_1(env, monkeypatch, value, expected):
     from latentsync.pipeline import LipSync
 
