@@ -11,7 +11,7 @@ import pytest
 from latentsync import InputError
 from latentsync.batch import WORK_SUFFIX, is_complete, main, read_jobs
 from media_utils import decode_video, face_clip, probe_streams, speech
-from tiny_weights import make_tiny_weights, manifest_for
+from tiny_weights import tiny_weights_with_manifest
 
 ray = pytest.importorskip("ray")
 
@@ -28,8 +28,7 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    folder, cfg = make_tiny_weights(tmp_path_factory.mktemp("weights"))
-    return folder, cfg, manifest_for(folder, tmp_path_factory.mktemp("manifest") / "weights.txt")
+    return tiny_weights_with_manifest(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import random
 import re
 import socket
 import stat
-import subprocess
 import sys
 import tarfile
 import threading

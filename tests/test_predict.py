@@ -18,7 +18,7 @@ from conftest import REPO
 from latentsync import InputError
 from mounts import read_only_tmpfs
 from media_utils import face_clip, probe_streams, tone, write_clip
-from tiny_weights import DESTS, make_tiny_weights, manifest_for
+from tiny_weights import DESTS, manifest_for, tiny_weights_with_manifest
 
 sys.path.insert(0, str(REPO))
 import predict  # noqa: E402  (predict.py lives at the repository root, as Cog wants it)
@@ -37,8 +37,7 @@ def call(predictor: predict.Predictor, **inputs):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    weights, unet_config = make_tiny_weights(tmp_path_factory.mktemp("tiny"))
-    return weights, unet_config, manifest_for(weights, tmp_path_factory.mktemp("manifest") / "weights.txt")
+    return tiny_weights_with_manifest(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

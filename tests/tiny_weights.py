@@ -182,3 +182,9 @@ def manifest_for(weights: Path, path: Path, base_url: str = "http://127.0.0.1:9"
         lines.append(f"{version} {base_url}/{dest} {dest} {len(data)} {hashlib.sha256(data).hexdigest()}")
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def tiny_weights_with_manifest(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """Tiny weights, their U-Net config and a manifest describing them (so nothing is downloaded), for a test module."""
+    folder, cfg = make_tiny_weights(tmp_path_factory.mktemp("weights"))
+    return folder, cfg, manifest_for(folder, tmp_path_factory.mktemp("manifest") / "weights.txt")
