@@ -1,5 +1,3 @@
-import sys
+from latentsync.cli import entry
 
-from latentsync.cli import main
-
-sys.exit(main())
+entry()

@@ -67,17 +67,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _Stop:
-    """Turns SIGINT/SIGTERM into ``Interrupted`` in the main thread, and sets ``cancel`` for any worker threads."""
+    """Turns SIGINT/SIGTERM into ``Interrupted`` in the main thread, and sets ``cancel`` for any worker threads.
+
+    While ``defer`` is true (the lip-sync run itself) the signal only sets ``cancel``: the run stops at its next
+    check (between chunks, denoising steps, face-pass frames) and cleans up as a cancel does. An exception raised
+    at an arbitrary line could land inside ``subprocess.Popen`` between fork and exec and orphan the child.
+    """
 
     def __init__(self) -> None:
         self.cancel = threading.Event()
         self.signum: int | None = None
+        self.defer = False
 
     def handle(self, signum: int, frame) -> None:
         if self.signum is not None:
             return  # the first signal's clean-up is running; a second one must not cut it short
         self.signum = signum
         self.cancel.set()
+        if self.defer:
+            return
         # The exception may land inside a half-built object whose __del__ then fails (tqdm does): that noise,
         # printed as "Exception ignored in …", is not the user's business once the run is being stopped.
         sys.unraisablehook = _ignore
@@ -113,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     with _stop_on_signals() as stop:
         try:
-            return _run(args, stop.cancel)
+            return _run(args, stop)
         except BaseException as e:  # noqa: B036 — sorted below; anything we cannot name is re-raised
             status, message = _failure(e, stop.signum)
             if status is None:
@@ -150,7 +158,7 @@ def _failure(e: BaseException, signum: int | None) -> tuple[int | None, str]:
     return None, ""
 
 
-def _run(args: argparse.Namespace, cancel: threading.Event) -> int:
+def _run(args: argparse.Namespace, stop: _Stop) -> int:
     # Everything the user typed is checked before a weight is read: a bad input costs milliseconds.
     options = RunOptions.make(guidance_scale=args.guidance_scale, inference_steps=args.inference_steps,
                               seed=args.seed, loop_mode=args.loop_mode, deepcache=args.deepcache,
@@ -183,8 +191,12 @@ def _run(args: argparse.Namespace, cancel: threading.Event) -> int:
         raise ResourceError(str(e)) from e
     pipe = LipSync.from_pretrained(weights, version=args.version, device=device, dtype=dtype, unet_config=unet_config,
                                    syncnet_config=syncnet_config, compile=args.compile, caps=caps)
-    result = pipe.lipsync(args.video, args.audio, args.output, options=options, cancel=cancel,
-                          progress=not args.quiet)
+    stop.defer = True
+    try:
+        result = pipe.lipsync(args.video, args.audio, args.output, options=options, cancel=stop.cancel,
+                              progress=not args.quiet)
+    finally:
+        stop.defer = False
     print(f"wrote {result.output}: {result.frames} frames at {result.fps:g} fps, {result.frames_with_face} with a face, "
           f"seed {result.seed}")
     if result.sync is not None:
@@ -200,3 +212,19 @@ def _config_file(option: str, given: Path | None, variable: str) -> Path | None:
         return check_file(option, given)
     from_env = os.environ.get(variable)
     return check_file(variable, from_env) if from_env else None
+
+
+def entry() -> None:
+    """``python -m latentsync`` and the ``latentsync`` command: run :func:`main` and exit with its status.
+
+    After a signal our own clean-up has already run (ffmpeg stopped, temporary files removed); the interpreter's
+    teardown is then skipped, because tearing down mediapipe's and torch's native threads at exit can abort the
+    process (SIGABRT) instead of exiting with 128+N.
+    """
+    status = main()
+    if status >= 128:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)

@@ -253,22 +253,25 @@ class LipSync:
                 generate.skip(chunk_at(c, size, plan.num_out, plan.order, plan.has_face))
         align = AlignStage(plan.video, plan.fps, plan.info, plan.matrices, self.resolution, self.device,
                            self.dtype, clock)
-        writer = video_mod.VideoWriter(out_path, plan.fps, plan.info.width, plan.info.height)
-        bar = tqdm(total=len(covered), desc="lip-sync", unit="frame", disable=not progress)
-        paste = PasteStage(writer, plan.matrices, self.resolution, self.device, plan.sync_spans, clock, bar,
-                           tap=self.frame_tap)
-        # SyncNet scores while the other stages work where it lives (the CPU); on a GPU, in ``finish``.
-        score = ScoreStage(self.syncnet, plan.sync_spans, plan.wav, plan.fps, covered, clock,
-                           score_now=self.device.type == "cpu")
-        try:
+        writer = bar = None
+        try:  # everything that starts a process or a bar is made inside: an interrupt at any line cleans up
+            writer = video_mod.VideoWriter(out_path, plan.fps, plan.info.width, plan.info.height)
+            bar = tqdm(total=len(covered), desc="lip-sync", unit="frame", disable=not progress)
+            paste = PasteStage(writer, plan.matrices, self.resolution, self.device, plan.sync_spans, clock, bar,
+                               tap=self.frame_tap)
+            # SyncNet scores while the other stages work where it lives (the CPU); on a GPU, in ``finish``.
+            score = ScoreStage(self.syncnet, plan.sync_spans, plan.wav, plan.fps, covered, clock,
+                               score_now=self.device.type == "cpu")
             run_stages(source(), [align, generate, paste, score], concurrent=not self.serial, cancel=cancel)
             with clock("encode"):
                 writer.close()
         except BaseException:
-            writer.abort()
+            if writer is not None:
+                writer.abort()
             raise
         finally:
-            bar.close()
+            if bar is not None:
+                bar.close()
             align.close()
         return RenderPart(path=Path(out_path), chunks=chunks, frames=len(covered), seconds=clock.seconds,
                           sync_scores=score.scores, sync_crops=score.crops)

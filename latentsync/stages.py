@@ -81,6 +81,8 @@ def run_stages(items: Iterable[Any], stages: list[Callable[[Any], Any]], *, conc
 
     def source() -> Iterable[Any]:
         for item in items:
+            if failed.is_set():  # a stage failed, or the caller was interrupted (maybe before this thread began)
+                return
             check_cancel(cancel)
             yield item
 
@@ -110,15 +112,19 @@ def run_stages(items: Iterable[Any], stages: list[Callable[[Any], Any]], *, conc
 
     threads = [threading.Thread(target=worker, args=(k,), name=f"latentsync-stage-{k}", daemon=True)
                for k in range(len(stages))]
-    for t in threads:
-        t.start()
     try:
+        # Started inside the try: a signal raised in this thread between two starts still stops the started ones.
+        for t in threads:
+            t.start()
         for t in threads:
             t.join()
-    except BaseException:  # KeyboardInterrupt in the caller: stop the stages before leaving
+    except BaseException:  # KeyboardInterrupt (or a CLI signal) in the caller: stop the stages before leaving
         failed.set()
         for t in threads:
-            t.join()
+            try:
+                t.join()
+            except RuntimeError:  # never started; with `failed` set it does nothing should it start now
+                pass
         raise
     if errors:
         raise errors[0]

@@ -28,3 +28,22 @@ def parity_dir() -> Path:
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     return shared_file("reference")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_system_ffmpeg(tmp_path_factory):
+    """The whole suite runs with decoy ffmpeg/ffprobe first on PATH, which fail loudly if anything runs them: the
+    project must use its pinned build (imageio-ffmpeg) only, whatever the machine has installed."""
+    decoys = tmp_path_factory.mktemp("decoy-bin")
+    trace = decoys / "ran.log"
+    for name in ("ffmpeg", "ffprobe", "ffplay"):
+        (decoys / name).write_text(f"#!/bin/sh\necho \"{name} $*\" >> '{trace}'\n"
+                                   f"echo 'a system {name} was run; the project must use its pinned ffmpeg' >&2\n"
+                                   "exit 97\n")
+        (decoys / name).chmod(0o755)
+    saved = os.environ.get("PATH", "")
+    os.environ["PATH"] = f"{decoys}{os.pathsep}{saved}"
+    yield
+    os.environ["PATH"] = saved
+    if trace.exists():
+        pytest.fail(f"a system ffmpeg/ffprobe was run during the tests: {trace.read_text()}")

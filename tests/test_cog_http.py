@@ -126,15 +126,17 @@ class CogServer:
             pause.wait(0.2)
         pytest.fail(f"health never reached {states}:\n{self.log.read_text()[-3000:]}")
 
-    def wait_for_setup_log(self, text: str, timeout: float = 60) -> dict:
-        """Poll the health check until the setup logs hold ``text`` (they are forwarded after READY is set)."""
+    def wait_for_setup_log(self, text: str, timeout: float = 60) -> str:
+        """Wait until the worker's setup log line holding ``text`` reached the server: in the health check's setup
+        logs, or (a line the worker wrote just as setup() returned may miss those) the server's own log."""
         deadline, pause = time.monotonic() + timeout, threading.Event()
         while True:
-            health = self.get("/health-check")
-            if text in (health["setup"].get("logs") or ""):
-                return health
+            logs = (self.get("/health-check")["setup"].get("logs") or "") + "\n" + self.log.read_text(errors="replace")
+            found = next((line for line in logs.splitlines() if text in line), None)
+            if found is not None:
+                return found
             if time.monotonic() > deadline:
-                pytest.fail(f"{text!r} never reached the setup logs:\n{health['setup'].get('logs')}")
+                pytest.fail(f"{text!r} never reached the server's logs:\n{logs[-3000:]}")
             pause.wait(0.2)
 
     def get(self, path: str) -> dict:
@@ -295,8 +297,7 @@ def test_health_reaches_ready_after_setup(server):
     health = server.get("/health-check")
     assert health["status"] == "READY"
     assert health["setup"]["status"] == "succeeded"
-    health = server.wait_for_setup_log("setup done in")
-    setup_line = next(line for line in health["setup"]["logs"].splitlines() if "setup done in" in line)
+    setup_line = server.wait_for_setup_log("setup done in")
     print(f"cog server READY {server.ready_after_s:.1f} s after start (tiny weights); {setup_line}")
 
 

@@ -468,7 +468,9 @@ def test_no_ffmpeg_from_path_is_ever_run(media_dir, tmp_path):
         (decoys / name).chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k != "IMAGEIO_FFMPEG_EXE"}
     results = []
-    for path in (str(decoys), os.environ.get("PATH", "")):  # decoys only, then the machine's PATH as it is
+    # The machine's PATH as it is, without the suite-wide decoys of conftest.py: Debian's ffmpeg where installed.
+    machine_path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if "decoy-bin" not in p)
+    for path in (str(decoys), machine_path):  # decoys only, then the machine's PATH
         out = tmp_path / f"run{len(results)}"
         out.mkdir()
         proc = subprocess.run([sys.executable, "-c", _RUN_MEDIA, str(clip), str(voice), str(out)], cwd=REPO,
