@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from latentsync import media
 from latentsync.config import config_path, load_config
 from latentsync.errors import InputError
+from latentsync.options import OUTPUT_FPS
 from latentsync.weights import load_strict, read_state_dict
 
 if TYPE_CHECKING:  # transformers is imported where it is used: load_audio alone needs none of it
@@ -51,7 +52,7 @@ MIN_SAMPLES = 2 * HOP_LENGTH  # two mel frames make the shortest input that yiel
 
 # Per-frame windows (upstream feature2chunks with audio_feat_length [2, 2]): from 2 video frames before to 3 after
 # (exclusive) at upstream's 2 rows per frame, i.e. rows centre−4 … centre+5 = 200 ms around the frame.
-UPSTREAM_FPS = 25.0
+UPSTREAM_FPS = OUTPUT_FPS  # the rate the windows were trained at (options.py holds the number)
 WINDOW_OFFSETS = torch.arange(-2 * 2, (2 + 1) * 2)
 
 # ffmpeg output frames/padding (AAC priming, mp3 frames) may lengthen an exactly-at-the-cap file by a few ms.

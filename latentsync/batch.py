@@ -618,17 +618,14 @@ def main(argv: list[str] | None = None, *, on_dispatch: Callable[[_Task, int], N
 def worker_config(args: argparse.Namespace) -> WorkerConfig:
     """The workers' settings from the command line and, as the CLI reads them, the ``LATENTSYNC_*`` variables
     (and ``HF_ENDPOINT`` / ``XDG_CACHE_HOME`` for the download), resolved here once for every node."""
-    from latentsync import media
+    from latentsync import cli, media
     from latentsync.download import read_manifest
-    from latentsync.options import check_file
 
     named = args.weights_dir or os.environ.get("LATENTSYNC_WEIGHTS_DIR")
     configs = {}
     for name, variable in (("unet_config", "LATENTSYNC_UNET_CONFIG"), ("syncnet_config", "LATENTSYNC_SYNCNET_CONFIG")):
-        flag, given = f"--{name.replace('_', '-')}", getattr(args, name)
-        if given is None and os.environ.get(variable):
-            flag, given = variable, os.environ[variable]
-        configs[name] = check_file(flag, given).resolve() if given else None
+        found = cli._config_file(f"--{name.replace('_', '-')}", getattr(args, name), variable)
+        configs[name] = found.resolve() if found else None
     download = {k: v for k, v in (("endpoint", os.environ.get("HF_ENDPOINT")),
                                   ("cache_home", os.environ.get("XDG_CACHE_HOME"))) if v}
     return WorkerConfig(Path(named).expanduser().resolve() if named else None, args.version,

@@ -36,7 +36,7 @@ from latentsync.face import FaceLandmarker, no_face_message
 from latentsync.facepool import FacePool, default_workers
 from latentsync.generate import GenerateStage
 from latentsync.loader import compile_unet, load_models
-from latentsync.options import FACE_SELECTS, LOOP_MODES, RunOptions  # noqa: F401 — re-exported for callers
+from latentsync.options import FACE_SELECTS, LOOP_MODES, OUTPUT_FPS, RunOptions  # noqa: F401 — re-exported for callers
 from latentsync.preflight import check_run_paths
 from latentsync.paste import PasteStage
 from latentsync.plan import LipSyncResult, Plan, RenderPart
@@ -47,7 +47,6 @@ from latentsync.tracking import FaceTrack
 
 log = logging.getLogger(__name__)
 
-UPSTREAM_FPS = 25.0
 
 
 class LipSync:
@@ -167,7 +166,7 @@ class LipSync:
         with clock("probe"):
             info = video_mod.probe(video, max_side=self.caps.max_side, max_duration=self.caps.max_duration)
             wav = audio_mod.load_audio(audio, max_duration=self.caps.max_duration)
-        fps = info.fps if opts.keep_fps else UPSTREAM_FPS
+        fps = info.fps if opts.keep_fps else OUTPUT_FPS
         face_point = opts.face_point
         if opts.face_select == "active_speaker":
             from latentsync.speaker import active_speaker_point
