@@ -41,15 +41,16 @@ def run_case(wav_path: Path, weights: Path) -> dict:
     import torch
 
     from latentsync import audio
+    from latentsync.models.whisper import AudioEncoder
 
-    encoder = audio.AudioEncoder.from_pretrained(weights)
+    encoder = AudioEncoder.from_pretrained(weights)
     audio.load_audio(SPEECH[-1])  # warm the code paths (ffmpeg, FFT, encoder) on a short file
-    encoder.features(audio.load_audio(SPEECH[-1])[: 2 * audio.SAMPLE_RATE])
+    encoder.features_from_log_mel(audio.log_mel(audio.load_audio(SPEECH[-1])[: 2 * audio.SAMPLE_RATE]))
     base = _rss_mb()
     t0 = time.perf_counter()
     wav = audio.load_audio(wav_path)
     t1 = time.perf_counter()
-    features = encoder.features(wav)
+    features = encoder.features_from_log_mel(audio.log_mel(wav))
     t2 = time.perf_counter()
     frames = audio.audio_frame_count(features)
     for start in range(0, frames, 16):
@@ -89,7 +90,7 @@ def _random_weights(path: Path) -> None:
                            encoder_attention_heads=d["n_audio_head"], encoder_ffn_dim=4 * d["n_audio_state"])
     enc = WhisperEncoder(config)
     # back to OpenAI's names, by the library's own map (this is a benchmark, not a test of the map)
-    from latentsync.audio import openai_to_transformers_key
+    from latentsync.weights import openai_to_transformers_key
 
     openai = {}
     hf = enc.state_dict()

@@ -1,25 +1,22 @@
-"""The audio path: any user audio/video file → 16 kHz mono samples → Whisper-tiny features → per-frame windows.
+"""The audio path: any user audio/video file → 16 kHz mono samples → Whisper's log-mel → per-frame windows.
 
 LatentSync conditions each video frame on 50 tokens: 10 consecutive Whisper-encoder rows (20 ms each, from 80 ms
 before to 120 ms after the frame) × 5 hidden states (the embeddings and the output of every encoder block, without
 the final layer norm). The log-mel is upstream's (OpenAI Whisper's) recipe over the *whole* file, encoded in
-independent 30 s windows; transformers' ``WhisperFeatureExtractor`` computes something else, so the mel is ours.
+independent 30 s windows by ``latentsync.models.whisper.AudioEncoder``; transformers' ``WhisperFeatureExtractor``
+computes something else, so the mel is ours.
 
 ``wav2lip_mel`` is the other spectrogram, the one StableSyncNet listens to (``configs/audio.yaml``).
 """
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
-import pickle
-import re
 import subprocess
 import tempfile
-from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO
 
 import numpy as np
 import torch
@@ -29,11 +26,6 @@ from latentsync import media
 from latentsync.config import config_path, load_config
 from latentsync.errors import InputError
 from latentsync.options import OUTPUT_FPS
-from latentsync.weights import load_strict, read_state_dict
-
-if TYPE_CHECKING:  # transformers is imported where it is used: load_audio alone needs none of it
-    from transformers import WhisperConfig
-    from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 log = logging.getLogger(__name__)
 
@@ -174,202 +166,6 @@ def log_mel(wav: np.ndarray | torch.Tensor) -> torch.Tensor:
     mel = mel.clamp_(min=LOG_MEL_FLOOR).log10_()
     mel = torch.maximum(mel, mel.max() - LOG_MEL_RANGE, out=mel)  # the floor follows the loudest bin of the file
     return mel.add_(4.0).div_(4.0)
-
-
-# --------------------------------------------------------------------------------------- Whisper checkpoints
-# OpenAI Whisper names → transformers WhisperEncoder names (without OpenAI's "encoder." prefix).
-_OPENAI_ENCODER_KEYS = {
-    "conv1.weight": "conv1.weight",
-    "conv1.bias": "conv1.bias",
-    "conv2.weight": "conv2.weight",
-    "conv2.bias": "conv2.bias",
-    "positional_embedding": "embed_positions.weight",  # a buffer in OpenAI's model, an Embedding in transformers'
-    "ln_post.weight": "layer_norm.weight",
-    "ln_post.bias": "layer_norm.bias",
-}
-_OPENAI_BLOCK_MODULES = {
-    "attn.query": "self_attn.q_proj",
-    "attn.key": "self_attn.k_proj",  # bias-free in both
-    "attn.value": "self_attn.v_proj",
-    "attn.out": "self_attn.out_proj",
-    "attn_ln": "self_attn_layer_norm",
-    "mlp.0": "fc1",
-    "mlp.2": "fc2",
-    "mlp_ln": "final_layer_norm",
-}
-_OPENAI_BLOCK_KEY = re.compile(r"blocks\.(\d+)\.(.+)\.(weight|bias)")
-
-
-def openai_to_transformers_key(name: str) -> str:
-    """transformers name of an OpenAI encoder tensor (given without ``encoder.``); unknown names pass unchanged."""
-    if name in _OPENAI_ENCODER_KEYS:
-        return _OPENAI_ENCODER_KEYS[name]
-    m = _OPENAI_BLOCK_KEY.fullmatch(name)
-    if m and m[2] in _OPENAI_BLOCK_MODULES:
-        return f"layers.{m[1]}.{_OPENAI_BLOCK_MODULES[m[2]]}.{m[3]}"
-    return name  # left for the strict key check to report
-
-
-def _config_from_dims(dims: Mapping[str, int]) -> WhisperConfig:
-    """The encoder half of a WhisperConfig from OpenAI's ModelDimensions."""
-    from transformers import WhisperConfig
-
-    return WhisperConfig(
-        num_mel_bins=dims["n_mels"],
-        max_source_positions=dims["n_audio_ctx"],
-        d_model=dims["n_audio_state"],
-        encoder_layers=dims["n_audio_layer"],
-        encoder_attention_heads=dims["n_audio_head"],
-        encoder_ffn_dim=4 * dims["n_audio_state"],  # OpenAI's MLP is always 4× wide
-        activation_function="gelu",  # exact GELU, as torch.nn.GELU()
-        # the decoder half, so that the config also describes the whole model (it is never built here)
-        vocab_size=dims["n_vocab"],
-        max_target_positions=dims["n_text_ctx"],
-        decoder_layers=dims["n_text_layer"],
-        decoder_attention_heads=dims["n_text_head"],
-        decoder_ffn_dim=4 * dims["n_text_state"],
-    )
-
-
-def _read_openai_checkpoint(path: Path) -> tuple[WhisperConfig, dict[str, torch.Tensor]]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    # What a foreign, truncated or unsafe file gives (torch: RuntimeError for a bad archive, UnpicklingError for
-    # code in the pickle); anything else is a bug of ours and keeps its traceback.
-    except (RuntimeError, pickle.UnpicklingError, EOFError, PermissionError) as e:
-        raise InputError(f"cannot read Whisper checkpoint {path}: {str(e).splitlines()[0]}") from e
-    if not isinstance(obj, Mapping) or "dims" not in obj or "model_state_dict" not in obj:
-        raise InputError(f"{path} is not an OpenAI Whisper checkpoint (expected 'dims' and 'model_state_dict')")
-    try:
-        config = _config_from_dims(obj["dims"])
-    except (KeyError, TypeError) as e:
-        raise InputError(f"{path}: incomplete Whisper 'dims' ({e})") from e
-    prefix = "encoder."  # the decoder's tensors are not needed for features
-    state_dict = {openai_to_transformers_key(k[len(prefix):]): v
-                  for k, v in obj["model_state_dict"].items() if k.startswith(prefix)}
-    return config, state_dict
-
-
-def _read_transformers_folder(folder: Path) -> tuple[WhisperConfig, dict[str, torch.Tensor]]:
-    from transformers import WhisperConfig
-
-    config_file = folder / "config.json"
-    if not config_file.is_file():
-        raise InputError(f"{folder} has no config.json: not a transformers Whisper folder")
-    try:
-        settings = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{config_file} is not a readable JSON config ({e})") from e
-    model_type = settings.get("model_type") if isinstance(settings, dict) else None
-    if model_type != "whisper":
-        raise InputError(f"{folder} holds a {model_type!r} model, not Whisper")
-    config = WhisperConfig.from_json_file(str(config_file))
-
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted({folder / f for f in json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()})
-    else:
-        files = [f for f in (folder / "model.safetensors", folder / "pytorch_model.bin") if f.is_file()][:1]
-    if not files:
-        raise InputError(f"{folder} has no model.safetensors or pytorch_model.bin")
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        tensors.update(read_state_dict(f, key=None))
-    # WhisperForConditionalGeneration nests the encoder under "model.encoder.", WhisperModel under "encoder.",
-    # a saved WhisperEncoder has no prefix.
-    prefix = next((p for p in ("model.encoder.", "encoder.", "") if f"{p}conv1.weight" in tensors), "")
-    if not prefix:
-        return config, tensors
-    return config, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-
-# ------------------------------------------------------------------------------------------------- encoder
-class AudioEncoder(torch.nn.Module):
-    """Whisper's encoder (transformers) giving LatentSync's per-row stack of hidden states."""
-
-    def __init__(self, encoder: WhisperEncoder):
-        super().__init__()
-        if encoder.config.max_source_positions * 2 != N_FRAMES:
-            raise ValueError(f"a Whisper encoder with {N_FRAMES // 2} positions is needed, "
-                             f"got {encoder.config.max_source_positions}")
-        self.encoder = encoder.eval()
-
-    @classmethod
-    def from_pretrained(
-        cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-    ) -> AudioEncoder:
-        """Load OpenAI's checkpoint format (upstream's ``whisper/tiny.pt``) or a transformers Whisper folder."""
-        from transformers.models.whisper.modeling_whisper import WhisperEncoder
-
-        path = Path(path)
-        if path.is_dir():
-            config, state_dict = _read_transformers_folder(path)
-            what = f"Whisper folder {path}"
-        elif path.is_file():
-            config, state_dict = _read_openai_checkpoint(path)
-            what = f"Whisper checkpoint {path} (OpenAI names mapped to transformers')"
-        else:
-            raise InputError(f"Whisper weights not found: {path}")
-        config._attn_implementation = "sdpa"
-        with torch.device("meta"):  # no random init to pay for: every tensor is assigned below
-            encoder = WhisperEncoder(config)
-        load_strict(encoder, state_dict, what, dtype=dtype)
-        return cls(encoder).to(device)
-
-    @property
-    def device(self) -> torch.device:
-        return self.encoder.conv1.weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.encoder.conv1.weight.dtype
-
-    @property
-    def num_states(self) -> int:
-        """Hidden states per row: the embeddings and each block's output."""
-        return len(self.encoder.layers) + 1
-
-    @property
-    def hidden_size(self) -> int:
-        return self.encoder.config.d_model
-
-    @torch.inference_mode()
-    def encode_window(self, mel: torch.Tensor) -> torch.Tensor:
-        """Hidden states of one ``(80, 3000)`` log-mel window: ``(1500, num_states, hidden_size)`` float32 on CPU."""
-        captured = {}
-
-        def keep_output(module, args, output):
-            captured["last"] = output[0] if isinstance(output, tuple) else output
-
-        # transformers' last hidden state has the final layer norm applied; upstream takes the block's own output
-        handle = self.encoder.layers[-1].register_forward_hook(keep_output)
-        try:
-            hidden = self.encoder(mel.to(self.device, self.dtype)[None], output_hidden_states=True,
-                                  return_dict=True).hidden_states
-        finally:
-            handle.remove()
-        return torch.stack([*hidden[:-1], captured["last"]], dim=2)[0].float().cpu()
-
-    def features(self, wav: np.ndarray) -> torch.Tensor:
-        """Encoder features of a whole 16 kHz file: ``(T, num_states, hidden_size)`` float32, 50 rows per second."""
-        return self.features_from_log_mel(log_mel(wav))
-
-    @torch.inference_mode()
-    def features_from_log_mel(self, mel: torch.Tensor) -> torch.Tensor:
-        """Encoder features of a whole file's ``log_mel``: ``(M // 2, num_states, hidden_size)`` float32 on CPU."""
-        n_mel = mel.shape[1]
-        windows = [(s, min(s + N_FRAMES, n_mel)) for s in range(0, n_mel, N_FRAMES)]
-        rows = [(stop - start) // 2 for start, stop in windows]  # a window keeps only the rows of real audio
-        out = torch.empty(sum(rows), self.num_states, self.hidden_size)
-        row = 0
-        for (start, stop), keep in zip(windows, rows):
-            if keep == 0:
-                continue
-            # Windows are encoded independently, right-padded with 0.0 in normalised log-mel (upstream pad_or_trim).
-            window = F.pad(mel[:, start:stop], (0, N_FRAMES - (stop - start)))
-            out[row : row + keep] = self.encode_window(window)[:keep]
-            row += keep
-        return out
 
 
 # ---------------------------------------------------------------------------------------- per-frame windows

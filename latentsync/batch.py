@@ -619,7 +619,7 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
     """The workers' settings from the command line and, as the CLI reads them, the ``LATENTSYNC_*`` variables
     (and ``HF_ENDPOINT`` / ``XDG_CACHE_HOME`` for the download), resolved here once for every node."""
     from latentsync import cli, media
-    from latentsync.download import read_manifest
+    from latentsync.manifest import read_manifest
 
     named = args.weights_dir or os.environ.get("LATENTSYNC_WEIGHTS_DIR")
     configs = {}

@@ -1,8 +1,4 @@
-"""Weights on disk: the manifest (``weights.txt``), downloading what is missing, verifying what is there.
-
-A weights folder holds the files of ONE LatentSync version under upstream's ``checkpoints/`` names
-(``latentsync_unet.pt``, ``whisper/tiny.pt``, ``stable_syncnet.pt``, ``sd-vae-ft-mse/``, ``mask.png``); the 1.5
-and 1.6 manifest lines share those names and the version asked for picks the line.
+"""Weights on disk: downloading what the manifest lists and the folder lacks, verifying what is there.
 
 One rule for every front door: a folder the caller names is only verified (never written to, so it may be read-only);
 only the default folder (:func:`default_weights_dir`) is downloaded into. A file that does not match the manifest is
@@ -36,16 +32,16 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from latentsync.config import data_path
 from latentsync.errors import InputError, ResourceError
-from latentsync.options import DEFAULT_VERSION, VERSIONS, check_version
+from latentsync.manifest import (
+    WeightFile, archives_for, default_weights_dir, files_for, mirrored, read_manifest, resolve_version,
+)
 
 log = logging.getLogger(__name__)
 
 RECORD_NAME = ".latentsync-weights.json"
 LOCK_NAME = ".latentsync-weights.lock"
 UNPACK_PREFIX = ".latentsync-unpack-"  # staging folders for archives: ours, removed after use (or at the next run)
-HF_HOST = "https://huggingface.co/"
 
 RETRIES = 5  # tries per file; each one resumes the partial file with an HTTP Range request
 RETRY_WAIT_S = 2.0  # times the try number, between tries
@@ -56,107 +52,8 @@ PROGRESS_EVERY_S = 15.0
 RETRYABLE_HTTP = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
-@dataclass(frozen=True)
-class WeightFile:
-    """One manifest line: which version needs it, where it comes from and goes, and what it must be.
-
-    ``url`` is None for a file that only an archive line provides; ``dest`` ending in ``/`` marks an archive.
-    """
-
-    version: str  # "1.5", "1.6" or "all"
-    url: str | None
-    dest: str  # relative to the weights folder, "/"-separated
-    size: int | None = None
-    sha256: str | None = None
-
-    @property
-    def is_archive(self) -> bool:
-        return self.dest.endswith("/")
-
-
 class _Incomplete(Exception):
     """The connection ended before the whole file arrived: worth another (resumed) try."""
-
-
-# --- the manifest ---------------------------------------------------------------------------------------------------
-
-def manifest_path() -> Path:
-    """The manifest shipped with the package (``weights.txt``)."""
-    return data_path("weights.txt")
-
-
-def read_manifest(path: str | Path | None = None) -> list[WeightFile]:
-    """Parse a weights manifest (the shipped ``weights.txt`` by default); a bad line is an error naming it."""
-    path = Path(path) if path else manifest_path()
-    if not path.is_file():
-        raise InputError(f"weights manifest not found: {path}")
-    entries: list[WeightFile] = []
-    for number, raw in enumerate(path.read_text().splitlines(), start=1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        fields = line.split()
-        where = f"{path}:{number}"
-        if len(fields) != 5:
-            raise InputError(f"{where}: expected `version url dest size sha256`, got {len(fields)} fields")
-        version, url, dest, size, sha = fields
-        if version not in (*VERSIONS, "all"):
-            raise InputError(f"{where}: version {version!r} is not one of {', '.join(VERSIONS)} or all")
-        if url != "-" and not re.match(r"https?://", url):
-            raise InputError(f"{where}: {url!r} is not an http(s) URL")
-        archive = dest.endswith("/")
-        rel = PurePosixPath(dest)
-        if rel.is_absolute() or ".." in rel.parts or (not rel.parts and not archive):
-            raise InputError(f"{where}: destination {dest!r} must stay inside the weights folder")
-        if archive and url == "-":
-            raise InputError(f"{where}: an archive line needs a URL")
-        if size != "-" and not size.isdigit():
-            raise InputError(f"{where}: size {size!r} is neither a byte count nor -")
-        if sha != "-" and not re.fullmatch(r"[0-9a-fA-F]{64}", sha):
-            raise InputError(f"{where}: sha256 {sha!r} is neither 64 hex digits nor -")
-        if archive:
-            dest = "./" if not rel.parts else f"{rel}/"  # "./": unpacked into the weights folder itself
-        else:
-            dest = str(rel)
-        entries.append(WeightFile(version, None if url == "-" else url, dest, None if size == "-" else int(size),
-                                  None if sha == "-" else sha.lower()))
-    return entries
-
-
-def resolve_version(version: str | None = None) -> str:
-    """The version asked for, else 1.6; anything else is an error listing the versions."""
-    return check_version(version or DEFAULT_VERSION)
-
-
-def files_for(manifest: Sequence[WeightFile], version: str) -> list[WeightFile]:
-    """The single-file manifest lines one version needs; two lines for one destination are an error."""
-    version = resolve_version(version)
-    chosen: dict[str, WeightFile] = {}
-    for entry in manifest:
-        if entry.version in (version, "all") and not entry.is_archive:
-            if entry.dest in chosen:
-                raise InputError(f"the weights manifest lists {entry.dest} twice for version {version}")
-            chosen[entry.dest] = entry
-    if not chosen:
-        raise InputError(f"the weights manifest has no files for version {version}")
-    return list(chosen.values())
-
-
-def archives_for(manifest: Sequence[WeightFile], version: str) -> list[WeightFile]:
-    """The archive lines of one version (tried, in manifest order, before single-file downloads)."""
-    return [e for e in manifest if e.is_archive and e.version in (resolve_version(version), "all")]
-
-
-def default_weights_dir(version: str, cache_home: str | Path | None = None) -> Path:
-    """The one folder downloads go to: ``<cache_home>/latentsync/<version>`` (``cache_home``: ``~/.cache``)."""
-    return Path(cache_home or Path.home() / ".cache") / "latentsync" / resolve_version(version)
-
-
-def mirrored(url: str, endpoint: str | None) -> str:
-    """``url`` served by a Hugging Face mirror (``HF_ENDPOINT``) instead of huggingface.co; other hosts unchanged."""
-    if not endpoint or not url.startswith(HF_HOST):
-        return url
-    return endpoint.rstrip("/") + "/" + url.removeprefix(HF_HOST)
 
 
 # --- the one entry point --------------------------------------------------------------------------------------------
@@ -186,12 +83,6 @@ def ensure_weights(manifest: str | Path | Sequence[WeightFile] | None = None, we
         raise ResourceError(f"cannot write to the weights folder {folder}: {e.strerror or e}") from e
     log.info("weights for LatentSync %s ready in %s", version, folder)
     return folder
-
-
-def verify_weights(weights_dir: str | Path, version: str | None = None,
-                   manifest: str | Path | Sequence[WeightFile] | None = None) -> Path:
-    """Check a filled weights folder without touching the network or writing to it; returns the folder."""
-    return ensure_weights(manifest, weights_dir, version)
 
 
 def _verify(folder: Path, version: str, entries: list[WeightFile]) -> Path:

@@ -12,6 +12,7 @@ from latentsync import audio as audio_mod
 from latentsync.align import load_mask
 from latentsync.config import config_path, load_config
 from latentsync.errors import InputError
+from latentsync.models.whisper import AudioEncoder
 from latentsync.options import GUIDANCE_SCALE
 from latentsync.weights import load_scheduler, load_unet, load_vae, unet_config_for
 
@@ -35,8 +36,8 @@ def load_models(weights_dir: Path, version: str, device: torch.device, dtype: to
     unet = load_unet(cfg["model"], weights_dir / "latentsync_unet.pt", device=device, dtype=dtype)
     vae = load_vae(weights_dir / "sd-vae-ft-mse", device=device, dtype=dtype)
     # Whisper runs in fp16 on CUDA as upstream does (its LayerNorms stay fp32 inside transformers), fp32 elsewhere.
-    encoder = audio_mod.AudioEncoder.from_pretrained(weights_dir / "whisper" / "tiny.pt", device=device,
-                                                     dtype=torch.float16 if device.type == "cuda" else torch.float32)
+    encoder = AudioEncoder.from_pretrained(weights_dir / "whisper" / "tiny.pt", device=device,
+                                           dtype=torch.float16 if device.type == "cuda" else torch.float32)
     syncnet = None
     syncnet_path = weights_dir / "stable_syncnet.pt"
     if syncnet_path.is_file():

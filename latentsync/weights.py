@@ -1,15 +1,16 @@
 """Loading checkpoints in the upstream formats, strictly: a missing, unexpected or mis-shaped key is an error."""
 from __future__ import annotations
 
+import json
 import logging
 import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from latentsync.download import ensure_weights, verify_weights  # noqa: F401  (the weights folder: download.py)
 from latentsync.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -115,8 +116,9 @@ def load_syncnet(
 # The shipped config of each release; the two differ only in data.resolution (same network).
 UNET_CONFIGS = {"1.5": "unet/stage2.yaml", "1.6": "unet/stage2_512.yaml"}
 
-# LatentSync 1.0 checkpoints name the audio cross-attention of every spatial transformer block differently
-# (spec §2): ``…transformer_blocks.N.audio_cross_attn.{norm,attn}.*`` is ``…transformer_blocks.N.{norm2,attn2}.*``.
+# LatentSync 1.0 checkpoints name the audio cross-attention of every spatial transformer block differently from
+# 1.5 and 1.6 (same tensors, same shapes): ``…transformer_blocks.N.audio_cross_attn.{norm,attn}.*`` is
+# ``…transformer_blocks.N.{norm2,attn2}.*``.
 UNET_V10_KEY_MAP = {
     ".audio_cross_attn.norm.": ".norm2.",
     ".audio_cross_attn.attn.": ".attn2.",
@@ -125,8 +127,9 @@ UNET_V10_KEY_MAP = {
 VAE_SCALING_FACTOR = 0.18215  # sd-vae-ft-mse, as upstream sets it
 VAE_SHIFT_FACTOR = 0.0
 
-if TYPE_CHECKING:  # imported lazily at run time: loading SyncNet alone needs no diffusers
+if TYPE_CHECKING:  # each loader imports what it builds: importing this module needs neither diffusers nor transformers
     from diffusers import AutoencoderKL, DDIMScheduler
+    from transformers import WhisperConfig
 
     from latentsync.models.unet import UNet3DConditionModel
 
@@ -223,3 +226,123 @@ def load_scheduler() -> DDIMScheduler:
     cfg = json.loads(config_path("scheduler_config.json").read_text())
     cfg.pop("skip_prk_steps", None)  # a PNDM option upstream's file carries; DDIM has no such setting
     return DDIMScheduler.from_config(cfg)
+
+
+# ------------------------------------------------------------------------------------------------------ Whisper
+# OpenAI Whisper names → transformers WhisperEncoder names (without OpenAI's "encoder." prefix).
+_OPENAI_ENCODER_KEYS = {
+    "conv1.weight": "conv1.weight",
+    "conv1.bias": "conv1.bias",
+    "conv2.weight": "conv2.weight",
+    "conv2.bias": "conv2.bias",
+    "positional_embedding": "embed_positions.weight",  # a buffer in OpenAI's model, an Embedding in transformers'
+    "ln_post.weight": "layer_norm.weight",
+    "ln_post.bias": "layer_norm.bias",
+}
+_OPENAI_BLOCK_MODULES = {
+    "attn.query": "self_attn.q_proj",
+    "attn.key": "self_attn.k_proj",  # bias-free in both
+    "attn.value": "self_attn.v_proj",
+    "attn.out": "self_attn.out_proj",
+    "attn_ln": "self_attn_layer_norm",
+    "mlp.0": "fc1",
+    "mlp.2": "fc2",
+    "mlp_ln": "final_layer_norm",
+}
+_OPENAI_BLOCK_KEY = re.compile(r"blocks\.(\d+)\.(.+)\.(weight|bias)")
+
+
+def openai_to_transformers_key(name: str) -> str:
+    """transformers name of an OpenAI encoder tensor (given without ``encoder.``); unknown names pass unchanged."""
+    if name in _OPENAI_ENCODER_KEYS:
+        return _OPENAI_ENCODER_KEYS[name]
+    m = _OPENAI_BLOCK_KEY.fullmatch(name)
+    if m and m[2] in _OPENAI_BLOCK_MODULES:
+        return f"layers.{m[1]}.{_OPENAI_BLOCK_MODULES[m[2]]}.{m[3]}"
+    return name  # left for the strict key check to report
+
+
+def _config_from_dims(dims: Mapping[str, int]) -> WhisperConfig:
+    """The encoder half of a WhisperConfig from OpenAI's ModelDimensions."""
+    from transformers import WhisperConfig
+
+    return WhisperConfig(
+        num_mel_bins=dims["n_mels"],
+        max_source_positions=dims["n_audio_ctx"],
+        d_model=dims["n_audio_state"],
+        encoder_layers=dims["n_audio_layer"],
+        encoder_attention_heads=dims["n_audio_head"],
+        encoder_ffn_dim=4 * dims["n_audio_state"],  # OpenAI's MLP is always 4× wide
+        activation_function="gelu",  # exact GELU, as torch.nn.GELU()
+        # the decoder half, so that the config also describes the whole model (it is never built here)
+        vocab_size=dims["n_vocab"],
+        max_target_positions=dims["n_text_ctx"],
+        decoder_layers=dims["n_text_layer"],
+        decoder_attention_heads=dims["n_text_head"],
+        decoder_ffn_dim=4 * dims["n_text_state"],
+    )
+
+
+def _read_openai_checkpoint(path: Path) -> tuple[WhisperConfig, dict[str, torch.Tensor]]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    # What a foreign, truncated or unsafe file gives (torch: RuntimeError for a bad archive, UnpicklingError for
+    # code in the pickle); anything else is a bug of ours and keeps its traceback.
+    except (RuntimeError, pickle.UnpicklingError, EOFError, PermissionError) as e:
+        raise InputError(f"cannot read Whisper checkpoint {path}: {str(e).splitlines()[0]}") from e
+    if not isinstance(obj, Mapping) or "dims" not in obj or "model_state_dict" not in obj:
+        raise InputError(f"{path} is not an OpenAI Whisper checkpoint (expected 'dims' and 'model_state_dict')")
+    try:
+        config = _config_from_dims(obj["dims"])
+    except (KeyError, TypeError) as e:
+        raise InputError(f"{path}: incomplete Whisper 'dims' ({e})") from e
+    prefix = "encoder."  # the decoder's tensors are not needed for features
+    state_dict = {openai_to_transformers_key(k[len(prefix):]): v
+                  for k, v in obj["model_state_dict"].items() if k.startswith(prefix)}
+    return config, state_dict
+
+
+def _read_transformers_folder(folder: Path) -> tuple[WhisperConfig, dict[str, torch.Tensor]]:
+    from transformers import WhisperConfig
+
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise InputError(f"{folder} has no config.json: not a transformers Whisper folder")
+    try:
+        settings = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{config_file} is not a readable JSON config ({e})") from e
+    model_type = settings.get("model_type") if isinstance(settings, dict) else None
+    if model_type != "whisper":
+        raise InputError(f"{folder} holds a {model_type!r} model, not Whisper")
+    config = WhisperConfig.from_json_file(str(config_file))
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted({folder / f for f in json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()})
+    else:
+        files = [f for f in (folder / "model.safetensors", folder / "pytorch_model.bin") if f.is_file()][:1]
+    if not files:
+        raise InputError(f"{folder} has no model.safetensors or pytorch_model.bin")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        tensors.update(read_state_dict(f, key=None))
+    # WhisperForConditionalGeneration nests the encoder under "model.encoder.", WhisperModel under "encoder.",
+    # a saved WhisperEncoder has no prefix.
+    prefix = next((p for p in ("model.encoder.", "encoder.", "") if f"{p}conv1.weight" in tensors), "")
+    if not prefix:
+        return config, tensors
+    return config, {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def read_whisper(path: str | Path) -> tuple[WhisperConfig, dict[str, torch.Tensor], str]:
+    """Config, encoder tensors (transformers names) and a description of OpenAI's ``whisper/tiny.pt`` format or a
+    transformers Whisper folder."""
+    path = Path(path)
+    if path.is_dir():
+        config, state_dict = _read_transformers_folder(path)
+        return config, state_dict, f"Whisper folder {path}"
+    if path.is_file():
+        config, state_dict = _read_openai_checkpoint(path)
+        return config, state_dict, f"Whisper checkpoint {path} (OpenAI names mapped to transformers')"
+    raise InputError(f"Whisper weights not found: {path}")

@@ -1,4 +1,4 @@
-"""ensure_weights / verify_weights against a real HTTP server on 127.0.0.1 (Range support written here)."""
+"""ensure_weights (filling the default folder, verifying a named one) against a real HTTP server on 127.0.0.1 (Range support written here)."""
 from __future__ import annotations
 
 import hashlib
@@ -20,8 +20,9 @@ import pytest
 from conftest import REPO, shared_file
 from mounts import read_only_tmpfs
 from latentsync import InputError, ResourceError
-from latentsync import download
-from latentsync.download import default_weights_dir, ensure_weights, files_for, read_manifest, verify_weights
+from latentsync import download, manifest as manifest_mod
+from latentsync.download import ensure_weights
+from latentsync.manifest import default_weights_dir, files_for, read_manifest
 
 RNG = random.Random(0)
 FILES = {  # what the server holds; sizes make a cut mid-file and several reads per file meaningful
@@ -353,7 +354,7 @@ def test_a_folder_holds_one_version(tmp_path, server):
     with pytest.raises(InputError, match="holds LatentSync 1.6"):
         ensure_weights(manifest, folder, "1.5")
     with pytest.raises(InputError, match="holds LatentSync 1.6"):
-        verify_weights(folder, "1.5", manifest)
+        ensure_weights(manifest, folder, "1.5")
 
 
 # --- pget -----------------------------------------------------------------------------------------------------------
@@ -454,7 +455,7 @@ def test_a_wrong_file_in_a_named_folder_is_named_with_expected_and_found_and_kep
     folder = prefilled(tmp_path / "mine")
     (folder / "whisper/tiny.pt").write_bytes(b"x" * 10)
     with pytest.raises(InputError, match=rf"whisper/tiny\.pt: 10 bytes, expected {len(FILES['tiny.pt'])}"):
-        verify_weights(folder, "1.6", manifest)
+        ensure_weights(manifest, folder, "1.6")
     assert (folder / "whisper/tiny.pt").read_bytes() == b"x" * 10 and server.requests == []
 
 
@@ -463,18 +464,18 @@ def test_a_read_only_folder_is_verified(tmp_path, server):
     with read_only_tmpfs(tmp_path / "ro", prefilled) as folder:
         with pytest.raises(OSError):
             (folder / "probe").write_bytes(b"")
-        assert verify_weights(folder, "1.6", manifest) == folder
+        assert ensure_weights(manifest, folder, "1.6") == folder
     assert server.requests == []
 
 
 def test_verify_refuses_a_truncated_file(tmp_path, server):
     manifest = write_manifest(tmp_path, server.base, sizes=False, shas=False)
     folder = fill(manifest, tmp_path)
-    verify_weights(folder, "1.6", manifest)
+    ensure_weights(manifest, folder, "1.6")
     with open(folder / "latentsync_unet.pt", "r+b") as f:  # sizes unknown to the manifest: the record knows them
         f.truncate(1000)
     with pytest.raises(InputError, match=r"latentsync_unet\.pt: 1000 bytes.*truncated"):
-        verify_weights(folder, "1.6", manifest)
+        ensure_weights(manifest, folder, "1.6")
 
 
 def test_verify_refuses_a_sha256_mismatch_in_a_prefilled_folder(tmp_path, server):
@@ -484,12 +485,12 @@ def test_verify_refuses_a_sha256_mismatch_in_a_prefilled_folder(tmp_path, server
                        ("sd-vae-ft-mse/config.json", "vae.json"), ("mask.png", "mask.png")]:
         (folder / dest).parent.mkdir(parents=True, exist_ok=True)
         (folder / dest).write_bytes(FILES[name])
-    verify_weights(folder, "1.6", manifest)
+    ensure_weights(manifest, folder, "1.6")
     damaged = bytearray(FILES["mask.png"])
     damaged[100] ^= 0xFF
     (folder / "mask.png").write_bytes(bytes(damaged))
     with pytest.raises(InputError, match=r"mask\.png: sha256 [0-9a-f]{64}, expected"):
-        verify_weights(folder, "1.6", manifest)
+        ensure_weights(manifest, folder, "1.6")
     assert server.requests == []
 
 
@@ -499,7 +500,7 @@ def test_hugging_face_urls_follow_the_endpoint_given(tmp_path, server):
     manifest = write_manifest(tmp_path, "https://huggingface.co")
     expect_folder(fill(manifest, tmp_path, endpoint=server.base + "/"))
     assert sorted(name for name, _ in server.requests) == ["mask.png", "tiny.pt", "unet16.pt", "vae.json"]
-    assert download.mirrored("https://example.com/a.pt", server.base) == "https://example.com/a.pt"
+    assert manifest_mod.mirrored("https://example.com/a.pt", server.base) == "https://example.com/a.pt"
 
 
 # --- archives ---------------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from latentsync.download import read_manifest
+from latentsync.manifest import read_manifest
 from tiny_weights import make_tiny_weights
 
 pytestmark = pytest.mark.slow
@@ -30,7 +30,7 @@ import json, sys
 from pathlib import Path
 import latentsync
 from latentsync.config import config_path
-from latentsync.download import manifest_path, read_manifest
+from latentsync.manifest import manifest_path, read_manifest
 from latentsync.pipeline import LipSync
 
 weights, unet_config = Path(sys.argv[1]), Path(sys.argv[2])
