@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 
 from latentsync import InputError, media, video
+from latentsync.video import read as video_read
+from latentsync.video.probe import exact_rate
 from media_utils import frame_times, probe_streams
 
 FFMPEG = media.ffmpeg_exe()
@@ -33,6 +35,21 @@ def make_clip(path: Path, *, size: str = "160x120", rate: str = "25", seconds: f
         args += ["-f", "lavfi", "-i", f"sine=f=440:r={audio[0]}:d={seconds}", "-ac", str(audio[1]), *acodec]
     ffmpeg(*args, *vcodec, "-pix_fmt", "yuv420p", *extra, str(path))
     return path
+
+
+def count_frames(path: Path, fps: float | None = None, *, info: video.VideoInfo | None = None) -> int:
+    """Exact number of frames ``read_frames(path, fps)`` should yield, counted by ffmpeg on the same decode (the
+    same arguments, no conversion to RGB): the oracle the reader is checked against."""
+    info = info or video.probe(path)
+    rate = exact_rate(fps if fps is not None else info.fps)
+    cmd = media.ffmpeg_command("-nostats", *video_read._decode_args(path, info, rate, 0), "-f", "null", "-progress",
+                               "pipe:1", "-")
+    proc = subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL, check=False, env=media.ffmpeg_env())
+    if proc.returncode < 0:
+        raise RuntimeError(f"ffmpeg crashed (signal {-proc.returncode}) decoding {path.name!r}")
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    frames = [line for line in proc.stdout.decode().splitlines() if line.startswith("frame=")]
+    return int(frames[-1].split("=", 1)[1]) if frames else 0
 
 
 def source_frames(path: Path) -> tuple[list[Fraction], np.ndarray]:
@@ -149,7 +166,7 @@ def test_vfr_becomes_constant_rate(vfr):
     # Each output frame k is the source frame on screen at slot k: the last one with round(pts·25) <= k.
     slot = [math.floor(p * 25 + Fraction(1, 2)) for p in pts]
     expected = [max(j for j, s in enumerate(slot) if s <= k + slot[0]) for k in range(len(out))]
-    assert len(out) == video.count_frames(vfr, 25)
+    assert len(out) == count_frames(vfr, 25)
     # The last frame stays on screen for its own duration too: the output covers first pts → end of last packet.
     assert abs(len(out) - packet_span(vfr) * 25) <= 1  # ≈ 9.4 s at 25 fps, freeze included
     assert expected[-1] >= len(pts) - 2  # ffmpeg's fps filter may end a slot early on the last frame
@@ -171,7 +188,7 @@ def test_start_count_matches_full_read(clip, request):
 
 def test_late_block_is_read_after_a_seek(long30):
     info = video.probe(long30)
-    args = video._decode_args(long30, info, Fraction(25), 180)  # 7.2 s into the clip
+    args = video_read._decode_args(long30, info, Fraction(25), 180)  # 7.2 s into the clip
     assert "-ss" in args and float(args[args.index("-ss") + 1]) > 5.0
 
 
@@ -186,7 +203,7 @@ def test_source_rate_by_default(media_dir):
     path = make_clip(media_dir / "rate30.mp4", rate="30", seconds=1.0, audio=None)
     assert len(list(video.read_frames(path))) == 30
     assert len(list(video.read_frames(path, 25))) == 25
-    assert video.count_frames(path) == 30
+    assert count_frames(path) == 30
 
 
 def _spy_popen(monkeypatch) -> list[subprocess.Popen]:
@@ -198,7 +215,7 @@ def _spy_popen(monkeypatch) -> list[subprocess.Popen]:
         started.append(proc)
         return proc
 
-    monkeypatch.setattr(video.subprocess, "Popen", popen)
+    monkeypatch.setattr(subprocess, "Popen", popen)
     return started
 
 
@@ -335,7 +352,7 @@ def test_hostile_file_names(media_dir):
 def test_an_ffmpeg_crash_is_not_blamed_on_the_video(mp4, monkeypatch):
     info = video.probe(mp4)
     monkeypatch.setattr(media, "ffmpeg_command", lambda *args, **kw: ["sh", "-c", "kill -SEGV $$", "sh", *args])
-    for call in (lambda: list(video.read_frames(mp4, info=info)), lambda: video.count_frames(mp4, info=info)):
+    for call in (lambda: list(video.read_frames(mp4, info=info)), lambda: count_frames(mp4, info=info)):
         with pytest.raises(RuntimeError, match="ffmpeg crashed") as err:
             call()
         assert not isinstance(err.value, InputError)
