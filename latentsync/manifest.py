@@ -1,4 +1,4 @@
-"""The weights manifest (``weights.txt``): which file each LatentSync version needs, from where, of what size and sha256.
+"""The weights manifest (``weights.txt``): the files each LatentSync version needs, where from, their size and sha256.
 
 One line per file: ``version url dest size sha256`` (``-`` where unknown; version ``all`` for files every version
 shares). A destination ending in ``/`` is an archive (a ``.tar``/``.tar.gz``) unpacked there; a file that only an

@@ -1,4 +1,5 @@
-"""Loading checkpoints in the upstream formats, strictly: a missing, unexpected or mis-shaped key is an error."""
+"""Loading checkpoints in the upstream formats (SyncNet, U-Net, VAE, scheduler, Whisper), strictly: a missing,
+unexpected or mis-shaped key is an error."""
 from __future__ import annotations
 
 import json
@@ -16,7 +17,7 @@ from latentsync.errors import InputError
 log = logging.getLogger(__name__)
 
 # What torch.load / safetensors raise for a truncated, foreign or corrupt file (a zip without its directory, a text
-# file, an empty file, a pickle that is not a state dict). Anything else is our bug and keeps its traceback.
+# file, an empty file, a pickle holding code). Anything else is our bug and keeps its traceback.
 _UNREADABLE = (RuntimeError, pickle.UnpicklingError, EOFError, KeyError, ValueError, OSError)
 
 
@@ -117,7 +118,7 @@ def load_syncnet(
 UNET_CONFIGS = {"1.5": "unet/stage2.yaml", "1.6": "unet/stage2_512.yaml"}
 
 # LatentSync 1.0 checkpoints name the audio cross-attention of every spatial transformer block differently from
-# 1.5 and 1.6 (same tensors, same shapes): ``…transformer_blocks.N.audio_cross_attn.{norm,attn}.*`` is
+# 1.5 and 1.6: ``…transformer_blocks.N.audio_cross_attn.{norm,attn}.*`` is
 # ``…transformer_blocks.N.{norm2,attn2}.*``.
 UNET_V10_KEY_MAP = {
     ".audio_cross_attn.norm.": ".norm2.",

@@ -1,4 +1,4 @@
-"""ensure_weights (filling the default folder, verifying a named one) against a real HTTP server on 127.0.0.1 (Range support written here)."""
+"""ensure_weights (fills the default folder, verifies a named one) against a real HTTP server on 127.0.0.1."""
 from __future__ import annotations
 
 import hashlib

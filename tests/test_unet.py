@@ -98,7 +98,7 @@ def test_stage1_keys_match_the_no_motion_layout(reference_dir):
 
 
 def test_full_size_parameter_counts():
-    # counts from the spec (§3.1), verified there against upstream's own classes
+    # the counts of upstream's own UNet3DConditionModel built from the same config
     model = meta_model("unet/stage2_512.yaml")
     assert sum(p.numel() for p in model.parameters()) == 1_267_099_844
     buffers = dict(model.named_buffers())
