@@ -1,0 +1,89 @@
+"""Ctrl-C and SIGTERM for the CLI and the batch command: the run stops the way a cancel does, then the process
+exits with 128+N (130, 143).
+
+In the main thread a signal raises :class:`~latentsync.errors.Interrupted`, so every ``finally`` on the way out
+runs (ffmpeg killed, temporary files removed, Ray workers stopped). While :attr:`Stop.defer` is true (the lip-sync
+run itself) it only sets :attr:`Stop.cancel`: the run stops at its next check (between chunks, denoising steps,
+face-pass frames). An exception raised at an arbitrary line could land inside ``subprocess.Popen`` between fork and
+exec and orphan the child.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+
+from latentsync.errors import Interrupted
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Stop:
+    """The signal that stopped the run (None until one came), and the event that cancels a deferred run."""
+
+    def __init__(self) -> None:
+        self.cancel = threading.Event()
+        self.signum: int | None = None
+        self.defer = False
+
+    def handle(self, signum: int, frame) -> None:
+        if self.signum is not None:
+            return  # the first signal's clean-up is running; a second one must not cut it short
+        self.signum = signum
+        self.cancel.set()
+        if self.defer:
+            return
+        # The exception may land inside a half-built object whose __del__ then fails (tqdm does): that noise,
+        # printed as "Exception ignored in …", is not the user's business once the run is being stopped.
+        sys.unraisablehook = _ignore
+        raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def handling(self) -> Iterator[Stop]:
+        """Handle SIGINT and SIGTERM here until the block ends, then restore the previous handlers. Called again
+        after a library installed its own (``ray.init`` does, for SIGTERM)."""
+        if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+            yield self
+            return
+        previous = {s: signal.signal(s, self.handle) for s in SIGNALS}
+        hook = sys.unraisablehook
+        try:
+            yield self
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            sys.unraisablehook = hook
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[threading.Event]:
+        """During the block a signal only sets :attr:`cancel` (yielded, for the run to check)."""
+        self.defer = True
+        try:
+            yield self.cancel
+        finally:
+            self.defer = False
+
+
+def _ignore(unraisable) -> None:
+    pass
+
+
+def stop_on_signals() -> contextlib.AbstractContextManager[Stop]:
+    """A fresh :class:`Stop` handling SIGINT and SIGTERM for the block (in the main thread; elsewhere none)."""
+    return Stop().handling()
+
+
+def exit_with(status: int) -> None:
+    """Exit with ``status``. After a signal our own clean-up has already run (ffmpeg stopped, temporary files
+    removed, workers stopped); the interpreter's teardown is then skipped, because tearing down mediapipe's and
+    torch's native threads at exit can abort the process (SIGABRT) instead of exiting with 128+N."""
+    if status >= 128:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
