@@ -13,11 +13,10 @@ import os
 import sys
 from pathlib import Path
 
-from latentsync.errors import describe
 from latentsync.options import FACE_SELECT, FACE_SELECTS, GUIDANCE_SCALE, INFERENCE_STEPS, LOOP_MODE, LOOP_MODES, \
     RunOptions
 from latentsync.settings import Settings, add_model_arguments
-from latentsync.signals import Stop, exit_with, stop_on_signals
+from latentsync.signals import Stop, exit_with, run_door
 
 
 class _Parser(argparse.ArgumentParser):
@@ -57,21 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    with stop_on_signals() as stop:
-        try:
-            return _run(args, stop)
-        except BaseException as e:  # noqa: B036 — sorted by describe(); anything it cannot name is re-raised
-            failure = describe(e, stop.signum)
-            if failure is None:
-                raise
-        status, message = failure
-        if status >= 128:
-            message += "; the run stopped and left no output or temporary files"
-        # The run's progress bars close on the way out, but a signal may have cut a redraw short, mid-line: then
-        # the message starts on a line of its own.
-        lead = "\n" if stop.signum is not None and not args.quiet else ""
-        print(f"{lead}error: {message}", file=sys.stderr)
-        return status
+    # The run's progress bars close on the way out (before the error line).
+    return run_door(lambda stop: _run(args, stop), progress=not args.quiet,
+                    stopped="the run stopped and left no output or temporary files")
 
 
 def _run(args: argparse.Namespace, stop: Stop) -> int:

@@ -15,9 +15,9 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
-from latentsync.errors import Interrupted
+from latentsync.errors import Interrupted, describe
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -75,6 +75,26 @@ def _ignore(unraisable) -> None:
 def stop_on_signals() -> contextlib.AbstractContextManager[Stop]:
     """A fresh :class:`Stop` handling SIGINT and SIGTERM for the block (in the main thread; elsewhere none)."""
     return Stop().handling()
+
+
+def run_door(body: Callable[[Stop], int], *, stopped: str, progress: bool = False) -> int:
+    """Run a front door's ``body(stop)`` with SIGINT and SIGTERM handled, and return its exit status. A failure
+    meant for the user (:func:`~latentsync.errors.describe`) becomes one ``error: …`` line on stderr and its status;
+    a bug is re-raised. ``stopped`` ends the line after a signal (what was left behind); ``progress``: bars may be
+    on screen, and a signal may have cut a redraw short, mid-line, so the line then starts on a line of its own."""
+    with stop_on_signals() as stop:
+        try:
+            return body(stop)
+        except BaseException as e:  # noqa: B036 — sorted by describe(); anything it cannot name is re-raised
+            failure = describe(e, stop.signum)
+            if failure is None:
+                raise
+    status, message = failure
+    if status >= 128:
+        message = f"{message}; {stopped}"
+    lead = "\n" if stop.signum is not None and progress else ""
+    print(f"{lead}error: {message}", file=sys.stderr)
+    return status
 
 
 def exit_with(status: int) -> None:

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from latentsync.batch.jobs import Job, is_complete, read_jobs, result_line
-from latentsync.errors import InputError, Interrupted, describe
+from latentsync.errors import InputError, Interrupted
 from latentsync.settings import Settings, add_model_arguments
-from latentsync.signals import Stop, exit_with, stop_on_signals
+from latentsync.signals import Stop, exit_with, run_door
 
 log = logging.getLogger("latentsync.batch")
 
@@ -49,24 +49,18 @@ def main(argv: list[str] | None = None, *, on_dispatch: Callable[[Any, int], Non
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    with stop_on_signals() as stop:
-        try:
-            if args.workers is not None and args.workers < 1:
-                raise InputError(f"--workers must be at least 1, got {args.workers}")
-            if args.segments < 1:
-                raise InputError(f"--segments must be at least 1, got {args.segments}")
-            settings = Settings.from_args(args, os.environ)
-            jobs, bad = read_jobs(args.jobs, args.segments)
-            return _run(args, settings, jobs, bad, stop, on_dispatch)
-        except BaseException as e:  # noqa: B036 — sorted by describe(); anything it cannot name is re-raised
-            failure = describe(e, stop.signum)
-            if failure is None:
-                raise
-    status, message = failure
-    if status >= 128:
-        message += "; the workers were stopped, finished outputs are kept and a re-run skips them"
-    print(f"error: {message}", file=sys.stderr)
-    return status
+    return run_door(lambda stop: _checked_run(args, stop, on_dispatch),
+                    stopped="the workers were stopped, finished outputs are kept and a re-run skips them")
+
+
+def _checked_run(args: argparse.Namespace, stop: Stop, on_dispatch: Callable[[Any, int], None] | None) -> int:
+    if args.workers is not None and args.workers < 1:
+        raise InputError(f"--workers must be at least 1, got {args.workers}")
+    if args.segments < 1:
+        raise InputError(f"--segments must be at least 1, got {args.segments}")
+    settings = Settings.from_args(args, os.environ)
+    jobs, bad = read_jobs(args.jobs, args.segments)
+    return _run(args, settings, jobs, bad, stop, on_dispatch)
 
 
 def entry() -> None:
