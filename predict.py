@@ -81,11 +81,11 @@ class Predictor(BasePredictor):
         except BaseException as e:  # noqa: BLE001 — out-of-memory and cancellation need cleanup, then re-raise
             # The library kills its own ffmpeg processes when interrupted (readers and writers close in `finally`).
             shutil.rmtree(run, ignore_errors=True)
-            failure = describe(e)
-            if failure is None or failure[0] >= 128 or not isinstance(e, InputError) and not is_out_of_memory(e):
+            if not isinstance(e, InputError) and not is_out_of_memory(e):
                 raise  # bugs, cancellation and the machine's other troubles reach Cog as they are
-            # Cog's temporary file names mean nothing to the user: name the inputs instead.
-            message = _replace_paths(failure[1], names)
+            # The message every front door gives; Cog's temporary file names mean nothing to the user: name the
+            # inputs instead.
+            message = _replace_paths(describe(e)[1], names)
             if isinstance(e, InputError):
                 raise InputError(message) from None
             _free_gpu_memory()
