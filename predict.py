@@ -3,11 +3,9 @@
 All the work lives in ``latentsync`` (weights in ``latentsync.download``, the lip-sync in ``latentsync.pipeline``).
 The inputs are written as literals because ``cog build`` reads them by parsing this file, not by importing it;
 tests/test_cog_static_schema.py keeps them equal to ``latentsync.options``.
-Environment (read here only): ``LATENTSYNC_WEIGHTS_DIR`` (a pre-filled weights folder: verified, never downloaded
-into, may be read-only), ``LATENTSYNC_VERSION`` (1.5 or 1.6, default 1.6), ``LATENTSYNC_UNET_CONFIG`` /
-``LATENTSYNC_SYNCNET_CONFIG`` (other model configs, e.g. tiny test models), ``LATENTSYNC_MANIFEST`` (another weights
-manifest than ``weights.txt``), ``LATENTSYNC_COMPILE=1`` (torch.compile the U-Net), ``HF_ENDPOINT`` (a Hugging Face
-mirror), ``XDG_CACHE_HOME`` (where the default weights folder lives).
+The environment is read here only, by ``latentsync.settings`` (the CLI's variables: ``LATENTSYNC_WEIGHTS_DIR`` for
+a pre-filled, possibly read-only weights folder, ``LATENTSYNC_VERSION``, ``LATENTSYNC_COMPILE=1``, ``HF_ENDPOINT``,
+``XDG_CACHE_HOME``, ...).
 """
 from __future__ import annotations
 
@@ -26,10 +24,9 @@ from typing import Any, Optional
 
 from cog import BasePredictor, Input, Path
 
-from latentsync import media
-from latentsync.download import ensure_weights
-from latentsync.errors import InputError
-from latentsync.options import DEFAULT_VERSION, RunOptions, check_version
+from latentsync.errors import InputError, describe, is_out_of_memory
+from latentsync.options import RunOptions
+from latentsync.settings import Settings
 
 # Literal copies of latentsync.options.LOOP_MODES / FACE_SELECTS (Cog's static parser cannot follow an import).
 LOOP_MODES = ["bounce", "loop", "cut_off", "silence"]
@@ -45,29 +42,16 @@ class Predictor(BasePredictor):
         if not logging.getLogger().handlers:
             logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
         started = time.perf_counter()
-        env = os.environ
-        version = check_version(env.get("LATENTSYNC_VERSION") or DEFAULT_VERSION)
-        weights_dir = ensure_weights(env.get("LATENTSYNC_MANIFEST") or None, env.get("LATENTSYNC_WEIGHTS_DIR") or None,
-                                     version, endpoint=env.get("HF_ENDPOINT") or None,
-                                     cache_home=env.get("XDG_CACHE_HOME") or None)
+        settings = Settings.read(os.environ)
+        weights_dir = settings.weights()
         weights_s = time.perf_counter() - started
-
-        import torch
-
-        from latentsync.pipeline import LipSync
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        compiled = env.get("LATENTSYNC_COMPILE") == "1"
-        self.pipe = LipSync.from_pretrained(weights_dir, version=version, device=device,
-                                            unet_config=env.get("LATENTSYNC_UNET_CONFIG") or None,
-                                            syncnet_config=env.get("LATENTSYNC_SYNCNET_CONFIG") or None,
-                                            compile=compiled, caps=media.caps_from_env(env))
+        self.pipe = settings.load(weights_dir)
         # One folder per worker; each prediction gets its own sub-folder and removes the previous one.
         self.work_root = FsPath(tempfile.mkdtemp(prefix="latentsync-cog-"))
         self.last_run: FsPath | None = None
         log.info("setup done in %.1f s: LatentSync %s from %s (weights %.1f s) on %s, %s%s",
-                 time.perf_counter() - started, version, weights_dir, weights_s, self.pipe.device,
-                 str(self.pipe.dtype).removeprefix("torch."), ", compiled" if compiled else "")
+                 time.perf_counter() - started, settings.version, weights_dir, weights_s, self.pipe.device,
+                 str(self.pipe.dtype).removeprefix("torch."), ", compiled" if settings.compile else "")
 
     def predict(
         self,
@@ -94,18 +78,18 @@ class Predictor(BasePredictor):
                                  loop_mode=loop_mode, deepcache=enable_deepcache, keep_fps=keep_fps,
                                  face_select=face_select)
             result = self.pipe.lipsync(video, audio, output, options=options, cancel=_Heartbeat(log, PROGRESS_EVERY_S))
-        except InputError as e:
-            shutil.rmtree(run, ignore_errors=True)
-            # Cog's temporary file names mean nothing to the user: name the inputs instead.
-            raise InputError(_one_line(e, names)) from None
         except BaseException as e:  # noqa: BLE001 — out-of-memory and cancellation need cleanup, then re-raise
             # The library kills its own ffmpeg processes when interrupted (readers and writers close in `finally`).
             shutil.rmtree(run, ignore_errors=True)
-            if _is_out_of_memory(e):
-                _free_gpu_memory()
-                raise RuntimeError("out of GPU memory on this video; try a shorter or lower-resolution video, or "
-                                   "fewer inference steps") from None
-            raise
+            if not isinstance(e, InputError) and not is_out_of_memory(e):
+                raise  # bugs, cancellation and the machine's other troubles reach Cog as they are
+            # The message every front door gives; Cog's temporary file names mean nothing to the user: name the
+            # inputs instead.
+            message = _replace_paths(describe(e)[1], names)
+            if isinstance(e, InputError):
+                raise InputError(message) from None
+            _free_gpu_memory()
+            raise RuntimeError(message) from None
         finally:
             for handler in handlers:
                 handler.removeFilter(scrubber)
@@ -176,24 +160,12 @@ def _local(path: Any) -> FsPath:
     return FsPath(convert() if callable(convert) else path)
 
 
-def _one_line(error: BaseException, names: dict[FsPath, str] | None = None) -> str:
-    """The error message on one line, with input file paths replaced by the inputs' names."""
-    return " ".join(_replace_paths(str(error), names or {}).split()) or type(error).__name__
-
-
 def _replace_paths(text: str, names: dict[FsPath, str]) -> str:
     """``text`` with each path of ``names`` (absolute, as given, or its bare file name) replaced by its label."""
     for path, label in names.items():
         for form in (str(path.resolve()), str(path), path.name):
             text = re.sub(rf"(?<![\w./-]){re.escape(form)}(?![\w.-])", label, text)
     return text
-
-
-def _is_out_of_memory(error: BaseException) -> bool:
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(error, torch.cuda.OutOfMemoryError):
-        return True
-    return isinstance(error, RuntimeError) and "out of memory" in str(error).lower()
 
 
 def _free_gpu_memory() -> None:

@@ -17,7 +17,7 @@ from pathlib import Path, PurePosixPath
 
 from latentsync.config import data_path
 from latentsync.errors import InputError
-from latentsync.options import DEFAULT_VERSION, VERSIONS, check_version
+from latentsync.options import DEFAULT_VERSION, check_version
 
 HF_HOST = "https://huggingface.co/"
 
@@ -60,8 +60,7 @@ def read_manifest(path: str | Path | None = None) -> list[WeightFile]:
         if len(fields) != 5:
             raise InputError(f"{where}: expected `version url dest size sha256`, got {len(fields)} fields")
         version, url, dest, size, sha = fields
-        if version not in (*VERSIONS, "all"):
-            raise InputError(f"{where}: version {version!r} is not one of {', '.join(VERSIONS)} or all")
+        check_version(version, f"{where}: version", also=("all",))
         if url != "-" and not re.match(r"https?://", url):
             raise InputError(f"{where}: {url!r} is not an http(s) URL")
         archive = dest.endswith("/")

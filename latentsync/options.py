@@ -83,19 +83,23 @@ class RunOptions:
         return dataclasses.replace(self, seed=random.randint(*SEED_RANGE))
 
 
-def check_version(version: str) -> str:
-    """A known LatentSync version string, else an ``InputError`` listing them."""
+def check_version(version: str, name: str = "version", also: tuple[str, ...] = ()) -> str:
+    """A known LatentSync version string (or one of ``also``), else an ``InputError`` naming ``name`` (a flag, a
+    variable, a manifest line) and listing the versions. The one version check of every front door."""
     version = str(version).strip()
-    _choice("version", version, VERSIONS)
+    _choice(name, version, VERSIONS + tuple(also))
     return version
 
 
 def check_file(name: str, path: str | Path) -> Path:
-    """An existing file given by the user (a config, an input), else an ``InputError`` naming it."""
+    """An existing, non-empty file given by the user (a config, an input, a jobs file), else an ``InputError``
+    naming it. The one "file exists" check."""
     path = Path(path)
     if not path.is_file():
         what = "is a folder, not a file" if path.is_dir() else "does not exist"
         raise InputError(f"{name} {path} {what}")
+    if path.stat().st_size == 0:
+        raise InputError(f"{name} {path} is empty (0 bytes)")
     return path
 
 

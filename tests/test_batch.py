@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from latentsync import InputError
-from latentsync.batch import WORK_SUFFIX, is_complete, main, read_jobs
+from latentsync.batch.command import main
+from latentsync.batch.jobs import WORK_SUFFIX, is_complete, read_jobs
 from media_utils import decode_video, face_clip, probe_streams, speech
 from tiny_weights import tiny_weights_with_manifest
 

@@ -159,6 +159,7 @@ def test_an_output_disk_without_room_is_exit_1(env, media, small_disk, capsys):
     (("--inference-steps", "0"), "inference_steps must be between 1 and 100"),
     (("--unet-config", "/nonexistent/unet.yaml"), "--unet-config /nonexistent/unet.yaml does not exist"),
     (("--seed", "abc"), "invalid int value: 'abc'"),
+    (("--version", "1.7"), "--version must be one of 1.5, 1.6, not '1.7'"),
 ])
 def test_bad_options_are_one_line_before_any_weights(env, media, tmp_path, capsys, args, words):
     status, err = run_cli(capsys, media["video"], media["audio"], "-o", tmp_path / "o.mp4", *args,
@@ -170,6 +171,12 @@ def test_unet_config_from_the_environment_is_named_as_such(env, media, tmp_path,
     monkeypatch.setenv("LATENTSYNC_UNET_CONFIG", "/nonexistent/unet.yaml")
     status, err = run_cli(capsys, media["video"], media["audio"], "-o", tmp_path / "o.mp4", *NO_WEIGHTS)
     assert status == 2 and "LATENTSYNC_UNET_CONFIG /nonexistent/unet.yaml does not exist" in one_line(err)
+
+
+def test_a_bad_version_from_the_environment_is_named_as_such(env, media, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("LATENTSYNC_VERSION", "1.7")
+    status, err = run_cli(capsys, media["video"], media["audio"], "-o", tmp_path / "o.mp4", *NO_WEIGHTS)
+    assert status == 2 and "LATENTSYNC_VERSION must be one of 1.5, 1.6, not '1.7'" in one_line(err)
 
 
 def test_cuda_on_a_machine_without_one(env, media, tmp_path, capsys):

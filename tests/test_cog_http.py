@@ -103,8 +103,9 @@ class CogServer:
         env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONPATH": str(REPO),
                "COG_PREDICT_TYPE_STUB": "predict.py:Predictor", "PORT": str(self.port), "TMPDIR": str(self.tmp),
                "LATENTSYNC_WEIGHTS_DIR": str(weights), "LATENTSYNC_UNET_CONFIG": str(unet_config),
-               "LATENTSYNC_SYNCNET_CONFIG": str(weights / "syncnet.yaml"), "LATENTSYNC_MANIFEST": str(manifest),
-               "LATENTSYNC_VERSION": "1.6", "OMP_NUM_THREADS": "2"}
+               "LATENTSYNC_MANIFEST": str(manifest), "LATENTSYNC_VERSION": "1.6", "OMP_NUM_THREADS": "2"}
+        if (weights / "syncnet.yaml").is_file():  # a config named in the environment must exist (the CLI's rule)
+            env["LATENTSYNC_SYNCNET_CONFIG"] = str(weights / "syncnet.yaml")
         self._log_file = open(self.log, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
                                      cwd=self.project, env=env, stdout=self._log_file, stderr=subprocess.STDOUT)

@@ -1,0 +1,5 @@
+"""Many jobs, and long videos cut into segments, on a Ray cluster: ``python -m latentsync.batch JOBS.jsonl``.
+
+``jobs`` reads the jobs file and writes result lines (no Ray), ``worker`` is the Ray actor that loads the models
+once, ``driver`` hands the workers their tasks, ``command`` is the command line (:func:`command.main`).
+"""

@@ -1,0 +1,3 @@
+from latentsync.batch.command import entry
+
+entry()

@@ -1,0 +1,278 @@
+"""The driver: joins (or starts) a Ray cluster, starts the workers and hands them tasks until every job has ended.
+
+A job is a single task (``run``), or with segments: ``plan`` (face pass once) → N ``render`` tasks on N workers at
+once → ``finish`` (join, mux the user's audio once).
+
+Ray's own fault tolerance covers a killed worker: each worker is an actor with ``max_restarts`` (Ray restarts it,
+reloading the models) and ``max_task_retries`` (Ray reruns the task it was running on the restarted actor, up to
+:data:`MAX_ATTEMPTS` tries in all, then the task fails with ``RayActorError``). A retry runs on the same actor once
+the killed process is gone, so nothing runs twice into the same work folder at once.
+
+The hand-out itself stays here, because Ray has no primitive for it: actor tasks queue per actor when submitted
+(``ActorPool`` too, and it does not survive a dead actor), while a task must go to whichever worker is idle first,
+a job's next steps before other jobs' (so its segments run at once), and how many renders a plan makes is known only
+once it has run.
+"""
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError
+
+from latentsync.batch.jobs import Job, result_line
+from latentsync.batch.worker import Worker
+from latentsync.errors import InputError, ResourceError, one_line
+from latentsync.settings import Settings
+from latentsync.signals import Stop
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 3  # tries of one task whose worker died (killed, out of memory) before its job fails
+MAX_RESTARTS = 4  # restarts of one worker (each reloads the models) before it is given up
+CONNECT_TIMEOUT_S = 10.0
+
+
+@dataclass
+class Task:
+    """One call to hand to a worker: a whole job ("run"), or one step of a segmented job."""
+
+    kind: str
+    job: Job
+    args: tuple = ()
+
+
+@dataclass
+class _Segmented:
+    """Driver-side state of one segmented job between its plan and its finish."""
+
+    plan: Any = None  # an ObjectRef: the plan stays in the object store, the renders read it from there
+    ranges: list[range] = field(default_factory=list)
+    parts: dict[int, Any] = field(default_factory=dict)  # part index → RenderPart
+
+
+def split_chunks(num_chunks: int, segments: int) -> list[range]:
+    """``segments`` contiguous chunk ranges of near-equal length (fewer when there are fewer chunks)."""
+    n = max(1, min(segments, num_chunks))
+    bounds = [round(i * num_chunks / n) for i in range(n + 1)]
+    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+class Batch:
+    """A pool of workers on the connected Ray cluster and the loop that hands them tasks."""
+
+    def __init__(self, settings: Settings, workers: int, *, resources: dict[str, float] | None = None,
+                 temp_name: str | None = None):
+        actor = ray.remote(Worker).options(max_restarts=MAX_RESTARTS, max_task_retries=MAX_ATTEMPTS - 1,
+                                           **(resources or {}))
+        self.handles = [actor.remote(settings, rank, temp_name) for rank in range(workers)]
+        self.pids: dict[int, int] = {}
+        self._closed = False
+        try:
+            states = ray.get([h.ready.remote() for h in self.handles])
+        except RayActorError as e:
+            self.close(graceful=False)
+            raise ResourceError(f"a worker could not start: {one_line(e)}") from None
+        for rank, state in enumerate(states):
+            if state["error"]:
+                kind, message = state["error"]
+                self.close()
+                raise (InputError if kind == "input" else ResourceError)(message)
+            self.pids[rank] = state["pid"]
+
+    def close(self, *, graceful: bool = True) -> None:
+        """Stop every worker; ``graceful``: idle ones first remove their temporary folders (a killed one cannot,
+        and the driver removes the local ones)."""
+        if self._closed:
+            return
+        self._closed = True
+        if graceful:
+            try:
+                ray.get([h.close.remote() for h in self.handles], timeout=60)
+            except Exception:  # a dead or stuck worker has nothing left to say; it is killed below
+                pass
+        for h in self.handles:
+            ray.kill(h, no_restart=True)
+
+    def run(self, jobs: list[Job], report: Callable[[dict[str, Any]], None],
+            on_dispatch: Callable[[Task, int], None] | None = None) -> None:
+        """Run every job, calling ``report`` with its result line as it ends. ``on_dispatch(task, worker_pid)``
+        is called after each hand-out (tests kill workers there)."""
+        for job in jobs:
+            job.remove_work_dir()  # left by an earlier run that was killed
+        run = _Run(self, jobs, report, on_dispatch)
+        try:
+            run.loop()
+        finally:
+            if run.inflight:  # interrupted (Ctrl-C) or failed: stop the workers before removing what they write
+                self.close(graceful=False)
+                for task, _ in run.inflight.values():
+                    task.job.remove_work_dir()
+
+
+class _Run:
+    """One pass of a batch: the queue of tasks, the idle workers, what is out, and each segmented job's state."""
+
+    def __init__(self, batch: Batch, jobs: list[Job], report: Callable[[dict[str, Any]], None],
+                 on_dispatch: Callable[[Task, int], None] | None):
+        self.batch, self.report, self.on_dispatch = batch, report, on_dispatch
+        self.pending: deque[Task] = deque(Task("plan" if j.segments > 1 else "run", j) for j in jobs)
+        self.idle = list(range(len(batch.handles)))
+        self.inflight: dict[Any, tuple[Task, int]] = {}  # ref → (task, rank)
+        self.segmented: dict[int, _Segmented] = {}
+        self.ended: set[int] = set()  # jobs reported; a sibling segment still out is ignored when it returns
+        self.started: dict[int, float] = {}
+
+    def loop(self) -> None:
+        """Hand tasks to idle workers and take their answers until every job has ended."""
+        while self.pending or self.inflight:
+            self._dispatch()
+            if not self.inflight:  # tasks are left, but no worker is
+                for task in self.pending:
+                    if task.job.line not in self.ended:
+                        self._end(task.job, "every worker died; no worker is left to run it")
+                self.pending.clear()
+                break
+            [ref], _ = ray.wait(list(self.inflight), num_returns=1)
+            task, rank = self.inflight.pop(ref)
+            try:
+                value = ray.get(ref)
+            except RayActorError:  # Ray's retries are used up, or the worker's restarts
+                self._died(task, rank)
+                continue
+            self.idle.append(rank)
+            self.batch.pids[rank] = value["pid"]  # a restarted worker has a new one
+            if task.job.line in self.ended:  # a sibling segment already failed this job
+                self._tidy(task.job)
+            else:
+                # A job's next steps go first, so its segments run at once on the idle workers.
+                self.pending.extendleft(reversed(self._next(task, value)))
+
+    def _dispatch(self) -> None:
+        while self.pending and self.idle:
+            task = self.pending.popleft()
+            if task.job.line in self.ended:
+                continue
+            rank = self.idle.pop(0)
+            self.started.setdefault(task.job.line, time.perf_counter())
+            self.inflight[self._submit(task, rank)] = (task, rank)
+            if self.on_dispatch is not None:
+                self.on_dispatch(task, self.batch.pids[rank])
+
+    def _submit(self, task: Task, rank: int):
+        """Hand ``task`` to worker ``rank``; returns the reference to wait on."""
+        handle, job = self.batch.handles[rank], task.job
+        if task.kind == "run":
+            return handle.run.remote(job)
+        if task.kind == "plan":
+            info, plan = handle.plan.options(num_returns=2).remote(job)
+            self.segmented.setdefault(job.line, _Segmented()).plan = plan
+            return info
+        state = self.segmented[job.line]
+        if task.kind == "render":
+            index, chunks = task.args
+            return handle.render.remote(job, state.plan, index, chunks)
+        if task.kind == "finish":
+            return handle.finish.remote(job, state.plan, [state.parts[i] for i in sorted(state.parts)])
+        raise AssertionError(f"unknown task kind {task.kind!r}")
+
+    def _next(self, task: Task, value: dict[str, Any]) -> list[Task]:
+        """Take a task's answer; returns the tasks it makes ready (the renders after a plan, the finish after the
+        last render)."""
+        job = task.job
+        if value.get("error"):
+            self._end(job, value["error"])
+            return []
+        if task.kind == "plan":
+            state = self.segmented[job.line]
+            state.ranges = split_chunks(value["num_chunks"], job.segments)
+            return [Task("render", job, (i, r)) for i, r in enumerate(state.ranges)]
+        if task.kind == "render":
+            state = self.segmented[job.line]
+            state.parts[task.args[0]] = value["part"]
+            return [Task("finish", job)] if len(state.parts) == len(state.ranges) else []
+        fields = {k: v for k, v in value.items() if k not in ("error", "pid")}
+        self._end(job, None, **{**fields, "seconds": round(time.perf_counter() - self.started[job.line], 3)})
+        return []
+
+    def _died(self, task: Task, rank: int) -> None:
+        """Worker ``rank`` died running ``task`` more often than Ray retries it, or for good: the job fails. The
+        worker stays in the pool only while Ray can still restart it."""
+        log.warning("worker %d died during %s of line %d", rank, task.kind, task.job.line)
+        if task.job.line not in self.ended:
+            self._end(task.job, f"the worker running it died {MAX_ATTEMPTS} times (killed, or out of memory?)")
+        else:
+            self._tidy(task.job)
+        try:
+            self.batch.pids[rank] = ray.get(self.batch.handles[rank].ready.remote())["pid"]
+            self.idle.append(rank)
+        except RayActorError:
+            log.warning("worker %d could not be restarted; %d left", rank, len(self.idle) + len(self.inflight))
+
+    def _end(self, job: Job, error: str | None, **fields: Any) -> None:
+        self.ended.add(job.line)
+        self.segmented.pop(job.line, None)
+        self._tidy(job)
+        self.report(result_line(job.line, job.video, job.output, "failed" if error else "succeeded", error,
+                                **fields))
+
+    def _tidy(self, job: Job) -> None:
+        # The work folder goes once no task of the job can still write into it.
+        if not any(t.job.line == job.line for t, _ in self.inflight.values()):
+            job.remove_work_dir()
+
+
+@contextmanager
+def connect(address: str | None, stop: Stop | None = None, *, verbose: bool = False) -> Iterator[bool]:
+    """Join the cluster at ``address``, reuse the Ray this process already joined, or start a local one that stops
+    with the command (also on Ctrl-C); yields whether the cluster is ours. ``stop`` handles the signals again
+    once ``ray.init`` has installed its own SIGTERM handler (exit at once), so SIGTERM unwinds like Ctrl-C."""
+    if ray.is_initialized():
+        yield False
+        return
+    if address is not None:
+        _check_reachable(address)
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=verbose,
+                 logging_level=logging.INFO if verbose else logging.WARNING)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise ResourceError(f"could not {'join the Ray cluster at ' + address if address else 'start Ray'}: "
+                            f"{one_line(e)}") from None
+    try:
+        with stop.handling() if stop is not None else nullcontext():
+            yield address is None
+    finally:
+        ray.shutdown()  # stops the local cluster's processes when we started it; only disconnects otherwise
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in seconds on a ``host:port`` nobody answers at (Ray itself keeps retrying for minutes)."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto", or a form Ray resolves itself
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as e:
+        raise ResourceError(f"no Ray cluster answers at {address} ({e.strerror or e}); is `ray start --head` "
+                            "running there?") from None
+
+
+def plan_workers(workers: int | None, device: str | None) -> tuple[int, dict[str, float]]:
+    """How many workers, and the Ray resources of each: a GPU each where the cluster has GPUs and the device
+    allows, else an equal share of the CPUs (Ray sets each worker's thread count from it)."""
+    total = ray.cluster_resources()
+    gpus, cpus = int(total.get("GPU", 0)), int(total.get("CPU", 1))
+    use_gpu = gpus > 0 and not (device or "").startswith("cpu")
+    if device and device.startswith("cuda") and gpus == 0:
+        raise ResourceError("--device cuda was asked for, but the Ray cluster has no GPU")
+    n = workers or (gpus if use_gpu else 1)
+    if use_gpu:  # more workers than GPUs share them (Ray's fractional GPUs): allowed, but not faster
+        return n, {"num_gpus": 1 if n <= gpus else round(gpus / n, 4), "num_cpus": 1}
+    return n, {"num_cpus": cpus // n if n <= cpus else round(cpus / n, 4)}

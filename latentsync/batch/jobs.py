@@ -1,0 +1,140 @@
+"""The jobs file and the results file: :class:`Job`, :func:`read_jobs`, :func:`result_line`, :func:`is_complete`.
+
+Each line of JOBS is ``{"video": …, "audio": …, "output": …}`` plus any run option (``RunOptions`` names) and
+``"segments"``. Outputs appear only by rename from a per-job work folder beside them, and a re-run skips an output
+only when it is a finished mp4 (its boxes span the whole file and it probes with video and audio), so a file left
+by a killed worker never counts as done. No Ray here.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from latentsync.errors import InputError
+from latentsync.options import RunOptions, check_file
+
+JOB_FIELDS = ("video", "audio", "output")
+WORK_SUFFIX = ".latentsync-work"  # the per-job folder beside an output: temporary outputs and segment parts
+
+
+@dataclass(frozen=True)
+class Job:
+    """One line of the jobs file, checked: absolute paths, validated options and the number of segments."""
+
+    line: int
+    video: Path
+    audio: Path
+    output: Path
+    options: RunOptions
+    segments: int = 1
+
+    @property
+    def work_dir(self) -> Path:
+        """Beside the output (same file system, so the final rename is atomic); removed when the job ends."""
+        return self.output.with_name(f".{self.output.name}{WORK_SUFFIX}")
+
+    def remove_work_dir(self) -> None:
+        """Remove the job's work folder (ours by name): temporary outputs and parts of a failed or killed attempt."""
+        if self.work_dir.is_dir():
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+
+
+def read_jobs(path: Path, segments: int = 1) -> tuple[list[Job], list[dict[str, Any]]]:
+    """Parse a jobs file: the good jobs, and a failed result line for each bad one (the others still run)."""
+    check_file("jobs file", path)
+    jobs: list[Job] = []
+    failed: list[dict[str, Any]] = []
+    outputs: dict[Path, int] = {}
+    for number, raw in enumerate(path.read_text().splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            entry = json.loads(raw)
+        except json.JSONDecodeError as e:
+            failed.append(result_line(number, None, None, "failed", f"line {number} is not JSON ({e.msg})"))
+            continue
+        if not isinstance(entry, dict):
+            failed.append(result_line(number, None, None, "failed", f"line {number} is not a JSON object"))
+            continue
+        try:
+            job = _job(number, entry, segments)
+            if job.output in outputs:
+                raise InputError(f"output {job.output} is also the output of line {outputs[job.output]}")
+            outputs[job.output] = number
+            jobs.append(job)
+        except InputError as e:
+            failed.append(result_line(number, entry.get("video"), entry.get("output"), "failed", str(e)))
+    if not jobs and not failed:
+        raise InputError(f"jobs file {path} has no jobs")
+    return jobs, failed
+
+
+def _job(number: int, entry: dict[str, Any], segments: int) -> Job:
+    missing = [name for name in JOB_FIELDS if not isinstance(entry.get(name), str) or not entry[name]]
+    if missing:
+        raise InputError(f"line {number} needs {', '.join(repr(m) for m in missing)} (a path)")
+    options = {k: v for k, v in entry.items() if k not in JOB_FIELDS and k != "segments"}
+    video, audio, output = (Path(entry[name]).expanduser().resolve() for name in JOB_FIELDS)
+    if output in (video, audio):
+        raise InputError(f"output {output} is an input of the same job; choose another output path")
+    count = entry.get("segments", segments)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise InputError(f"segments must be a whole number of at least 1, got {count!r}")
+    # Same validation and messages as the CLI and the Python API.
+    return Job(number, video, audio, output, RunOptions.make(options).with_seed(), count)
+
+
+def result_line(line: int, video: Any, output: Any, status: str, error: str | None = None, **fields: Any) -> dict:
+    """One RESULTS line: where, what happened, and (on success) seed, frames, wall seconds and sync score."""
+    return {"line": line, "video": None if video is None else str(video),
+            "output": None if output is None else str(output), "status": status, "error": error,
+            "seed": fields.get("seed"), "frames": fields.get("frames"), "seconds": fields.get("seconds"),
+            "sync": fields.get("sync")}
+
+
+def is_complete(path: Path) -> bool:
+    """A finished output: a probe finds video and audio in it and, for MP4/MOV, its top-level boxes tile the whole
+    file (a cut-off write does not). Outputs only ever appear by rename, so this is the second line of defence."""
+    from latentsync import video as video_mod
+
+    if not path.is_file():
+        return False
+    with path.open("rb") as f:
+        iso = f.read(8)[4:] == b"ftyp"
+    if iso and not _boxes_complete(path):
+        return False
+    try:
+        # No input caps here: an output may rightly outlast them (a short video looped over long audio).
+        info = video_mod.probe(path, max_side=2**31, max_duration=math.inf)
+    except InputError:
+        return False
+    return info.has_audio and info.frame_count > 0
+
+
+def _boxes_complete(path: Path) -> bool:
+    """The ISO-BMFF box walk: ftyp, moov and mdat present, and the last box ends exactly at the end of the file."""
+    size = path.stat().st_size
+    seen = set()
+    with path.open("rb") as f:
+        pos = 0
+        while pos < size:
+            f.seek(pos)
+            head = f.read(16)
+            if len(head) < 8:
+                return False
+            length, kind = int.from_bytes(head[:4], "big"), head[4:8]
+            if length == 1:  # 64-bit size follows the type
+                if len(head) < 16:
+                    return False
+                length = int.from_bytes(head[8:16], "big")
+            elif length == 0:  # "to the end of the file": what a writer leaves before it finalises
+                return False
+            if length < 8:
+                return False
+            seen.add(kind)
+            pos += length
+    return pos == size and {b"ftyp", b"moov", b"mdat"} <= seen

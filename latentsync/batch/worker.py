@@ -1,0 +1,112 @@
+"""The batch worker, a Ray actor: loads the models once, then runs whole jobs or the plan / render / finish steps
+of segmented ones, one task at a time.
+
+Every answer is a dict carrying the worker's process id (it changes when Ray restarts the actor) and ``error``: a
+task never raises for a bad job, so one bad job fails alone and its message is the one the CLI would print.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from latentsync.batch.jobs import Job
+from latentsync.errors import InputError, describe, one_line
+from latentsync.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Worker:
+    """One worker: ``settings`` say how to load the models; ``temp_name`` names the folder in each node's temporary
+    directory that holds one folder per worker (None: the pipeline's default temporary folders)."""
+
+    def __init__(self, settings: Settings, rank: int, temp_name: str | None = None):
+        self.error: tuple[str, str] | None = None
+        self.tmp: Path | None = None
+        if temp_name is not None:
+            # A restarted worker gets the same folder: what its killed predecessor left there goes now.
+            self.tmp = Path(tempfile.gettempdir()) / temp_name / f"worker-{rank}"
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp.mkdir(parents=True)
+            tempfile.tempdir = str(self.tmp)  # the pipeline's own TemporaryDirectory()s go there
+        try:
+            self.pipe = settings.load()
+        except Exception as e:  # reported by ready(), so the driver can exit with the CLI's status
+            self.error = ("input" if isinstance(e, InputError) else "resource", message(e))
+
+    def ready(self) -> dict[str, Any]:
+        """This worker's process id, or why it could not load the models."""
+        return {"pid": os.getpid(), "error": self.error}
+
+    def run(self, job: Job) -> dict[str, Any]:
+        """Lip-sync one whole job; the output appears by rename only once it is finished."""
+        started = time.perf_counter()
+        try:
+            job.work_dir.mkdir(parents=True, exist_ok=True)
+            temp_out = job.work_dir / job.output.name
+            result = self.pipe.lipsync(job.video, job.audio, temp_out, job.options)
+            os.replace(temp_out, job.output)
+        except Exception as e:
+            return _failure(e)
+        return _success(result, started)
+
+    def plan(self, job: Job) -> tuple[dict[str, Any], Any]:
+        """Plan a segmented job (the face pass runs here, once for the whole video); the plan stays in Ray's
+        object store for the renders."""
+        try:
+            plan = self.pipe.plan(job.video, job.audio, job.options)
+        except Exception as e:
+            return _failure(e), None
+        return {"pid": os.getpid(), "error": None, "num_chunks": plan.num_chunks}, plan
+
+    def render(self, job: Job, plan: Any, index: int, chunks: range) -> dict[str, Any]:
+        """Render output chunks ``chunks`` of the plan into part ``index`` of the job's work folder."""
+        try:
+            job.work_dir.mkdir(parents=True, exist_ok=True)
+            part = self.pipe.render(plan, job.work_dir / f"part-{index:03d}.mp4", chunks)
+        except Exception as e:
+            return _failure(e)
+        return {"pid": os.getpid(), "error": None, "part": part}
+
+    def finish(self, job: Job, plan: Any, parts: list[Any]) -> dict[str, Any]:
+        """Join the parts, mux the user's audio once, score the sync; the output appears by rename."""
+        started = time.perf_counter()
+        try:
+            temp_out = job.work_dir / job.output.name
+            result = self.pipe.finish(plan, [part.path for part in parts], temp_out, parts)
+            os.replace(temp_out, job.output)
+        except Exception as e:
+            return _failure(e)
+        return _success(result, started)
+
+    def close(self) -> None:
+        """Remove this worker's temporary folder."""
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def message(error: BaseException) -> str:
+    """What a job's ``error`` says: the CLI's one line (out of memory, a full disk, a bad input, ...), or for our
+    own bugs the type too, so that they are not mistaken for a problem with the input."""
+    described = describe(error)
+    return described[1] if described is not None else f"internal error ({type(error).__name__}): {one_line(error)}"
+
+
+def _failure(error: Exception) -> dict[str, Any]:
+    """A failed task's answer; our own bugs also leave their traceback in the worker's log."""
+    if describe(error) is None:
+        log.error("internal error in a worker", exc_info=error)
+    return {"pid": os.getpid(), "error": message(error)}
+
+
+def _success(result: Any, started: float) -> dict[str, Any]:
+    sync = None if result.sync is None else {
+        "offset0_cosine": round(float(result.sync.offset0_cosine), 4), "best_offset": int(result.sync.best_offset),
+        "confidence": round(float(result.sync.confidence), 4), "windows": int(result.sync.windows)}
+    return {"pid": os.getpid(), "error": None, "seed": result.seed, "frames": result.frames,
+            "seconds": round(time.perf_counter() - started, 3), "sync": sync}

@@ -1,0 +1,125 @@
+"""What a front door needs to load the models, from the environment and its flags: one frozen :class:`Settings`.
+
+The CLI, the batch command and ``predict.py`` all read their settings here, so a variable means the same thing
+whatever the door; the environment itself is read only by them (they pass ``os.environ`` in). A flag wins over its
+variable:
+
+``LATENTSYNC_WEIGHTS_DIR`` (``--weights-dir``): a filled weights folder, verified and never downloaded into;
+unset: ``$XDG_CACHE_HOME/latentsync/VERSION``, filled from the network (``HF_ENDPOINT``: a Hugging Face mirror).
+``LATENTSYNC_VERSION`` (``--version``), ``LATENTSYNC_MANIFEST`` (another manifest than ``weights.txt``),
+``LATENTSYNC_UNET_CONFIG`` / ``LATENTSYNC_SYNCNET_CONFIG`` (``--unet-config`` / ``--syncnet-config``),
+``LATENTSYNC_COMPILE=1`` (``--compile``), ``LATENTSYNC_MAX_SIDE`` / ``LATENTSYNC_MAX_DURATION`` (input caps).
+"""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from latentsync.errors import InputError, ResourceError, one_line
+from latentsync.options import DEFAULT_VERSION, DTYPES, VERSIONS, check_file, check_version
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where the weights come from and how the models load; every path checked and absolute."""
+
+    weights_dir: Path | None  # None: the default folder, filled from the network
+    version: str = DEFAULT_VERSION
+    manifest: Path | tuple | None = None  # None: the shipped weights.txt; a tuple: its parsed lines
+    endpoint: str | None = None  # HF_ENDPOINT
+    cache_home: str | None = None  # XDG_CACHE_HOME
+    unet_config: Path | None = None
+    syncnet_config: Path | None = None
+    device: str | None = None  # None: CUDA when present
+    dtype: str | None = None  # None: by device
+    compile: bool = False
+    caps: Any = None  # media.MediaCaps
+
+    @classmethod
+    def read(cls, environ: Mapping[str, str], *, weights_dir: str | Path | None = None, version: str | None = None,
+             unet_config: str | Path | None = None, syncnet_config: str | Path | None = None,
+             device: str | None = None, dtype: str | None = None, compile: bool = False) -> Settings:
+        """Settings from the flags given (None: not given) and ``environ``; a bad value is an ``InputError``
+        naming the flag or the variable it came from."""
+        from latentsync import media
+
+        named = _pick(weights_dir, "--weights-dir", environ, "LATENTSYNC_WEIGHTS_DIR")
+        chosen = _pick(version, "--version", environ, "LATENTSYNC_VERSION")
+        compiled = environ.get("LATENTSYNC_COMPILE", "").strip()
+        if compiled not in ("", "0", "1"):
+            raise InputError(f"LATENTSYNC_COMPILE must be 1 or 0, got {compiled!r}")
+        manifest = environ.get("LATENTSYNC_MANIFEST") or None
+        return cls(weights_dir=Path(named[0]).expanduser().resolve() if named else None,
+                   version=check_version(*chosen) if chosen else DEFAULT_VERSION,
+                   manifest=Path(manifest) if manifest else None,
+                   endpoint=environ.get("HF_ENDPOINT") or None, cache_home=environ.get("XDG_CACHE_HOME") or None,
+                   unet_config=_config(unet_config, "--unet-config", environ, "LATENTSYNC_UNET_CONFIG"),
+                   syncnet_config=_config(syncnet_config, "--syncnet-config", environ, "LATENTSYNC_SYNCNET_CONFIG"),
+                   device=device, dtype=dtype, compile=bool(compile) or compiled == "1",
+                   caps=media.caps_from_env(environ))
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str]) -> Settings:
+        """Settings from the flags :func:`add_model_arguments` added, and ``environ``."""
+        return cls.read(environ, weights_dir=args.weights_dir, version=args.version, unet_config=args.unet_config,
+                        syncnet_config=args.syncnet_config, device=args.device, dtype=args.dtype,
+                        compile=args.compile)
+
+    def weights(self) -> Path:
+        """Verify (a named folder) or fill (the default one) the weights folder; returns it."""
+        from latentsync.download import ensure_weights
+
+        manifest = list(self.manifest) if isinstance(self.manifest, Sequence) else self.manifest
+        try:
+            return ensure_weights(manifest, self.weights_dir, self.version, endpoint=self.endpoint,
+                                  cache_home=self.cache_home)
+        except RuntimeError as e:  # the network, not the input
+            if isinstance(e, ResourceError):
+                raise
+            raise ResourceError(one_line(e)) from e
+
+    def load(self, weights_dir: Path | None = None):
+        """The ``LipSync`` pipeline these settings describe (``weights_dir``: already verified by :meth:`weights`)."""
+        from latentsync.pipeline import LipSync
+
+        return LipSync.from_pretrained(weights_dir or self.weights(), version=self.version, device=self.device,
+                                       dtype=self.dtype, unet_config=self.unet_config,
+                                       syncnet_config=self.syncnet_config, compile=self.compile, caps=self.caps)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that choose and load the models, shared by the CLI and the batch command (read back with
+    :meth:`Settings.from_args`)."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--weights-dir", type=Path, default=None,
+                   help="a filled folder laid out like upstream's checkpoints/, one version per folder: verified, "
+                        "never downloaded into (default: $LATENTSYNC_WEIGHTS_DIR, else ~/.cache/latentsync/VERSION, "
+                        "which is filled from the network)")
+    g.add_argument("--version", default=None, metavar="{" + ",".join(VERSIONS) + "}",
+                   help="LatentSync version (1.5: 256-px crops, 1.6: 512-px); default $LATENTSYNC_VERSION, else "
+                        f"{DEFAULT_VERSION}")
+    g.add_argument("--unet-config", type=Path, default=None,
+                   help="upstream U-Net config overriding the version's (default: $LATENTSYNC_UNET_CONFIG)")
+    g.add_argument("--syncnet-config", type=Path, default=None,
+                   help="StableSyncNet config (default: $LATENTSYNC_SYNCNET_CONFIG, else the shipped one)")
+    g.add_argument("--device", default=None, help="cuda, cuda:1, mps, cpu (default: CUDA when present)")
+    g.add_argument("--dtype", choices=DTYPES, default=None, help="default: fp16 on CUDA sm_80+, else fp32")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the U-Net and VAE (slower start, faster long runs; $LATENTSYNC_COMPILE=1)")
+
+
+def _pick(given: Any, flag: str, environ: Mapping[str, str], variable: str) -> tuple[str, str] | None:
+    """(value, where it came from): the flag when given, else the variable when set, else None."""
+    if given is not None:
+        return str(given), flag
+    value = environ.get(variable, "").strip()
+    return (value, variable) if value else None
+
+
+def _config(given: Any, flag: str, environ: Mapping[str, str], variable: str) -> Path | None:
+    """A config named by the flag, else the variable; it must be an existing file."""
+    chosen = _pick(given, flag, environ, variable)
+    return check_file(chosen[1], chosen[0]).resolve() if chosen else None
