@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 import json
 import re
 from pathlib import Path
@@ -111,5 +112,12 @@ def test_cog_requirements_repeat_every_runtime_pin():
     missing = [p for p in runtime if p not in cog]
     assert not missing, f"requirements-cog.txt lacks (or pins differently) {missing}"
     assert not any(o.startswith(("-r", "--requirement")) for o in _options(REPO / "requirements-cog.txt"))
-    extra = [p for p in cog if p not in runtime and not p.startswith("torch==")]
+    extra = [p for p in cog if p not in runtime and not p.startswith(("torch==", "coglet=="))]
     assert not extra, f"requirements-cog.txt pins packages requirements.txt does not: {extra}"
+
+
+def test_coglet_is_pinned_to_the_sdk_version_the_tests_run(cog_config):
+    """sdk_version pins the cog SDK only (it asks for coglet<1.0); the pin in requirements-cog.txt fixes coglet."""
+    coglet = [p.split("==", 1)[1] for p in _pins(REPO / "requirements-cog.txt") if p.startswith("coglet==")]
+    assert coglet == [cog_config["build"]["sdk_version"]]
+    assert coglet[0] == importlib.metadata.version("coglet") == importlib.metadata.version("cog")

@@ -199,6 +199,8 @@ def test_repo_manifest_states_size_and_sha256_of_every_file_and_pins_hugging_fac
         assert entry.size is not None and entry.sha256 is not None, entry.dest
         if entry.url.startswith("https://huggingface.co/"):
             assert re.search(r"/resolve/[0-9a-f]{40}/", entry.url), f"{entry.url} follows a moving branch"
+        if entry.url.startswith("https://raw.githubusercontent.com/"):
+            assert re.match(r"https://raw\.githubusercontent\.com/[^/]+/[^/]+/[0-9a-f]{40}/", entry.url), entry.url
     whisper = {e.sha256 for e in read_manifest(REPO / "weights.txt") if e.dest == "whisper/tiny.pt"}
     assert whisper == {"65147644a518d12f04e32d6f3b26facc3f8dd46e5390956a9424a650c0ce22b9"}  # OpenAI's tiny.pt
 
