@@ -7,7 +7,8 @@ Environment (read here only): ``LATENTSYNC_WEIGHTS_DIR`` (a pre-filled weights f
 into, may be read-only), ``LATENTSYNC_VERSION`` (1.5 or 1.6, default 1.6), ``LATENTSYNC_UNET_CONFIG`` /
 ``LATENTSYNC_SYNCNET_CONFIG`` (other model configs, e.g. tiny test models), ``LATENTSYNC_MANIFEST`` (another weights
 manifest than ``weights.txt``), ``LATENTSYNC_COMPILE=1`` (torch.compile the U-Net), ``HF_ENDPOINT`` (a Hugging Face
-mirror), ``XDG_CACHE_HOME`` (where the default weights folder lives).
+mirror). Without ``LATENTSYNC_WEIGHTS_DIR`` the weights are downloaded into ``weights/<version>`` beside this file
+(:data:`WEIGHTS_HOME`).
 """
 from __future__ import annotations
 
@@ -34,6 +35,9 @@ from latentsync.options import DEFAULT_VERSION, RunOptions, check_version
 # Literal copies of latentsync.options.LOOP_MODES / FACE_SELECTS (Cog's static parser cannot follow an import).
 LOOP_MODES = ["bounce", "loop", "cut_off", "silence"]
 FACE_SELECTS = ["largest", "active_speaker"]
+# Project-relative, so `cog predict` (which mounts the project over the container's working directory) boots the
+# second time from disk; .gitignore and .dockerignore keep the folder out of git and out of the image.
+WEIGHTS_HOME = FsPath(__file__).resolve().parent / "weights"
 PROGRESS_EVERY_S = 30.0  # a "still running" line in the prediction's logs, so a long run visibly lives
 
 log = logging.getLogger("predict")
@@ -49,7 +53,7 @@ class Predictor(BasePredictor):
         version = check_version(env.get("LATENTSYNC_VERSION") or DEFAULT_VERSION)
         weights_dir = ensure_weights(env.get("LATENTSYNC_MANIFEST") or None, env.get("LATENTSYNC_WEIGHTS_DIR") or None,
                                      version, endpoint=env.get("HF_ENDPOINT") or None,
-                                     cache_home=env.get("XDG_CACHE_HOME") or None)
+                                     download_dir=WEIGHTS_HOME / version)
         weights_s = time.perf_counter() - started
 
         import torch
