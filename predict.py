@@ -75,8 +75,8 @@ class Predictor(BasePredictor):
 
     def predict(
         self,
-        video: Path = Input(description="Video with a visible, roughly frontal face (mp4, mov, webm, mkv, and other formats ffmpeg reads)."),  # noqa: E501
-        audio: Path = Input(description="Speech to lip-sync to (wav, mp3, m4a, flac, or a video whose soundtrack is used)."),  # noqa: E501
+        video: Path = Input(description="Video with a visible, roughly frontal face (mp4, mov, webm, mkv, and other formats ffmpeg reads).", accept="video/*"),  # noqa: E501
+        audio: Path = Input(description="Speech to lip-sync to (wav, mp3, m4a, flac, or a video whose soundtrack is used).", accept="audio/*,video/*"),  # noqa: E501
         guidance_scale: float = Input(description="Classifier-free guidance on the audio: higher follows the speech more closely; 1.0 turns guidance off.", ge=1.0, le=3.0, default=1.5),  # noqa: E501
         inference_steps: int = Input(description="Denoising steps: more is slower and slightly sharper; 20 to 50 for final results, fewer for previews.", ge=1, le=100, default=20),  # noqa: E501
         seed: Optional[int] = Input(description="Random seed: the same seed and inputs give the same video. Leave empty for a random seed (the seed used is reported in the metrics); 0 is an ordinary seed, not random.", ge=0, le=4294967295, default=None),  # noqa: E501
