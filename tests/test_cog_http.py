@@ -2,7 +2,8 @@
 
 The server runs ``predict.py`` from a temporary copy of the project whose ``.cog/openapi_schema.json`` is written
 here by Cog's own static parser (``../shared/cog/bin/staticschema``: exactly what ``cog build`` writes; skipped where
-``../shared`` is absent), on tiny random weights in a temporary ``LATENTSYNC_WEIGHTS_DIR``. One server serves most cases; a second one checks that damaged weights fail setup.
+``../shared`` is absent), on tiny random weights in a temporary ``LATENTSYNC_WEIGHTS_DIR``. One server serves most
+cases; a second one checks that damaged weights fail setup.
 """
 from __future__ import annotations
 
