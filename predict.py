@@ -5,7 +5,8 @@ The inputs are written as literals because ``cog build`` reads them by parsing t
 tests/test_cog_static_schema.py keeps them equal to ``latentsync.options``.
 The environment is read here only, by ``latentsync.settings`` (the CLI's variables: ``LATENTSYNC_WEIGHTS_DIR`` for
 a pre-filled, possibly read-only weights folder, ``LATENTSYNC_VERSION``, ``LATENTSYNC_COMPILE=1``, ``HF_ENDPOINT``,
-``XDG_CACHE_HOME``, ...).
+...). Without ``LATENTSYNC_WEIGHTS_DIR`` the weights are downloaded into ``weights/<version>`` beside this file
+(:data:`WEIGHTS_HOME`), not into ``~/.cache``.
 """
 from __future__ import annotations
 
@@ -34,6 +35,9 @@ FACE_SELECTS = ["largest", "active_speaker"]
 PROGRESS_EVERY_S = 30.0  # a "still running" line in the prediction's logs, so a long run visibly lives
 
 log = logging.getLogger("predict")
+# Project-relative, so `cog predict` (which mounts the project over the container's working directory) boots the
+# second time from disk; .gitignore and .dockerignore keep the folder out of git and out of the image.
+WEIGHTS_HOME = FsPath(__file__).resolve().parent / "weights"
 
 
 class Predictor(BasePredictor):
@@ -42,7 +46,7 @@ class Predictor(BasePredictor):
         if not logging.getLogger().handlers:
             logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
         started = time.perf_counter()
-        settings = Settings.read(os.environ)
+        settings = Settings.read(os.environ, download_home=WEIGHTS_HOME)
         weights_dir = settings.weights()
         weights_s = time.perf_counter() - started
         self.pipe = settings.load(weights_dir)
@@ -55,8 +59,8 @@ class Predictor(BasePredictor):
 
     def predict(
         self,
-        video: Path = Input(description="Video with a visible, roughly frontal face (mp4, mov, webm, mkv, and other formats ffmpeg reads)."),  # noqa: E501
-        audio: Path = Input(description="Speech to lip-sync to (wav, mp3, m4a, flac, or a video whose soundtrack is used)."),  # noqa: E501
+        video: Path = Input(description="Video with a visible, roughly frontal face (mp4, mov, webm, mkv, and other formats ffmpeg reads).", accept="video/*"),  # noqa: E501
+        audio: Path = Input(description="Speech to lip-sync to (wav, mp3, m4a, flac, or a video whose soundtrack is used).", accept="audio/*,video/*"),  # noqa: E501
         guidance_scale: float = Input(description="Classifier-free guidance on the audio: higher follows the speech more closely; 1.0 turns guidance off.", ge=1.0, le=3.0, default=1.5),  # noqa: E501
         inference_steps: int = Input(description="Denoising steps: more is slower and slightly sharper; 20 to 50 for final results, fewer for previews.", ge=1, le=100, default=20),  # noqa: E501
         seed: Optional[int] = Input(description="Random seed: the same seed and inputs give the same video. Leave empty for a random seed (the seed used is reported in the metrics); 0 is an ordinary seed, not random.", ge=0, le=4294967295, default=None),  # noqa: E501

@@ -60,13 +60,14 @@ class _Incomplete(Exception):
 
 def ensure_weights(manifest: str | Path | Sequence[WeightFile] | None = None, weights_dir: str | Path | None = None,
                    version: str | None = None, *, endpoint: str | None = None, cache_home: str | Path | None = None,
-                   jobs: int = JOBS) -> Path:
+                   download_dir: str | Path | None = None, jobs: int = JOBS) -> Path:
     """The weights folder of ``version``, checked against the manifest; returns it.
 
     ``weights_dir`` given: the folder is only verified (it may be read-only; nothing is written or fetched).
     ``weights_dir`` None: :func:`default_weights_dir` is filled from the network (``endpoint`` replaces
-    huggingface.co, e.g. ``$HF_ENDPOINT``). Missing or mismatching files are an ``InputError`` naming each one (a
-    mismatching file is never removed); an unreachable server is a ``ResourceError`` naming the file and URL.
+    huggingface.co, e.g. ``$HF_ENDPOINT``); ``download_dir`` names another folder to fill (Cog: beside predict.py).
+    Missing or mismatching files are an ``InputError`` naming each one (a mismatching file is never removed); an
+    unreachable server is a ``ResourceError`` naming the file and URL.
     """
     version = resolve_version(version)
     lines = list(manifest) if isinstance(manifest, Sequence) and not isinstance(manifest, str) \
@@ -74,7 +75,7 @@ def ensure_weights(manifest: str | Path | Sequence[WeightFile] | None = None, we
     entries = files_for(lines, version)
     if weights_dir is not None:
         return _verify(Path(weights_dir), version, entries)
-    folder = default_weights_dir(version, cache_home)
+    folder = Path(download_dir) if download_dir is not None else default_weights_dir(version, cache_home)
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with _locked(folder):

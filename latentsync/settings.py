@@ -31,6 +31,7 @@ class Settings:
     manifest: Path | tuple | None = None  # None: the shipped weights.txt; a tuple: its parsed lines
     endpoint: str | None = None  # HF_ENDPOINT
     cache_home: str | None = None  # XDG_CACHE_HOME
+    download_dir: Path | None = None  # the folder to fill instead of the default one (Cog: beside predict.py)
     unet_config: Path | None = None
     syncnet_config: Path | None = None
     device: str | None = None  # None: CUDA when present
@@ -41,9 +42,11 @@ class Settings:
     @classmethod
     def read(cls, environ: Mapping[str, str], *, weights_dir: str | Path | None = None, version: str | None = None,
              unet_config: str | Path | None = None, syncnet_config: str | Path | None = None,
-             device: str | None = None, dtype: str | None = None, compile: bool = False) -> Settings:
+             device: str | None = None, dtype: str | None = None, compile: bool = False,
+             download_home: Path | None = None) -> Settings:
         """Settings from the flags given (None: not given) and ``environ``; a bad value is an ``InputError``
-        naming the flag or the variable it came from."""
+        naming the flag or the variable it came from. ``download_home``: fill ``download_home/VERSION`` instead of
+        the default cache folder when no weights folder is named."""
         from latentsync import media
 
         named = _pick(weights_dir, "--weights-dir", environ, "LATENTSYNC_WEIGHTS_DIR")
@@ -52,8 +55,9 @@ class Settings:
         if compiled not in ("", "0", "1"):
             raise InputError(f"LATENTSYNC_COMPILE must be 1 or 0, got {compiled!r}")
         manifest = environ.get("LATENTSYNC_MANIFEST") or None
-        return cls(weights_dir=Path(named[0]).expanduser().resolve() if named else None,
-                   version=check_version(*chosen) if chosen else DEFAULT_VERSION,
+        version = check_version(*chosen) if chosen else DEFAULT_VERSION
+        return cls(weights_dir=Path(named[0]).expanduser().resolve() if named else None, version=version,
+                   download_dir=Path(download_home) / version if download_home is not None else None,
                    manifest=Path(manifest) if manifest else None,
                    endpoint=environ.get("HF_ENDPOINT") or None, cache_home=environ.get("XDG_CACHE_HOME") or None,
                    unet_config=_config(unet_config, "--unet-config", environ, "LATENTSYNC_UNET_CONFIG"),
@@ -75,7 +79,7 @@ class Settings:
         manifest = list(self.manifest) if isinstance(self.manifest, Sequence) else self.manifest
         try:
             return ensure_weights(manifest, self.weights_dir, self.version, endpoint=self.endpoint,
-                                  cache_home=self.cache_home)
+                                  cache_home=self.cache_home, download_dir=self.download_dir)
         except RuntimeError as e:  # the network, not the input
             if isinstance(e, ResourceError):
                 raise

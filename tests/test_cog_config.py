@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 import json
 import re
+import shutil
 from pathlib import Path
 
 import jsonschema
@@ -111,5 +113,61 @@ def test_cog_requirements_repeat_every_runtime_pin():
     missing = [p for p in runtime if p not in cog]
     assert not missing, f"requirements-cog.txt lacks (or pins differently) {missing}"
     assert not any(o.startswith(("-r", "--requirement")) for o in _options(REPO / "requirements-cog.txt"))
-    extra = [p for p in cog if p not in runtime and not p.startswith("torch==")]
+    extra = [p for p in cog if p not in runtime and not p.startswith(("torch==", "coglet=="))]
     assert not extra, f"requirements-cog.txt pins packages requirements.txt does not: {extra}"
+
+
+def test_coglet_is_pinned_to_the_sdk_version_the_tests_run(cog_config):
+    """sdk_version pins the cog SDK only (it asks for coglet<1.0); the pin in requirements-cog.txt fixes coglet."""
+    coglet = [p.split("==", 1)[1] for p in _pins(REPO / "requirements-cog.txt") if p.startswith("coglet==")]
+    assert coglet == [cog_config["build"]["sdk_version"]]
+    assert coglet[0] == importlib.metadata.version("coglet") == importlib.metadata.version("cog")
+
+
+# --- cog-safe-push.yaml ---------------------------------------------------------------------------------------------
+
+SAFE_PUSH_KEYS = {"model", "test_model", "test_hardware", "predict", "train", "deployment", "dockerfile", "parallel",
+                  "fast_push", "use_cog_base_image", "ignore_schema_compatibility", "official_model"}
+CASE_KEYS = {"inputs", "exact_string", "match_url", "match_prompt", "error_contains"}
+
+
+def _fits(field: dict, value) -> bool:
+    """Whether ``value`` is one the schema's field accepts (type, range, choices)."""
+    kind = field.get("type")
+    if "enum" in field:
+        return value in field["enum"]
+    if field.get("format") == "uri":
+        return isinstance(value, str) and value.startswith("https://")
+    if kind == "boolean":
+        return isinstance(value, bool)
+    if kind in ("integer", "number"):
+        numeric = isinstance(value, int) if kind == "integer" else isinstance(value, (int, float))
+        return numeric and not isinstance(value, bool) and field["minimum"] <= value <= field["maximum"]
+    return isinstance(value, str)
+
+
+def test_cog_safe_push_cases_fit_the_schema_and_name_real_samples(tmp_path):
+    import cog_parser
+    from latentsync import media
+
+    config = yaml.safe_load((REPO / "cog-safe-push.yaml").read_text())
+    assert set(config) <= SAFE_PUSH_KEYS and set(config["predict"]) <= {"compare_outputs", "predict_timeout",
+                                                                         "test_cases", "fuzz"}
+    shutil.copy(REPO / "predict.py", tmp_path / "predict.py")
+    schema = cog_parser.parse(tmp_path)
+    fields, required = cog_parser.inputs(schema), schema["components"]["schemas"]["Input"]["required"]
+    cases = config["predict"]["test_cases"]
+    for case in cases:
+        assert set(case) <= CASE_KEYS and sum(k != "inputs" for k in case) <= 1, case
+        assert set(required) <= set(case["inputs"]), case
+        for name, value in case["inputs"].items():
+            assert _fits(fields[name], value), (name, value)
+            if fields[name].get("format") == "uri" and "/samples/" in value:
+                assert (REPO / "samples" / value.rsplit("/samples/", 1)[1]).is_file(), value
+    failing = [c for c in cases if "error_contains" in c]
+    assert len(failing) == 1 and len(cases) - len(failing) >= 2
+    assert failing[0]["error_contains"] in media.refused_format("video", Path("x.png"))
+    mask = next(line.split()[1] for line in (REPO / "weights.txt").read_text().splitlines()
+                if line.strip() and not line.startswith("#") and line.split()[2] == "mask.png")
+    assert failing[0]["inputs"]["video"] == mask  # a pinned URL of an image: an input that must fail
+    assert any(c["inputs"].get("seed") == 0 for c in cases)

@@ -1,8 +1,9 @@
 """The container's HTTP contract, against Cog's real server (``python -m cog.server.http``) run in-process.
 
-The server runs ``predict.py`` from a temporary copy of the project whose ``.cog/openapi_schema.json`` is generated
-here with Cog's own inspector (what ``cog build`` would write), on tiny random weights in a temporary
-``LATENTSYNC_WEIGHTS_DIR``. One server serves most cases; a second one checks that damaged weights fail setup.
+The server runs ``predict.py`` from a temporary copy of the project whose ``.cog/openapi_schema.json`` is written
+here by Cog's own static parser (``../shared/cog/bin/staticschema``: exactly what ``cog build`` writes; skipped where
+``../shared`` is absent), on tiny random weights in a temporary ``LATENTSYNC_WEIGHTS_DIR``. One server serves most
+cases; a second one checks that damaged weights fail setup.
 """
 from __future__ import annotations
 
@@ -20,12 +21,12 @@ import wave
 import time
 import urllib.error
 import urllib.request
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+import cog_parser
 from conftest import REPO
 from media_utils import face_clip, probe_streams, tone, write_clip
 from tiny_weights import make_tiny_weights, manifest_for
@@ -40,44 +41,6 @@ FAST = {"inference_steps": 10, "guidance_scale": 1.0}  # few steps and no guidan
 
 
 # --- pieces a test server needs ---------------------------------------------------------------------------------------
-
-def openapi_schema(project: Path) -> dict:
-    """The OpenAPI document ``cog build`` writes, built from Cog's inspector on ``project/predict.py``."""
-    from cog import _inspector
-    from cog._adt import Repetition
-
-    sys.path.insert(0, str(project))
-    saved = sys.modules.pop("predict", None)
-    try:
-        with warnings.catch_warnings():  # BasePredictor/predict() are deprecated aliases in Cog 0.23; still served
-            warnings.simplefilter("ignore", DeprecationWarning)
-            info = _inspector.create_predictor("predict", "Predictor")
-    finally:
-        sys.path.remove(str(project))
-        sys.modules.pop("predict", None)
-        if saved is not None:
-            sys.modules["predict"] = saved
-    properties, required = {}, []
-    for name, field in info.inputs.items():
-        prop = {"title": name.replace("_", " ").title(), "x-order": field.order, **field.type.json_type()}
-        if field.description:
-            prop["description"] = field.description
-        if field.default is not None:
-            prop["default"] = field.default
-        if field.ge is not None:
-            prop["minimum"] = field.ge
-        if field.le is not None:
-            prop["maximum"] = field.le
-        if field.choices is not None:
-            prop["enum"] = list(field.choices)
-        if field.default is None and field.type.repetition is Repetition.REQUIRED:
-            required.append(name)
-        properties[name] = prop
-    return {"openapi": "3.0.2", "info": {"title": "Cog", "version": "0.1.0"}, "paths": {},
-            "components": {"schemas": {"Input": {"type": "object", "title": "Input", "properties": properties,
-                                                 "required": required},
-                                       "Output": info.output.json_type()}}}
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -96,8 +59,7 @@ class CogServer:
         self.project.mkdir(parents=True)
         self.tmp.mkdir()
         shutil.copy(REPO / "predict.py", self.project / "predict.py")
-        (self.project / ".cog").mkdir()
-        (self.project / ".cog" / "openapi_schema.json").write_text(json.dumps(openapi_schema(self.project)))
+        self.schema = cog_parser.write_schema(self.project)  # exactly what `cog build` writes for predict.py
         self.port = free_port()
         # PYTHONPATH: this checkout's latentsync, whatever the environment has installed (e.g. another editable copy).
         env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONPATH": str(REPO),
@@ -303,7 +265,9 @@ def test_health_reaches_ready_after_setup(server):
 
 
 def test_schema_served_with_bounds_and_choices(server):
-    props = server.get("/openapi.json")["components"]["schemas"]["Input"]["properties"]
+    served = server.get("/openapi.json")
+    assert served["components"]["schemas"]["Input"] == server.schema["components"]["schemas"]["Input"]
+    props = cog_parser.inputs(served)
     assert (props["guidance_scale"]["minimum"], props["guidance_scale"]["maximum"]) == (1.0, 3.0)
     assert (props["inference_steps"]["minimum"], props["inference_steps"]["maximum"]) == (1, 100)
     assert (props["seed"]["minimum"], props["seed"]["maximum"]) == (0, 2**32 - 1)

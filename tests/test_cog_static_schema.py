@@ -1,138 +1,72 @@
-"""predict.py's inputs as ``cog build`` reads them: by parsing the file, not importing it (Cog >= 0.20).
+"""predict.py's inputs as ``cog build`` reads them: Cog's own static parser (``../shared/cog/bin``), not an import.
 
-Cog's static parser (``pkg/schema/python/inputs.go``, ``module_scope.go``) takes ``description=`` as the literal's source
-text with its outer quotes stripped, resolves ``choices=`` only from a list literal or a module-level name of
-predict.py bound to one, keeps ``ge``/``le`` only when they are number literals and wants a literal ``default``.
-These tests apply exactly those rules with Python's ``ast``, check the values equal ``latentsync.options``, and that
-the parser's reading equals what Cog's runtime inspector sees (the ``Input`` objects).
+The parser's schema is checked field by field against ``latentsync.options``, against Cog's runtime ``Input`` objects
+and against the README's inputs table; the traps test breaks one rule at a time in a copy of predict.py and shows
+what the real parser does with it (stops the build, or drops the value without a word).
 """
 from __future__ import annotations
 
-import ast
 import inspect
-import io
+import shutil
 import sys
-import tokenize
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+import cog_parser
 from conftest import REPO
 from latentsync import options
 
-ALLOWED_KEYWORDS = {"description", "default", "ge", "le", "choices", "min_length", "max_length", "regex", "deprecated"}
-
-
-class StaticSchemaError(AssertionError):
-    """A construct Cog's static parser would reject, garble or silently drop."""
-
-
-def _literal_text(source: str, node: ast.expr, where: str) -> str:
-    """The value of a single, plain, one-line string literal (what Cog's quote stripping reproduces exactly)."""
-    text = ast.get_source_segment(source, node) or ""
-    tokens = [t for t in tokenize.generate_tokens(io.StringIO(text).readline)
-              if t.type not in (tokenize.NEWLINE, tokenize.NL, tokenize.ENDMARKER, tokenize.COMMENT)]
-    if not (isinstance(node, ast.Constant) and isinstance(node.value, str)):
-        raise StaticSchemaError(f"{where}: description must be a string literal, not {text!r}")
-    if len(tokens) != 1:
-        raise StaticSchemaError(f"{where}: description is {len(tokens)} literals concatenated; Cog keeps their "
-                                f"source text, quotes and all")
-    if text[0] not in "\"'" or text.startswith(("'''", '"""')):
-        raise StaticSchemaError(f"{where}: description must be a plain '...' or \"...\" literal (no prefix, no "
-                                f"triple quotes), got {text[:12]!r}")
-    if "\\" in text:
-        raise StaticSchemaError(f"{where}: description has a backslash escape, which Cog would show verbatim")
-    assert text[1:-1] == node.value  # what Cog shows is what Python reads
-    return node.value
-
-
-def _number(node: ast.expr, where: str) -> int | float:
-    if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)) and not isinstance(node.value, bool):
-        return node.value
-    raise StaticSchemaError(f"{where} must be a number literal (Cog silently drops anything else)")
-
-
-def _literal(node: ast.expr, where: str) -> Any:
-    if isinstance(node, ast.Constant):
-        return node.value
-    if isinstance(node, ast.List) and all(isinstance(e, ast.Constant) for e in node.elts):
-        return [e.value for e in node.elts]
-    raise StaticSchemaError(f"{where} must be a literal")
-
-
-def _string_list(node: ast.expr, where: str) -> list[str]:
-    if isinstance(node, ast.List) and all(isinstance(e, ast.Constant) and isinstance(e.value, str)
-                                          for e in node.elts):
-        return [e.value for e in node.elts]
-    raise StaticSchemaError(f"{where} must be a list literal of strings")
-
-
-def static_inputs(source: str) -> dict[str, dict[str, Any]]:
-    """The inputs of ``Predictor.predict`` in ``source`` read by Cog's static rules; a violation raises."""
-    tree = ast.parse(source)
-    module_lists = {}
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            module_lists[node.targets[0].id] = node.value
-    predictor = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Predictor")
-    method = next(n for n in predictor.body if isinstance(n, ast.FunctionDef) and n.name == "predict")
-    args = method.args.args[1:]
-    defaults = method.args.defaults
-    assert len(args) == len(defaults), "every input needs an Input(...) default"
-    inputs = {}
-    for arg, call in zip(args, defaults):
-        where = f"input {arg.arg}"
-        if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "Input"):
-            raise StaticSchemaError(f"{where}: default must be Input(...)")
-        if call.args:
-            raise StaticSchemaError(f"{where}: Input takes keywords only")
-        field: dict[str, Any] = {}
-        for keyword in call.keywords:
-            name, value = keyword.arg, keyword.value
-            if name not in ALLOWED_KEYWORDS:
-                raise StaticSchemaError(f"{where}: Input keyword {name!r} is not one Cog reads")
-            if name == "description":
-                field[name] = _literal_text(source, value, where)
-            elif name in ("ge", "le"):
-                field[name] = _number(value, f"{where}: {name}")
-            elif name == "choices":
-                if isinstance(value, ast.Name):
-                    if value.id not in module_lists:
-                        raise StaticSchemaError(f"{where}: choices name {value.id} is not bound at module level in "
-                                                f"predict.py (an import cannot be followed)")
-                    value = module_lists[value.id]
-                field[name] = _string_list(value, f"{where}: choices")
-            else:
-                field[name] = _literal(value, f"{where}: {name}")
-        if "description" not in field:
-            raise StaticSchemaError(f"{where}: no description")
-        inputs[arg.arg] = field
-    return inputs
+NAMES = ["video", "audio", "guidance_scale", "inference_steps", "seed", "loop_mode", "enable_deepcache", "keep_fps",
+         "face_select"]
 
 
 @pytest.fixture(scope="module")
-def inputs() -> dict[str, dict[str, Any]]:
-    return static_inputs((REPO / "predict.py").read_text())
+def schema(tmp_path_factory) -> dict[str, Any]:
+    project = tmp_path_factory.mktemp("cog-project")
+    shutil.copy(REPO / "predict.py", project / "predict.py")
+    return cog_parser.write_schema(project) | {"_file": project / ".cog" / "openapi_schema.json"}
 
 
-def test_predict_py_follows_cogs_static_rules(inputs):
-    assert list(inputs) == ["video", "audio", "guidance_scale", "inference_steps", "seed", "loop_mode",
-                            "enable_deepcache", "keep_fps", "face_select"]
+@pytest.fixture(scope="module")
+def inputs(schema) -> dict[str, dict[str, Any]]:
+    return cog_parser.inputs(schema)
 
 
-def test_literals_equal_the_options_module(inputs):
-    assert inputs["loop_mode"]["choices"] == list(options.LOOP_MODES)
-    assert inputs["face_select"]["choices"] == list(options.FACE_SELECTS)
-    assert (inputs["guidance_scale"]["ge"], inputs["guidance_scale"]["le"]) == options.GUIDANCE_RANGE
-    assert (inputs["inference_steps"]["ge"], inputs["inference_steps"]["le"]) == options.STEPS_RANGE
-    assert (inputs["seed"]["ge"], inputs["seed"]["le"]) == options.SEED_RANGE
-    assert inputs["guidance_scale"]["default"] == options.GUIDANCE_SCALE
-    assert inputs["inference_steps"]["default"] == options.INFERENCE_STEPS
-    assert inputs["seed"]["default"] is None
-    assert inputs["loop_mode"]["default"] == options.LOOP_MODE
-    assert inputs["face_select"]["default"] == options.FACE_SELECT
-    assert inputs["enable_deepcache"]["default"] is options.DEEPCACHE
-    assert inputs["keep_fps"]["default"] is options.KEEP_FPS
+def test_the_schema_passes_cogs_openapi_check(schema):
+    assert cog_parser.validate(schema["_file"]) == "valid"
+
+
+def test_inputs_types_defaults_ranges_choices_and_nullability(schema, inputs):
+    assert list(inputs) == NAMES
+    assert schema["components"]["schemas"]["Input"]["required"] == ["video", "audio"]
+    assert [inputs[n]["x-order"] for n in NAMES] == list(range(len(NAMES)))
+    for name in ("video", "audio"):
+        assert (inputs[name]["type"], inputs[name]["format"]) == ("string", "uri")
+        assert "default" not in inputs[name]
+    assert inputs["video"]["x-cog-accept"] == "video/*"
+    assert inputs["audio"]["x-cog-accept"] == "audio/*,video/*"  # a video's soundtrack is accepted too
+    expected = {
+        "guidance_scale": ("number", options.GUIDANCE_SCALE, *options.GUIDANCE_RANGE),
+        "inference_steps": ("integer", options.INFERENCE_STEPS, *options.STEPS_RANGE),
+        "seed": ("integer", None, *options.SEED_RANGE),
+    }
+    for name, (kind, default, low, high) in expected.items():
+        field = inputs[name]
+        assert (field["type"], field["default"], field["minimum"], field["maximum"]) == (kind, default, low, high), name
+    assert inputs["seed"]["nullable"] is True
+    assert [n for n in NAMES if inputs[n].get("nullable")] == ["seed"]
+    assert (inputs["loop_mode"]["enum"], inputs["loop_mode"]["default"]) == (list(options.LOOP_MODES),
+                                                                             options.LOOP_MODE)
+    assert (inputs["face_select"]["enum"], inputs["face_select"]["default"]) == (list(options.FACE_SELECTS),
+                                                                                 options.FACE_SELECT)
+    assert inputs["loop_mode"]["type"] == inputs["face_select"]["type"] == "string"
+    assert (inputs["enable_deepcache"]["type"], inputs["enable_deepcache"]["default"]) == ("boolean", options.DEEPCACHE)
+    assert (inputs["keep_fps"]["type"], inputs["keep_fps"]["default"]) == ("boolean", options.KEEP_FPS)
+    assert all(inputs[n]["description"] for n in NAMES), "a description the parser could not read is dropped"
+    output = schema["components"]["schemas"]["Output"]
+    assert (output["type"], output["format"]) == ("string", "uri")
 
 
 def test_seed_description_states_empty_is_random_and_zero_is_a_seed(inputs):
@@ -140,7 +74,8 @@ def test_seed_description_states_empty_is_random_and_zero_is_a_seed(inputs):
     assert "empty" in text and "random" in text and "0 is an ordinary seed" in text
 
 
-def test_static_reading_equals_cogs_runtime_inspector(inputs):
+def test_parser_reading_equals_cogs_runtime_inspector(inputs):
+    """What ``cog build`` writes equals what the SDK sees when it imports predict.py (the unit tests' view)."""
     sys.path.insert(0, str(REPO))
     try:
         import predict
@@ -150,28 +85,103 @@ def test_static_reading_equals_cogs_runtime_inspector(inputs):
     assert list(runtime) == list(inputs)
     for name, field in inputs.items():
         declared = runtime[name]
-        for key in ("description", "ge", "le", "choices"):
-            assert getattr(declared, key, None) == field.get(key), f"{name}.{key}"
-        assert getattr(declared, "default", None) == field.get("default"), f"{name}.default"
+        assert declared.description == field["description"], name
+        assert (declared.ge, declared.le) == (field.get("minimum"), field.get("maximum")), name
+        assert declared.choices == field.get("enum"), name
+        assert declared.default == field.get("default"), name
+        assert declared.accept == field.get("x-cog-accept"), name
 
 
-@pytest.mark.parametrize("argument, words", [
-    ('description="a " "b"', "concatenated"),
-    ('description="tab\\there"', "backslash"),
-    ('description=r"x"', "plain"),
-    ('description=f"x"', "string literal"),
-    ('description="""x"""', "plain"),
-    ('description=TEXT', "string literal"),
-    ('description="x", choices=list(MODES)', "list literal"),
-    ('description="x", choices=IMPORTED', "not bound at module level"),
-    ('description="x", ge=LOW', "number literal"),
-    ('description="x", default=DEFAULT', "literal"),
-    ('"x"', "keywords only"),
-])
-def test_the_checker_refuses_what_cog_cannot_read(argument, words):
-    source = ("from somewhere import IMPORTED, MODES, LOW, DEFAULT, TEXT\n"
-              "class Predictor:\n"
-              f"    def predict(self, a: str = Input({argument})):\n"
-              "        pass\n")
-    with pytest.raises(StaticSchemaError, match=words):
-        static_inputs(source)
+# --- the README's table ---------------------------------------------------------------------------------------------
+
+def _readme_table() -> list[list[str]]:
+    """Rows of the inputs table in the README's "Cog container (Replicate)" section, cells stripped of backticks."""
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Cog container (Replicate)", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    return [[cell.strip().strip("`") for cell in row.strip("|").split("|")] for row in rows]
+
+
+def _cell_type(field: dict[str, Any]) -> str:
+    if field.get("format") == "uri":
+        return "file"
+    kind = "choice" if "enum" in field else field["type"]
+    return f"{kind} or empty" if field.get("nullable") else kind
+
+
+def _cell_default(name: str, field: dict[str, Any], required: list[str]) -> str:
+    if name in required:
+        return "required"
+    value = field["default"]
+    if value is None:
+        return "empty"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _cell_allowed(field: dict[str, Any]) -> str:
+    if "enum" in field:
+        return ", ".join(field["enum"])
+    if "minimum" in field:
+        low, high = (int(v) if float(v).is_integer() else v for v in (field["minimum"], field["maximum"]))
+        return f"{low} to {high}"
+    return field.get("x-cog-accept", "—")
+
+
+def test_readme_inputs_table_equals_the_schema(schema, inputs):
+    required = schema["components"]["schemas"]["Input"]["required"]
+    rows = _readme_table()
+    assert [row[0] for row in rows] == list(inputs)
+    for name, kind, default, allowed, meaning in rows:
+        field = inputs[name]
+        assert (kind, default, allowed) == (_cell_type(field), _cell_default(name, field, required),
+                                            _cell_allowed(field)), name
+        assert meaning, name
+
+
+# --- the traps: each rule the parser enforces, broken once ----------------------------------------------------------
+
+def _broken_copy(tmp_path: Path, old: str, new: str, header: str = "") -> Path:
+    project = tmp_path / "project"
+    project.mkdir()
+    source = (REPO / "predict.py").read_text()
+    assert source.count(old) == 1, old
+    source = source.replace(old, new)
+    if header:
+        source = source.replace("\nclass Predictor(", f"\n{header}\n\n\nclass Predictor(", 1)
+    (project / "predict.py").write_text(source)
+    return project
+
+
+@pytest.mark.parametrize("old, new, header, refusal", [
+    ("choices=LOOP_MODES", "choices=IMPORTED_MODES", "from latentsync.options import LOOP_MODES as IMPORTED_MODES",
+     r"loop_mode.*choices expression cannot be statically resolved"),
+    ("choices=LOOP_MODES", 'choices=("bounce", "loop")', "",
+     r"loop_mode.*choices expression cannot be statically resolved"),
+    ("video: Path = Input(", "video: FsPath = Input(", "", r"FsPath.*cannot be statically analyzed"),
+], ids=["imported-choices", "tuple-choices", "pathlib-annotation"])
+def test_the_parser_refuses(tmp_path, old, new, header, refusal):
+    """These stop ``cog build``: choices must be a list literal or a module-level name bound to one; an input's type
+    must be Cog's ``Path``, not pathlib's."""
+    with pytest.raises(cog_parser.Refused, match=refusal):
+        cog_parser.parse(_broken_copy(tmp_path, old, new, header))
+
+
+@pytest.mark.parametrize("old, new, header, name, dropped", [
+    ("ge=1, le=100, default=20", "ge=1, le=100, default=INFERENCE_STEPS",
+     "from latentsync.options import INFERENCE_STEPS", "inference_steps", "default"),
+    ("le=4294967295", "le=2**32-1", "", "seed", "maximum"),
+    ("le=4294967295", "le=0xFFFFFFFF", "", "seed", "maximum"),
+    ('description="Random seed:', 'description=f"Random seed:', "", "seed", "description"),
+], ids=["imported-default", "power-bound", "hex-bound", "f-string-description"])
+def test_the_parser_drops_without_a_word(tmp_path, old, new, header, name, dropped):
+    """These build, but the value is gone from the schema: Replicate would show no default, no bound, no text."""
+    field = cog_parser.inputs(cog_parser.parse(_broken_copy(tmp_path, old, new, header)))[name]
+    assert dropped not in field
+    assert dropped in cog_parser.inputs(cog_parser.parse(REPO))[name]  # the real predict.py keeps it
+
+
+def test_an_unresolvable_default_makes_the_input_required(tmp_path):
+    project = _broken_copy(tmp_path, "ge=1, le=100, default=20", "ge=1, le=100, default=INFERENCE_STEPS",
+                           "from latentsync.options import INFERENCE_STEPS")
+    assert "inference_steps" in cog_parser.parse(project)["components"]["schemas"]["Input"]["required"]
+

@@ -200,6 +200,8 @@ def test_repo_manifest_states_size_and_sha256_of_every_file_and_pins_hugging_fac
         assert entry.size is not None and entry.sha256 is not None, entry.dest
         if entry.url.startswith("https://huggingface.co/"):
             assert re.search(r"/resolve/[0-9a-f]{40}/", entry.url), f"{entry.url} follows a moving branch"
+        if entry.url.startswith("https://raw.githubusercontent.com/"):
+            assert re.match(r"https://raw\.githubusercontent\.com/[^/]+/[^/]+/[0-9a-f]{40}/", entry.url), entry.url
     whisper = {e.sha256 for e in read_manifest(REPO / "weights.txt") if e.dest == "whisper/tiny.pt"}
     assert whisper == {"65147644a518d12f04e32d6f3b26facc3f8dd46e5390956a9424a650c0ce22b9"}  # OpenAI's tiny.pt
 
@@ -276,6 +278,40 @@ def test_complete_partial_file_is_finished_without_a_body(tmp_path, server):
     (folder / "mask.png.part").write_bytes(FILES["mask.png"])
     expect_folder(fill(manifest, tmp_path))
     assert [r for name, r in server.requests if name == "mask.png"] == [f"bytes={len(FILES['mask.png'])}-"]
+
+
+@pytest.mark.parametrize("where", ["body", "verification"])
+def test_an_interrupted_setup_leaves_nothing_a_later_boot_trusts(tmp_path, server, monkeypatch, where):
+    """A setup killed mid-download or mid-hash (Cog's setup timeout, a stopped container) leaves only ``.part``
+    files: the weights folder's own names appear only after their size and sha256 were checked."""
+    manifest = write_manifest(tmp_path, server.base)
+    folder = default_folder(tmp_path)
+    real_fetch, real_sha256 = download._fetch, download._sha256
+
+    def cut_fetch(entry, url, partial):
+        if entry.dest == "latentsync_unet.pt":
+            partial.write_bytes(FILES["unet16.pt"][:1000])
+            raise KeyboardInterrupt  # what a timeout's signal raises in the setup thread
+        real_fetch(entry, url, partial)
+
+    def cut_sha256(path):
+        if path.name.startswith("latentsync_unet.pt"):
+            raise KeyboardInterrupt
+        return real_sha256(path)
+
+    if where == "body":
+        monkeypatch.setattr(download, "_fetch", cut_fetch)
+    else:
+        monkeypatch.setattr(download, "_sha256", cut_sha256)
+    with pytest.raises(KeyboardInterrupt):
+        fill(manifest, tmp_path, jobs=1)
+    monkeypatch.undo()
+    monkeypatch.setattr(download, "RETRY_WAIT_S", 0.0)
+    assert not (folder / "latentsync_unet.pt").exists()
+    assert (folder / "latentsync_unet.pt.part").is_file()
+    with pytest.raises(InputError, match=r"latentsync_unet\.pt: missing"):
+        verify_weights(folder, "1.6", manifest)  # a boot that only verifies refuses the folder
+    expect_folder(fill(manifest, tmp_path))  # the next boot finishes the download and checks it
 
 
 def test_checksum_mismatch_is_refused_and_nothing_is_left_behind(tmp_path, server):

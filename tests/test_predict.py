@@ -225,7 +225,7 @@ def test_setup_refuses_a_truncated_file_naming_it(env, tiny, tmp_path):
         env.setenv("LATENTSYNC_WEIGHTS_DIR", str(weights))
 
 
-def test_setup_downloads_into_the_default_folder_through_hf_endpoint(env, tiny, tmp_path):
+def test_setup_downloads_into_the_default_folder_through_hf_endpoint(env, tiny, tmp_path, monkeypatch):
     weights, _, _ = tiny
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(weights))
     handler.log_message = lambda *args: None
@@ -237,21 +237,25 @@ def test_setup_downloads_into_the_default_folder_through_hf_endpoint(env, tiny, 
         env.delenv("LATENTSYNC_WEIGHTS_DIR")
         env.setenv("LATENTSYNC_MANIFEST", str(manifest))
         env.setenv("HF_ENDPOINT", f"http://127.0.0.1:{server.server_address[1]}")
-        env.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+        monkeypatch.setattr(predict, "WEIGHTS_HOME", tmp_path / "project" / "weights")  # not the checkout's
         p = predict.Predictor()
         p.setup()
-        folder = tmp_path / "cache" / "latentsync" / "1.6"
+        folder = tmp_path / "project" / "weights" / "1.6"
         for dest in DESTS:
             if not (weights / dest).is_file():
                 continue
             assert (folder / dest).read_bytes() == (weights / dest).read_bytes()
         assert p.pipe.version == "1.6"
         shutil.rmtree(p.work_root, ignore_errors=True)
+        # A second boot (the next `cog predict`) finds the folder complete and fetches nothing.
+        server.shutdown()
+        again = predict.Predictor()
+        again.setup()
+        shutil.rmtree(again.work_root, ignore_errors=True)
     finally:
         server.shutdown()
         server.server_close()
-        for name in ("HF_ENDPOINT", "XDG_CACHE_HOME"):
-            env.delenv(name)
+        env.delenv("HF_ENDPOINT")
         env.setenv("LATENTSYNC_WEIGHTS_DIR", str(weights))
         env.setenv("LATENTSYNC_MANIFEST", str(tiny[2]))
 
