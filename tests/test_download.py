@@ -310,7 +310,7 @@ def test_an_interrupted_setup_leaves_nothing_a_later_boot_trusts(tmp_path, serve
     assert not (folder / "latentsync_unet.pt").exists()
     assert (folder / "latentsync_unet.pt.part").is_file()
     with pytest.raises(InputError, match=r"latentsync_unet\.pt: missing"):
-        verify_weights(folder, "1.6", manifest)  # a boot that only verifies refuses the folder
+        ensure_weights(manifest, folder, "1.6")  # a boot that only verifies refuses the folder
     expect_folder(fill(manifest, tmp_path))  # the next boot finishes the download and checks it
 
 
