@@ -96,7 +96,9 @@ def check_file(name: str, path: str | Path) -> Path:
     naming it. The one "file exists" check."""
     path = Path(path)
     if not path.is_file():
-        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        what = ("is a folder, not a file" if path.is_dir() else
+                "is not a regular file (a pipe, a device or a socket); give a file" if path.exists() else
+                "does not exist")
         raise InputError(f"{name} {path} {what}")
     if path.stat().st_size == 0:
         raise InputError(f"{name} {path} is empty (0 bytes)")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from latentsync import media
 from latentsync.errors import InputError
+from latentsync.options import check_file
 
 
 @dataclass(frozen=True)
@@ -48,17 +49,6 @@ def exact_rate(fps: float) -> Fraction:
         raise ValueError(f"frame rate must be a positive number, got {fps!r}")
     return rate.limit_denominator(1_000_000)
 
-
-def check_file(path: str | os.PathLike, what: str) -> Path:
-    """``path`` as a Path when it is a non-empty regular file; else an InputError naming it as ``what``."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{what} {str(path)!r} does not exist")
-    if not path.is_file():
-        raise InputError(f"{what} {str(path)!r} is not a regular file")
-    if path.stat().st_size == 0:
-        raise InputError(f"{what} {path.name!r} is empty (0 bytes)")
-    return path
 
 
 def _seconds(value, time_base) -> float | None:
@@ -115,7 +105,7 @@ def _scan_duration(path: Path, fps: float) -> float:
 def probe(path: str | os.PathLike, *, max_side: int = media.MAX_SIDE_PX,
           max_duration: float = media.MAX_DURATION_S) -> VideoInfo:
     """Describe a user's video, refusing what cannot or should not be processed with an InputError."""
-    path = check_file(path, "video")
+    path = check_file("video", path)
     with media.open_input(path, "video") as container:
         return _describe(path, container, max_side, max_duration)
 

@@ -20,7 +20,8 @@ import numpy as np
 
 from latentsync import media
 from latentsync.errors import InputError
-from latentsync.video.probe import VideoInfo, check_file, exact_rate, probe
+from latentsync.options import check_file
+from latentsync.video.probe import VideoInfo, exact_rate, probe
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ def read_frames(path: str | os.PathLike, fps: float | None = None, *, start: int
     """
     if start < 0 or (count is not None and count < 0):
         raise ValueError(f"start and count must be >= 0, got start={start}, count={count}")
-    path = check_file(path, "video")
+    path = check_file("video", path)
     info = info or probe(path)
     rate = exact_rate(fps if fps is not None else info.fps)
     if count == 0:

@@ -18,7 +18,8 @@ import numpy as np
 
 from latentsync import media
 from latentsync.errors import InputError
-from latentsync.video.probe import check_file, exact_rate, packet_times
+from latentsync.options import check_file
+from latentsync.video.probe import exact_rate, packet_times
 
 log = logging.getLogger(__name__)
 
@@ -231,7 +232,7 @@ def mux_audio(video_path: str | os.PathLike, audio_path: str | os.PathLike, out_
         raise ValueError(f"audio_start must be >= 0 seconds, got {audio_start!r}")
     video_path, out_path = Path(video_path), Path(out_path)
     check_output_container(out_path)
-    audio_path = check_file(audio_path, "audio")
+    audio_path = check_file("audio", audio_path)
     with media.open_input(audio_path, "audio") as container:
         sound = next(iter(container.streams.audio), None)
         if sound is None:
