@@ -79,7 +79,7 @@ class GenerateStage:
             lat = latents[0].permute(1, 0, 2, 3)  # (f, 4, h, w)
             cfg = models.vae.config
             decoded = models.vae.decode(lat / cfg.scaling_factor + cfg.shift_factor).sample
-            # Outside the mouth mask the original aligned pixels come back exactly (the decoded pixels are used only inside it).
+            # Outside the mouth mask the original aligned pixels come back exactly; only the mouth is generated.
             work.faces = decoded * (1 - mask) + pixels * mask
         work.pixels, work.ready = None, made(models.device)  # the crops are no longer needed: free them now
         return work

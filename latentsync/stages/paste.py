@@ -4,7 +4,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from latentsync import video as video_mod
