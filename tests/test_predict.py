@@ -264,7 +264,8 @@ def test_compile_is_asked_for_only_when_latentsync_compile_is_1(env, monkeypatch
     seen = {}
 
     class Loaded:
-        device, dtype = "cpu", "torch.float32"
+        class models:  # noqa: N801 — stands in for LipSync.models
+            device, dtype = "cpu", "torch.float32"
 
     def fake_from_pretrained(weights_dir, **kwargs):
         seen.update(kwargs)
