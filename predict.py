@@ -54,8 +54,8 @@ class Predictor(BasePredictor):
         self.work_root = FsPath(tempfile.mkdtemp(prefix="latentsync-cog-"))
         self.last_run: FsPath | None = None
         log.info("setup done in %.1f s: LatentSync %s from %s (weights %.1f s) on %s, %s%s",
-                 time.perf_counter() - started, settings.version, weights_dir, weights_s, self.pipe.device,
-                 str(self.pipe.dtype).removeprefix("torch."), ", compiled" if settings.compile else "")
+                 time.perf_counter() - started, settings.version, weights_dir, weights_s, self.pipe.models.device,
+                 str(self.pipe.models.dtype).removeprefix("torch."), ", compiled" if settings.compile else "")
 
     def predict(
         self,

@@ -143,7 +143,7 @@ def run_case(version: str, compiled: bool, weights: Path, clips: dict[str, Path]
     t0 = time.perf_counter()
     pipe = LipSync.from_pretrained(weights, version=version, device=device, compile=compiled,
                                    face_workers=args.face_workers, **extra)
-    fig = {"setup_s": round(time.perf_counter() - t0, 1), "resolution": pipe.resolution, "dtype": str(pipe.dtype),
+    fig = {"setup_s": round(time.perf_counter() - t0, 1), "resolution": pipe.models.resolution, "dtype": str(pipe.models.dtype),
            "face_workers": pipe.face_workers}
     steps = 2 if args.dry else 20
     t0 = time.perf_counter()

@@ -177,10 +177,6 @@ class FaceAligner:
         size = (self.resolution, self.resolution)
         return np.stack([cv2.resize(c, size, interpolation=cv2.INTER_LANCZOS4) for c in crops])
 
-    def warp_crop(self, frame_rgb: np.ndarray | torch.Tensor, matrix: np.ndarray) -> np.ndarray:
-        """The (h, w, 3) uint8 crop (before the stretch to R×R) that ``matrix`` cuts from the frame."""
-        return self._crop_batch([frame_rgb], [matrix])[0].cpu().numpy()
-
     @torch.no_grad()
     def _crop_batch(self, frames: list[np.ndarray | torch.Tensor], matrices: list[np.ndarray]) -> torch.Tensor:
         """(n, h, w, 3) uint8 crops on the device; every frame window is uploaded before any warp is queued."""

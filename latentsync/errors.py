@@ -24,6 +24,10 @@ class ResourceError(LatentSyncError, RuntimeError):
     """The machine, not the input: a full disk, no GPU, an unreachable download (CLI exit status 1)."""
 
 
+class Cancelled(Exception):
+    """The caller's cancel event was set; the run stopped between chunks and cleaned up."""
+
+
 class Interrupted(BaseException):
     """SIGINT or SIGTERM stopped the run (raised by the front door's signal handler in the main thread).
 

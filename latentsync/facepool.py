@@ -174,6 +174,33 @@ class FacePool:
             self._procs = None
 
 
+class Detectors:
+    """The face detectors kept between runs: worker processes, or one in-process landmarker (building
+    mediapipe's graphs takes a moment)."""
+
+    def __init__(self) -> None:
+        self.pool: FacePool | None = None
+        self.landmarker: FaceLandmarker | None = None
+
+    def get(self, workers: int) -> tuple[FacePool | None, FaceLandmarker | None]:
+        """``workers`` detection processes (0: the in-process detector), made at the first run and kept; the
+        workers are made again after an error or a cancel terminated them."""
+        if workers > 0 and (self.pool is None or not self.pool.alive):
+            self.pool = FacePool(workers)
+        if workers == 0 and self.landmarker is None:
+            self.landmarker = FaceLandmarker()
+        return self.pool, self.landmarker
+
+    def close(self) -> None:
+        """Stop the workers and free the detector."""
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+        if self.landmarker is not None:
+            self.landmarker.close()
+            self.landmarker = None
+
+
 def default_workers() -> int:
     """Detection workers worth starting here: none on small machines, where the other stages need the cores."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

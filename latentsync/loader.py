@@ -1,8 +1,10 @@
 """Loading every model a run needs from a folder laid out like upstream's ``checkpoints/``, and the opt-in compile."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,7 @@ import torch
 from latentsync import audio as audio_mod
 from latentsync.align import load_mask
 from latentsync.config import config_path, load_config
+from latentsync.devices import pick_device, pick_dtype
 from latentsync.errors import InputError
 from latentsync.models.whisper import AudioEncoder
 from latentsync.options import GUIDANCE_SCALE
@@ -19,15 +22,34 @@ from latentsync.weights import load_scheduler, load_unet, load_vae, unet_config_
 log = logging.getLogger(__name__)
 
 
-def load_models(weights_dir: Path, version: str, device: torch.device, dtype: torch.dtype,
-                unet_config: str | Path | None, syncnet_config: str | Path | None) -> dict[str, Any]:
-    """The keyword arguments of ``LipSync(...)``: VAE, U-Net, Whisper, scheduler, mask, sizes, SyncNet if present.
+@dataclass(frozen=True)
+class Models:
+    """Every model a run needs, loaded once, with the sizes and the device and dtype they run at."""
+
+    unet: Any  # a UNet3DConditionModel, or its CompiledUNet
+    vae: Any
+    audio_encoder: Any
+    scheduler: Any
+    mask: torch.Tensor  # (1, R, R) mouth mask, 1 = keep, on ``device`` in ``dtype``
+    resolution: int  # face crop size R
+    num_frames: int  # frames the U-Net sees at once
+    device: torch.device
+    dtype: torch.dtype
+    syncnet: Any = None  # StableSyncNet (on the CPU between scores), None without its checkpoint
+    version: str | None = None
+
+
+def load_models(weights_dir: Path, version: str, device: str | torch.device | None, dtype: str | torch.dtype | None,
+                unet_config: str | Path | None, syncnet_config: str | Path | None) -> Models:
+    """VAE, U-Net, Whisper, scheduler, mask, sizes, SyncNet if present, on ``device`` (None: the best one here).
 
     SyncNet (fp32, 1.6 GB at full size) stays on the CPU until a score is computed: it is needed once per run,
     and the GPU's memory is the U-Net's.
     """
     if not weights_dir.is_dir():
         raise InputError(f"weights folder not found: {weights_dir}")
+    device = pick_device(device)
+    dtype = pick_dtype(device, dtype)
     unet_config = unet_config or unet_config_for(version)
     cfg = load_config(unet_config)
     data = cfg.get("data", {})
@@ -49,33 +71,32 @@ def load_models(weights_dir: Path, version: str, device: torch.device, dtype: to
         log.warning("no %s: results will carry no sync score", syncnet_path)
     log.info("loaded LatentSync %s (U-Net config %s, %d px, %s %s) in %.1f s", version, unet_config, resolution,
              device, str(dtype).removeprefix("torch."), time.perf_counter() - t0)
-    return dict(unet=unet, vae=vae, audio_encoder=encoder, scheduler=load_scheduler(),
-                mask=load_mask(weights_dir / "mask.png", resolution), resolution=resolution,
-                num_frames=int(data.get("num_frames", 16)), device=device, dtype=dtype, syncnet=syncnet,
-                version=version)
+    mask = load_mask(weights_dir / "mask.png", resolution).to(device=device, dtype=dtype)
+    return Models(unet=unet, vae=vae, audio_encoder=encoder, scheduler=load_scheduler(), mask=mask,
+                  resolution=resolution, num_frames=int(data.get("num_frames", 16)), device=device, dtype=dtype,
+                  syncnet=syncnet, version=version)
 
 
-def compile_unet(models: dict[str, Any], weights_dir: Path) -> float:
-    """Swap ``models["unet"]`` for its compiled passes, warmed up for a whole guided chunk; returns the seconds.
+def compile_unet(models: Models, weights_dir: Path) -> Models:
+    """``models`` with the U-Net swapped for its compiled passes, warmed up for a whole guided chunk.
 
     Compiled artefacts are cached in ``weights_dir/compile-cache/<gpu>-torch<version>``, so a later boot of the
     same machine type loads them instead of compiling again.
     """
     from latentsync.models.compiled import CompiledUNet, cache_folder, use_cache_dir
 
-    unet, encoder, device = models["unet"], models["audio_encoder"], models["device"]
+    unet, encoder, device = models.unet, models.audio_encoder, models.device
     try:
         use_cache_dir(cache_folder(weights_dir, device))
     except OSError as exc:  # a read-only weights folder: compile anyway, with inductor's own cache
         log.warning("cannot keep compiled kernels beside the weights (%s); a later boot compiles again", exc)
     compiled = CompiledUNet(unet)
-    f, lat = models["num_frames"], models["resolution"] // 8
+    f, lat = models.num_frames, models.resolution // 8
     batch = 2 if GUIDANCE_SCALE > 1 else 1  # the default run: guidance on, unconditional and conditional at once
     with torch.inference_mode():  # inputs made as a run makes them (inference tensors), or dynamo recompiles
         audio = audio_mod.audio_windows(torch.zeros(4, encoder.num_states, encoder.hidden_size), 0, f)
         audio = torch.cat([audio] * batch).to(device=device, dtype=unet.dtype)
         x = torch.zeros((batch, unet.config.in_channels, f, lat, lat), device=device, dtype=unet.dtype)
         t = torch.tensor(999, device=device)
-    seconds = compiled.warm_up(x, t, audio)
-    models["unet"] = compiled
-    return seconds
+    compiled.warm_up(x, t, audio)
+    return dataclasses.replace(models, unet=compiled)

@@ -1,17 +1,34 @@
-"""What a run is made of: the ``Plan`` decided once per video, the ``RenderPart``s rendered from it (anywhere, in
-any number of chunk ranges), and the ``LipSyncResult`` that ``finish`` makes of them. All picklable."""
+"""What a run is made of: the ``Plan`` decided once per video (``make_plan``), the ``RenderPart``s rendered from it
+(anywhere, in any number of chunk ranges), and the ``LipSyncResult`` that ``finish`` makes of them. All picklable.
+
+Planning is pass 1 (``tracking``: one face followed, only its smoothed 2×3 matrix kept per frame) with Whisper
+running beside it, then the output's length and frame order, and the sync spans.
+"""
 from __future__ import annotations
 
+import logging
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from latentsync import audio as audio_mod
+from latentsync import media
 from latentsync import video as video_mod
-from latentsync.options import RunOptions
-from latentsync.timeline import source_index
+from latentsync.facepool import Detectors
+from latentsync.loader import Models
+from latentsync.options import OUTPUT_FPS, RunOptions
+from latentsync.speaker import active_speaker_point
+from latentsync.stages import StageClock
+from latentsync.syncscore import sync_spans, syncnet_on
+from latentsync.timeline import output_length, pad_with_silence, source_index
+from latentsync.tracking import FaceTrack
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -65,3 +82,60 @@ class RenderPart:
     seconds: dict[str, float]
     sync_scores: dict[tuple[int, int], Any]  # span of ``Plan.sync_spans`` → its SyncScore (None: unscorable)
     sync_crops: dict[int, np.ndarray]  # output frame → SyncNet crop, for the spans not scored here
+
+
+@torch.inference_mode()
+def make_plan(video: Path, audio: Path, opts: RunOptions, models: Models, caps: media.MediaCaps,
+              detectors: Detectors, face_workers: int, *, cancel: Any, progress: bool,
+              stream: bool) -> tuple[Plan, FaceTrack]:
+    """Probe, audio features, face pass 1, output length and order, sync spans; and the face track.
+
+    With ``stream`` (output length = the audio's) pass 1 is left running: the plan's matrices are the open
+    track's growing lists, for the render to advance. Otherwise the track has ended and been checked.
+    """
+    clock = StageClock()
+    with clock("probe"):
+        info = video_mod.probe(video, max_side=caps.max_side, max_duration=caps.max_duration)
+        wav = audio_mod.load_audio(audio, max_duration=caps.max_duration)
+    fps = info.fps if opts.keep_fps else OUTPUT_FPS
+    face_point = opts.face_point
+    if opts.face_select == "active_speaker":
+        with clock("active_speaker"), syncnet_on(models.syncnet, models.device) as syncnet:
+            face_point = active_speaker_point(syncnet, video, fps, info, caps.max_duration)
+    with clock("audio"):
+        mel = audio_mod.log_mel(wav)
+    # The features have M // 2 rows for M mel frames: the face pass needs only that count.
+    audio_frames = audio_mod.audio_frame_count(torch.empty((mel.shape[1] // 2, 0, 0)), fps)
+    # How many source frames matter: `silence` may use the whole video, other modes at most the audio's length.
+    limit = None if opts.loop_mode == "silence" else audio_frames
+    with clock("faces"):
+        pool, landmarker = detectors.get(face_workers)
+
+    def features_of(mel: torch.Tensor) -> torch.Tensor:
+        with clock("audio"):
+            return models.audio_encoder.features_from_log_mel(mel)
+
+    if stream:
+        features = features_of(mel)
+    track = FaceTrack(video, fps, info, limit, face_point, models.resolution, clock=clock, pool=pool,
+                      landmarker=landmarker, cancel=cancel, progress=progress)
+    if stream:
+        num_out, order = output_length(opts.loop_mode, audio_frames, audio_frames)
+        matrices, has_face = track.matrices, track.has_face
+    else:
+        # Whisper runs beside the face pass (waited for, also on error: no thread outlives the plan).
+        with ThreadPoolExecutor(1, thread_name_prefix="latentsync-audio") as audio_thread:
+            encoding = audio_thread.submit(features_of, mel)
+            matrices, has_face = track.finish()
+            features = encoding.result()
+        num_out, order = output_length(opts.loop_mode, len(matrices), audio_frames)
+        log.info("%s: %d source frames, %d with a face", video, len(matrices), int(has_face.sum()))
+    if num_out > audio_frames:
+        wav = pad_with_silence(wav, num_out, fps)
+        features = features_of(audio_mod.log_mel(wav))
+    log.info("%s: %d output frames at %.3f fps, loop mode %s", video, num_out, fps, opts.loop_mode)
+    plan = Plan(video=video, audio=audio, options=opts, info=info, fps=fps, wav=wav,
+                features=features.float().cpu().numpy(), matrices=matrices, has_face=has_face, num_out=num_out,
+                order=order, chunk_size=models.num_frames,
+                sync_spans=sync_spans(num_out) if models.syncnet is not None else [], seconds=clock.seconds)
+    return plan, track

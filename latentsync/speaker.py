@@ -12,11 +12,11 @@ from latentsync import video as video_mod
 from latentsync.align import FaceAligner
 from latentsync.errors import InputError
 from latentsync.face import FaceLandmarker, FaceTracker
+from latentsync.models.syncnet import VIDEO_FPS, WINDOW_FRAMES
 
 log = logging.getLogger(__name__)
 
 ACTIVE_SPEAKER_SECONDS = 5.0  # how much of the video the speaker is chosen on
-_SYNC_FPS = 25.0  # SyncNet's training rate: its windows are 16 frames at this rate
 
 
 def active_speaker_point(syncnet, video: Path, fps: float, info: video_mod.VideoInfo,
@@ -75,7 +75,7 @@ def active_speaker_point(syncnet, video: Path, fps: float, info: video_mod.Video
     total = max(len(t) for t in tracks)
     n = min(len(t) for t in tracks)
     tracks = [np.stack(t[len(t) - n:]) for t in tracks]
-    if n < 16 * fps / _SYNC_FPS:
+    if n < WINDOW_FRAMES * fps / VIDEO_FPS:
         log.warning("active speaker: too few frames with every face to compare; editing the largest face")
         return None
     first = skipped + total - n

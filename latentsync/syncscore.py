@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Protocol
@@ -19,11 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from latentsync.audio import SAMPLE_RATE, wav2lip_mel
-from latentsync.models.syncnet import StableSyncNet
+from latentsync.models.syncnet import VIDEO_FPS, StableSyncNet
 
 log = logging.getLogger(__name__)
 
-VIDEO_FPS = 25.0  # the frame rate SyncNet was trained at
 MEL_FPS = 80.0  # Wav2Lip mel frames per second: 16 kHz, hop 200
 RESOLUTION = 256  # aligned-face size SyncNet was trained on; the lower half is its input
 
@@ -254,3 +254,19 @@ def score_span(model: StableSyncNet, span: tuple[int, int], crops: dict[int, np.
     a = int(round(start / fps * SAMPLE_RATE))
     b = int(round(stop / fps * SAMPLE_RATE))
     return scorer(np.stack([crops[j] for j in range(start, stop)]), wav[a:b])
+
+
+@contextmanager
+def syncnet_on(syncnet: StableSyncNet | None, device: torch.device) -> Iterator[StableSyncNet | None]:
+    """SyncNet on ``device`` while it scores, back on the CPU after (it is needed once per run, and the GPU's
+    memory is the U-Net's)."""
+    if syncnet is None:
+        yield None
+        return
+    syncnet.to(device)
+    try:
+        yield syncnet
+    finally:
+        syncnet.to("cpu")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()

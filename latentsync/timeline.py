@@ -1,9 +1,12 @@
 """Which source frame each output frame shows: loop modes, output length, 16-frame chunks, face-less fill."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
+
+from latentsync.audio import SAMPLE_RATE
 
 
 def source_index(j: int, num_source: int, loop_mode: str) -> int:
@@ -35,6 +38,13 @@ def output_length(loop_mode: str, num_source: int, audio_frames: int) -> tuple[i
     if loop_mode == "silence":
         return max(num_source, audio_frames), order
     return audio_frames, order
+
+
+def pad_with_silence(wav: np.ndarray, num_out: int, fps: float) -> np.ndarray:
+    """``wav`` (16 kHz mono) padded with silence to cover ``num_out`` frames at ``fps``: ``silence`` mode with a
+    video longer than the audio, so the mouth closes over the rest of the video."""
+    pad = int(math.ceil(num_out / fps * SAMPLE_RATE)) - len(wav)
+    return np.concatenate([wav, np.zeros(max(pad, 0), dtype=np.float32)])
 
 
 @dataclass(frozen=True)

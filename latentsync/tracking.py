@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 
 from latentsync import video as video_mod
 from latentsync.align import FaceAligner
-from latentsync.face import Face, FaceLandmarker, FaceTracker
+from latentsync.errors import InputError
+from latentsync.face import Face, FaceLandmarker, FaceTracker, no_face_message
 from latentsync.facepool import FacePool
 from latentsync.stages import StageClock, check_cancel
 
@@ -37,15 +38,16 @@ class FaceTrack:
 
     ``matrices`` (2×3 float32, NaN where the face is missing) and ``has_face`` grow as frames are tracked; the
     face followed is the largest, or the one nearest ``point``. With ``pool`` the detection runs in its worker
-    processes (same results), else here on ``landmarker`` (one is made when None). ``close(failed=True)``
-    terminates the pool, so no worker or ffmpeg process outlives an error or a cancel.
+    processes (same results), else here on ``landmarker`` (one is made when None). ``finish()`` tracks to the
+    end and checks; used as a context manager, an error or a cancel terminates the pool on the way out, so no
+    worker or ffmpeg process outlives it.
     """
 
     def __init__(self, video: Path, fps: float, info: video_mod.VideoInfo, limit: int | None,
                  point: tuple[float, float] | None, resolution: int, *, clock: StageClock,
                  pool: FacePool | None = None, landmarker: FaceLandmarker | None = None, cancel: Any = None,
                  progress: bool = False):
-        self.clock, self.pool, self.cancel = clock, pool, cancel
+        self.video, self.info, self.clock, self.pool, self.cancel = video, info, clock, pool, cancel
         self.matrices: list[np.ndarray] = []
         self.has_face: list[bool] = []
         self.ended = self._closed = False
@@ -83,6 +85,28 @@ class FaceTrack:
                     self.has_face.append(True)
             self._bar.update()
 
+    def check(self) -> None:
+        """Once the video has ended: an ``InputError`` when no frame could be read or none shows the face."""
+        if not self.ended:
+            return
+        if not self.matrices:
+            raise InputError(f"{self.video}: no video frames could be read")
+        if not any(self.has_face):
+            raise InputError(no_face_message(str(self.video), self.info.height, self.info.width))
+
+    def finish(self) -> tuple[np.ndarray, np.ndarray]:
+        """Track every frame, check, stop reading: the arrays. On an error the workers are stopped too."""
+        with self:
+            self.ensure(math.inf)
+            self.check()
+        return self.arrays()
+
+    def __enter__(self) -> FaceTrack:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        self.close(failed=exc_type is not None)
+
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """``(N, 2, 3)`` matrices and ``(N,)`` has_face of the frames tracked so far."""
         if not self.matrices:
@@ -102,19 +126,3 @@ class FaceTrack:
             self._frames.close()
         if self._own is not None:
             self._own.close()
-
-
-def track_faces(video: Path, fps: float, info: video_mod.VideoInfo, limit: int | None,
-                point: tuple[float, float] | None, resolution: int, *, clock: StageClock,
-                pool: FacePool | None = None, landmarker: FaceLandmarker | None = None, cancel: Any = None,
-                progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """The whole of pass 1 at once: ``FaceTrack(...).arrays()`` after tracking every frame."""
-    track = FaceTrack(video, fps, info, limit, point, resolution, clock=clock, pool=pool, landmarker=landmarker,
-                      cancel=cancel, progress=progress)
-    try:
-        track.ensure(math.inf)
-    except BaseException:
-        track.close(failed=True)
-        raise
-    track.close()
-    return track.arrays()

@@ -57,6 +57,6 @@ def test_from_pretrained_compiles_with_a_cache_beside_the_weights(tmp_path, monk
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     folder, cfg = make_tiny_weights(tmp_path / "w", syncnet=False)
     pipe = LipSync.from_pretrained(folder, unet_config=cfg, device="cpu", compile=True, face_workers=0)
-    assert isinstance(pipe.unet, CompiledUNet) and pipe.unet._shapes == {(2, 13, 16, 8, 8)}
+    assert isinstance(pipe.models.unet, CompiledUNet) and pipe.models.unet._shapes == {(2, 13, 16, 8, 8)}
     cache = folder / "compile-cache"
     assert [p.name for p in cache.iterdir()] == [f"cpu-torch{torch.__version__}".replace("+", "_")]

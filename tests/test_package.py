@@ -38,7 +38,7 @@ pipe = LipSync.from_pretrained(weights, unet_config=unet_config, syncnet_config=
                                device="cpu")
 print(json.dumps({"package": latentsync.__file__, "manifest": str(manifest_path()),
                   "entries": len(read_manifest()), "unet_config": str(config_path("unet/stage2_512.yaml")),
-                  "resolution": pipe.resolution, "has_scheduler": pipe.scheduler is not None}))
+                  "resolution": pipe.models.resolution, "has_scheduler": pipe.models.scheduler is not None}))
 """
 
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from latentsync import InputError
-from latentsync.pipeline import LipSync, nearest_with_face, source_index
+from latentsync.pipeline import LipSync
+from latentsync.timeline import nearest_with_face, source_index
 from media_utils import (decode_audio, decode_video, face_clip, probe_streams, psnr, read_stamp, speech,
                          write_clip)
 from tiny_weights import make_tiny_weights, manifest_for
@@ -110,7 +111,7 @@ def pipe_face_box(pipe, frame, margin=3):
     from latentsync.face import FaceTracker
 
     face = FaceTracker().track(frame)
-    aligner = FaceAligner(pipe.resolution)
+    aligner = FaceAligner(pipe.models.resolution)
     _, m = aligner.align(frame, face.anchors)
     inv = np.linalg.inv(np.vstack([m, [0, 0, 1]]))[:2]
     w, h = aligner.face_size
@@ -329,7 +330,7 @@ def test_keep_fps_processes_and_writes_at_the_source_rate(pipe, media, tmp_path)
 def test_cancel_stops_the_run_and_leaves_nothing_behind(pipe, media, tmp_path, monkeypatch):
     import tempfile
 
-    from latentsync.pipeline import Cancelled
+    from latentsync.errors import Cancelled
 
     class AfterCalls:  # a cancel event that becomes set after a few checks (mid-way through the run)
         def __init__(self, n):

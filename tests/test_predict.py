@@ -204,7 +204,7 @@ def test_setup_loads_from_a_read_only_weights_folder(env, tiny, tmp_path):
         try:
             p = predict.Predictor()
             p.setup()  # verified: no lock file, nothing written
-            assert p.pipe.version == "1.6"
+            assert p.pipe.models.version == "1.6"
             shutil.rmtree(p.work_root, ignore_errors=True)
             del p  # its memory-mapped checkpoints keep files on the mount open
             gc.collect()
@@ -245,7 +245,7 @@ def test_setup_downloads_into_the_default_folder_through_hf_endpoint(env, tiny, 
             if not (weights / dest).is_file():
                 continue
             assert (folder / dest).read_bytes() == (weights / dest).read_bytes()
-        assert p.pipe.version == "1.6"
+        assert p.pipe.models.version == "1.6"
         shutil.rmtree(p.work_root, ignore_errors=True)
         # A second boot (the next `cog predict`) finds the folder complete and fetches nothing.
         server.shutdown()
@@ -268,7 +268,8 @@ def test_compile_is_asked_for_only_when_latentsync_compile_is_1(env, monkeypatch
     seen = {}
 
     class Loaded:
-        device, dtype = "cpu", "torch.float32"
+        class models:  # noqa: N801 — stands in for LipSync.models
+            device, dtype = "cpu", "torch.float32"
 
     def fake_from_pretrained(weights_dir, **kwargs):
         seen.update(kwargs)

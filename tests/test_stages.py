@@ -10,7 +10,8 @@ import pytest
 
 from latentsync import InputError
 from latentsync.pipeline import LipSync
-from latentsync.stages import QUEUE_DEPTH, Cancelled, run_stages
+from latentsync.errors import Cancelled
+from latentsync.stages import QUEUE_DEPTH, run_stages
 from cancel_utils import CancelAfter
 from media_utils import face_clip, speech
 from tiny_weights import make_tiny_weights
@@ -91,8 +92,9 @@ def _fail_at_chunk(cls_path: str, monkeypatch, exc: BaseException, chunk: int = 
     monkeypatch.setattr(cls, "__call__", failing)
 
 
-@pytest.mark.parametrize("stage", ["latentsync.crops.AlignStage", "latentsync.generate.GenerateStage",
-                                   "latentsync.paste.PasteStage"])
+@pytest.mark.parametrize("stage", ["latentsync.stages.align.AlignStage",
+                                   "latentsync.stages.generate.GenerateStage",
+                                   "latentsync.stages.paste.PasteStage"])
 def test_an_error_in_any_stage_stops_the_run_and_leaves_nothing(pipe, media, tmp_path, monkeypatch, stage):
     (tmp_path / "tmp").mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
@@ -172,7 +174,7 @@ def test_detection_workers_plan_the_same_run(pipe, media, monkeypatch):
     monkeypatch.setattr(pipe, "face_workers", 2)
     try:
         two = pipe.plan(media["gap"], media["speech"], pipe_options(seed=2))
-        assert pipe._face_pool is not None and pipe._face_pool.alive
+        assert pipe._detectors.pool is not None and pipe._detectors.pool.alive
     finally:
         pipe.close()
     assert np.array_equal(one.has_face, two.has_face) and one.num_out == two.num_out

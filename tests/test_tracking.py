@@ -1,6 +1,8 @@
 """Pass 1 (face tracking) in one process and in detection worker processes: same matrices, nothing left behind."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import psutil
 import pytest
@@ -8,8 +10,9 @@ import pytest
 from latentsync import InputError
 from latentsync import video as video_mod
 from latentsync.facepool import FacePool
-from latentsync.stages import Cancelled, StageClock
-from latentsync.tracking import track_faces
+from latentsync.errors import Cancelled
+from latentsync.stages import StageClock
+from latentsync.tracking import FaceTrack
 from cancel_utils import CancelAfter
 from media_utils import face_clip
 
@@ -24,6 +27,13 @@ def pool():
     p = FacePool(2)
     yield p
     p.close()
+
+
+def track_faces(video, fps, info, limit, point, resolution, **kw) -> tuple[np.ndarray, np.ndarray]:
+    """The whole of pass 1 at once, unchecked: the arrays after tracking every frame."""
+    with FaceTrack(video, fps, info, limit, point, resolution, **kw) as track:
+        track.ensure(math.inf)
+    return track.arrays()
 
 
 def _track(clip, limit=None, **kw):

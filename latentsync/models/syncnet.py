@@ -17,6 +17,9 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import ResnetBlock2D
 from torch import nn
 
+VIDEO_FPS = 25.0  # the frame rate StableSyncNet was trained at
+WINDOW_FRAMES = 16  # consecutive frames one visual window stacks (the shipped config's in_channels / 3)
+
 Factor = int | tuple[int, int]
 
 

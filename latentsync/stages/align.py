@@ -1,41 +1,27 @@
 """Synthesis stage 1, fetch and align: a chunk's source frames and the face crops the model sees."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
-
 import numpy as np
 import torch
 
-from latentsync import video as video_mod
 from latentsync.align import FaceAligner
 from latentsync.frames import FrameFetcher
-from latentsync.stages import StageClock, made, on_stream, own_stream
+from latentsync.loader import Models
+from latentsync.plan import Plan
+from latentsync.stages import StageClock
+from latentsync.stages.cuda import made, on_stream, own_stream
+from latentsync.stages.work import Work
 from latentsync.timeline import Chunk, nearest_with_face
-
-
-@dataclass
-class Work:
-    """One chunk on its way through the synthesis stages."""
-
-    chunk: Chunk
-    frames: dict[int, np.ndarray]  # source frame index → RGB frame
-    pixels: torch.Tensor | None = None  # (f, 3, R, R) aligned faces in [−1, 1], model dtype, on the device
-    faces: torch.Tensor | None = None  # (f, 3, R, R) generated faces, original pixels outside the mouth mask
-    sync: dict[int, np.ndarray] = field(default_factory=dict)  # output frame → SyncNet crop (sampled spans only)
-    ready: Any = None  # CUDA event after the kernels that made ``pixels`` or ``faces`` (None off CUDA)
 
 
 class AlignStage:
     """Reads each chunk's frames (one forward stream) and warps its faces into R×R crops on ``device``."""
 
-    def __init__(self, video: Path, fps: float, info: video_mod.VideoInfo, matrices: np.ndarray, resolution: int,
-                 device: torch.device, dtype: torch.dtype, clock: StageClock):
-        self.fetcher = FrameFetcher(video, fps, info)
-        self.aligner = FaceAligner(resolution, device=device)  # warps run where the model runs
-        self.matrices, self.device, self.dtype, self.clock = matrices, device, dtype, clock
-        self.stream = own_stream(device)
+    def __init__(self, plan: Plan, models: Models, clock: StageClock):
+        self.fetcher = FrameFetcher(plan.video, plan.fps, plan.info)
+        self.aligner = FaceAligner(models.resolution, device=models.device)  # warps run where the model runs
+        self.matrices, self.device, self.dtype, self.clock = plan.matrices, models.device, models.dtype, clock
+        self.stream = own_stream(models.device)
 
     def __call__(self, chunk: Chunk) -> Work:
         with self.clock("read"):

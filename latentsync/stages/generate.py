@@ -1,23 +1,25 @@
 """Synthesis stage 2, the GPU work of a chunk: VAE encode → denoise → VAE decode, with the run's random draws.
 
-One generator, seeded once per run, serves every draw in a fixed order: the noise shared by all frames (spec
-§5.7), then two VAE posterior samples (masked face, reference face) per chunk that has a face. ``skip`` makes
-the same draws for a chunk without running the VAE, so rendering chunks ``[a, b)`` alone gives exactly the frames
-those chunks get in a whole run.
+One generator, seeded once per run, serves every draw in a fixed order: the noise shared by all frames (one draw
+for the whole video, as upstream), then two VAE posterior samples (masked face, reference face) per chunk that
+has a face. ``skip`` makes the same draws for a chunk without running the VAE, so rendering chunks ``[a, b)``
+alone gives exactly the frames those chunks get in a whole run.
 """
 from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers.utils.torch_utils import randn_tensor
 
 from latentsync import audio as audio_mod
-from latentsync.crops import Work
+from latentsync.loader import Models
+from latentsync.plan import Plan
 from latentsync.sampling import denoise
-from latentsync.stages import StageClock, check_cancel, made, take
+from latentsync.stages import StageClock, check_cancel
+from latentsync.stages.cuda import made, take
+from latentsync.stages.work import Work
 from latentsync.timeline import Chunk
 
 DEEPCACHE_INTERVAL = 3  # upstream's DeepCacheSDHelper(cache_interval=3, cache_branch_id=0)
@@ -26,30 +28,29 @@ DEEPCACHE_INTERVAL = 3  # upstream's DeepCacheSDHelper(cache_interval=3, cache_b
 class GenerateStage:
     """Generates the mouth region of each chunk on the model's device, in chunk order."""
 
-    def __init__(self, pipe: Any, seed: int, features: np.ndarray, fps: float, options: Any, clock: StageClock,
-                 cancel: Any = None):
-        self.pipe, self.fps, self.options, self.clock, self.cancel = pipe, fps, options, clock, cancel
-        self.features = torch.from_numpy(features)
-        R = pipe.resolution
-        self.generator = torch.Generator(pipe.device).manual_seed(seed)
-        # One noise draw for the whole video, shared by every frame (upstream, spec §5.7), drawn before any chunk.
-        self.noise = torch.randn((1, 4, 1, R // 8, R // 8), generator=self.generator, device=pipe.device,
-                                 dtype=pipe.dtype)
+    def __init__(self, plan: Plan, models: Models, clock: StageClock, cancel: Any = None):
+        self.models, self.fps, self.options, self.clock, self.cancel = models, plan.fps, plan.options, clock, cancel
+        self.features = torch.from_numpy(plan.features)
+        R = models.resolution
+        self.generator = torch.Generator(models.device).manual_seed(plan.options.seed)
+        # One noise draw for the whole video, shared by every frame (as upstream), drawn before any chunk.
+        self.noise = torch.randn((1, 4, 1, R // 8, R // 8), generator=self.generator, device=models.device,
+                                 dtype=models.dtype)
 
     def _latent_shape(self, frames: int) -> tuple[int, ...]:
-        cfg = self.pipe.vae.config
+        cfg = self.models.vae.config
         down = 2 ** (len(cfg.block_out_channels) - 1)
-        return (frames, cfg.latent_channels, self.pipe.resolution // down, self.pipe.resolution // down)
+        return (frames, cfg.latent_channels, self.models.resolution // down, self.models.resolution // down)
 
     def skip(self, chunk: Chunk) -> None:
         """Advance the generator exactly as generating ``chunk`` would (the VAE's two posterior samples)."""
         if chunk.any_face:
             for _ in range(2):  # DiagonalGaussianDistribution.sample draws one tensor of the latents' shape
                 randn_tensor(self._latent_shape(len(chunk.src)), generator=self.generator,
-                             device=self.pipe.device, dtype=self.pipe.vae.dtype)
+                             device=self.models.device, dtype=self.models.vae.dtype)
 
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        vae = self.pipe.vae
+        vae = self.models.vae
         dist = vae.encode(pixels).latent_dist
         return (dist.sample(generator=self.generator) - vae.config.shift_factor) * vae.config.scaling_factor
 
@@ -57,9 +58,9 @@ class GenerateStage:
         chunk = work.chunk
         if work.pixels is None:
             return work
-        pipe, opts, n = self.pipe, self.options, len(chunk.src)
-        R = pipe.resolution
-        mask = pipe.mask  # (1, R, R), 1 = keep
+        models, opts, n = self.models, self.options, len(chunk.src)
+        R = models.resolution
+        mask = models.mask  # (1, R, R), 1 = keep
         take(work.pixels, work.ready)
         pixels = work.pixels
         with self.clock("vae_encode"):
@@ -69,18 +70,18 @@ class GenerateStage:
         audio_embeds = audio_mod.audio_windows(self.features, chunk.start, chunk.stop, self.fps)
         with self.clock("denoise"):
             latents = denoise(
-                pipe.unet, pipe.scheduler, self.noise.expand(-1, -1, n, -1, -1).clone(),
-                _to_5d(mask_lat), _to_5d(masked_lat), _to_5d(ref_lat), audio_embeds.to(pipe.device, pipe.dtype),
+                models.unet, models.scheduler, self.noise.expand(-1, -1, n, -1, -1).clone(),
+                _to_5d(mask_lat), _to_5d(masked_lat), _to_5d(ref_lat), audio_embeds.to(models.device, models.dtype),
                 guidance_scale=opts.guidance_scale, num_inference_steps=opts.inference_steps,
                 deepcache_interval=DEEPCACHE_INTERVAL if opts.deepcache else 0,
                 step_callback=lambda _: check_cancel(self.cancel))
         with self.clock("vae_decode"):
             lat = latents[0].permute(1, 0, 2, 3)  # (f, 4, h, w)
-            cfg = pipe.vae.config
-            decoded = pipe.vae.decode(lat / cfg.scaling_factor + cfg.shift_factor).sample
-            # Outside the mouth mask the original aligned pixels come back exactly (upstream §5.10).
+            cfg = models.vae.config
+            decoded = models.vae.decode(lat / cfg.scaling_factor + cfg.shift_factor).sample
+            # Outside the mouth mask the original aligned pixels come back exactly; only the mouth is generated.
             work.faces = decoded * (1 - mask) + pixels * mask
-        work.pixels, work.ready = None, made(pipe.device)  # the crops are no longer needed: free them now
+        work.pixels, work.ready = None, made(models.device)  # the crops are no longer needed: free them now
         return work
 
 

@@ -6,22 +6,23 @@ collected). A span only partly inside a rendered chunk range is left to ``LipSyn
 """
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
-from latentsync.crops import Work
+from latentsync.loader import Models
+from latentsync.plan import Plan
 from latentsync.stages import StageClock
+from latentsync.stages.work import Work
 from latentsync.syncscore import SyncScore, score_span
 
 
 class ScoreStage:
-    """Collects the crops of ``spans`` and, with ``score_now``, scores every span wholly inside ``frames``."""
+    """Collects the crops of the plan's sync spans and, with ``score_now``, scores every span wholly inside
+    ``frames``."""
 
-    def __init__(self, syncnet: Any, spans: list[tuple[int, int]], wav: np.ndarray, fps: float, frames: range,
-                 clock: StageClock, score_now: bool):
-        self.syncnet, self.spans, self.wav, self.fps, self.clock = syncnet, spans, wav, fps, clock
-        self.todo = [s for s in spans if score_now and frames.start <= s[0] and s[1] <= frames.stop]
+    def __init__(self, plan: Plan, models: Models, clock: StageClock, frames: range, score_now: bool):
+        self.syncnet, self.spans, self.clock = models.syncnet, plan.sync_spans, clock
+        self.wav, self.fps = plan.wav, plan.fps
+        self.todo = [s for s in self.spans if score_now and frames.start <= s[0] and s[1] <= frames.stop]
         self.scores: dict[tuple[int, int], SyncScore | None] = {}
         self.crops: dict[int, np.ndarray] = {}  # output frame → crop, for spans not scored yet
 

@@ -10,19 +10,17 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any
 
 import torch
+
+from latentsync.errors import Cancelled
 
 QUEUE_DEPTH = 2  # items waiting between two stages: memory stays flat in video length
 _POLL_S = 0.05  # how often a blocked stage looks whether another one failed
 
 _DONE = object()
-
-
-class Cancelled(Exception):
-    """The caller's cancel event was set; the run stopped between chunks and cleaned up."""
 
 
 def check_cancel(cancel: Any) -> None:
@@ -128,38 +126,3 @@ def run_stages(items: Iterable[Any], stages: list[Callable[[Any], Any]], *, conc
         raise
     if errors:
         raise errors[0]
-
-
-# ------------------------------------------------------------------------------------------- CUDA streams per stage
-# On a GPU every stage thread queues its work on a stream of its own: a host copy in one stage (which synchronises
-# its stream) then waits only for that stage's kernels, not for the U-Net steps another stage has queued. Tensors
-# handed from one stage to the next carry an event recorded after the kernels that made them.
-
-
-def own_stream(device: torch.device) -> torch.cuda.Stream | None:
-    """A new CUDA stream on ``device``; None elsewhere (the CPU needs none)."""
-    return torch.cuda.Stream(device) if device.type == "cuda" else None
-
-
-def on_stream(stream: torch.cuda.Stream | None):
-    """Context that makes ``stream`` current in this thread (nothing when None)."""
-    return torch.cuda.stream(stream) if stream is not None else nullcontext()
-
-
-def made(device: torch.device) -> torch.cuda.Event | None:
-    """An event marking the work queued so far on this thread's current stream (None off CUDA)."""
-    if device.type != "cuda":
-        return None
-    event = torch.cuda.Event()
-    event.record()
-    return event
-
-
-def take(tensor: torch.Tensor | None, ready: torch.cuda.Event | None) -> None:
-    """Let this thread's current stream use ``tensor`` made on another stream: wait for it on the device, and
-    keep its memory from being reused before this stream is done with it."""
-    if ready is None or tensor is None:
-        return
-    stream = torch.cuda.current_stream(tensor.device)
-    stream.wait_event(ready)
-    tensor.record_stream(stream)

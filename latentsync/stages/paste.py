@@ -4,13 +4,15 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from latentsync import video as video_mod
 from latentsync.align import FaceAligner
-from latentsync.crops import Work
-from latentsync.stages import StageClock, on_stream, own_stream, take
+from latentsync.loader import Models
+from latentsync.plan import Plan
+from latentsync.stages import StageClock
+from latentsync.stages.cuda import on_stream, own_stream, take
+from latentsync.stages.work import Work
 from latentsync.syncscore import sync_crop
 
 
@@ -21,13 +23,12 @@ class PasteStage:
     there, before the codec's rounding).
     """
 
-    def __init__(self, writer: video_mod.VideoWriter, matrices: np.ndarray, resolution: int, device: torch.device,
-                 sync_spans: list[tuple[int, int]], clock: StageClock, bar: tqdm,
+    def __init__(self, plan: Plan, models: Models, clock: StageClock, writer: video_mod.VideoWriter, bar: tqdm,
                  tap: Callable[[int, np.ndarray], None] | None = None):
-        self.writer, self.matrices, self.clock, self.bar, self.tap = writer, matrices, clock, bar, tap
-        self.sync_spans = sync_spans
-        self.aligner = FaceAligner(resolution)
-        self.stream = own_stream(device)
+        self.writer, self.matrices, self.clock, self.bar, self.tap = writer, plan.matrices, clock, bar, tap
+        self.sync_spans = plan.sync_spans
+        self.aligner = FaceAligner(models.resolution)
+        self.stream = own_stream(models.device)
 
     def __call__(self, work: Work) -> Work:
         chunk = work.chunk

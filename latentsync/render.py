@@ -1,0 +1,113 @@
+"""Rendering a plan: output chunks through the synthesis stages into a silent H.264 part, and the finishing
+join, mux and sync score of the parts.
+
+For each 16-frame chunk of the output: fetch and align its frames (``stages.align``), VAE-encode, denoise,
+decode (``stages.generate``), paste back and encode (``stages.paste``), score the sync of sampled spans
+(``stages.score``); the stages run concurrently in threads joined by bounded queues (``stages``). Rendering is
+split into chunk ranges so that several workers can render parts of one video.
+"""
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from latentsync import video as video_mod
+from latentsync.join import join_parts
+from latentsync.loader import Models
+from latentsync.models.syncnet import VIDEO_FPS, WINDOW_FRAMES
+from latentsync.plan import LipSyncResult, Plan, RenderPart
+from latentsync.stages import StageClock, run_stages
+from latentsync.stages.align import AlignStage
+from latentsync.stages.generate import GenerateStage
+from latentsync.stages.paste import PasteStage
+from latentsync.stages.score import ScoreStage
+from latentsync.syncscore import combine_scores, score_span, syncnet_on
+from latentsync.timeline import Chunk, chunk_at
+from latentsync.tracking import FaceTrack
+
+log = logging.getLogger(__name__)
+
+
+def render_part(plan: Plan, models: Models, out_path: Path, chunks: range | None, *, track: FaceTrack | None,
+                serial: bool, tap: Callable[[int, np.ndarray], None] | None, cancel: Any,
+                progress: bool) -> RenderPart:
+    """Write output chunks ``chunks`` (default: all) of ``plan`` as a silent H.264 file ``out_path``; with
+    ``track`` (a streaming plan's pass 1) each chunk first tracks the frames it shows."""
+    chunks = range(plan.num_chunks) if chunks is None else chunks
+    if chunks.step != 1 or not 0 <= chunks.start < chunks.stop <= plan.num_chunks:
+        raise ValueError(f"chunks must be a non-empty range within 0..{plan.num_chunks}, got {chunks}")
+    clock = StageClock()
+    size = plan.chunk_size
+    covered = range(chunks.start * size, min(chunks.stop * size, plan.num_out))
+
+    def source() -> Iterator[Chunk]:
+        for c in chunks:
+            if track is not None:
+                track.ensure((c + 1) * size)  # the track's clock is the plan's: its seconds count there
+                track.check()
+            # Past the frames tracked so far, chunk_at's count of source frames is the video's (track ended).
+            yield chunk_at(c, size, plan.num_out, plan.order, plan.has_face)
+
+    with torch.inference_mode():
+        generate = GenerateStage(plan, models, clock, cancel=cancel)
+        for c in range(chunks.start):
+            generate.skip(chunk_at(c, size, plan.num_out, plan.order, plan.has_face))
+    align = AlignStage(plan, models, clock)
+    writer = bar = None
+    try:  # everything that starts a process or a bar is made inside: an interrupt at any line cleans up
+        writer = video_mod.VideoWriter(out_path, plan.fps, plan.info.width, plan.info.height)
+        bar = tqdm(total=len(covered), desc="lip-sync", unit="frame", disable=not progress)
+        paste = PasteStage(plan, models, clock, writer, bar, tap=tap)
+        # SyncNet scores while the other stages work where it lives (the CPU); on a GPU, in ``finish_run``.
+        score = ScoreStage(plan, models, clock, covered, score_now=models.device.type == "cpu")
+        run_stages(source(), [align, generate, paste, score], concurrent=not serial, cancel=cancel)
+        with clock("encode"):
+            writer.close()
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        align.close()
+    return RenderPart(path=Path(out_path), chunks=chunks, frames=len(covered), seconds=clock.seconds,
+                      sync_scores=score.scores, sync_crops=score.crops)
+
+
+def finish_run(plan: Plan, models: Models, parts: list[Path], output: Path,
+               rendered: list[RenderPart]) -> LipSyncResult:
+    """Join the rendered ``parts`` (in chunk order), mux the user's audio into ``output``, score the sync."""
+    output = Path(output)
+    clock = StageClock()
+    with tempfile.TemporaryDirectory(prefix="latentsync-") as tmp:
+        silent = Path(parts[0])
+        if len(parts) > 1:
+            with clock("join"):
+                silent = join_parts([Path(p) for p in parts], Path(tmp) / "joined.mp4")
+        with clock("mux"):
+            video_mod.mux_audio(silent, plan.audio, output, duration=plan.num_out / plan.fps)
+    scores = {span: s for part in rendered for span, s in part.sync_scores.items()}
+    todo = [span for span in plan.sync_spans if span not in scores]
+    if todo:
+        crops = {j: c for part in rendered for j, c in part.sync_crops.items()}
+        with clock("sync"), syncnet_on(models.syncnet, models.device) as syncnet:
+            scores.update((span, score_span(syncnet, span, crops, plan.wav, plan.fps)) for span in todo)
+    scored = [scores[span] for span in plan.sync_spans if scores[span] is not None]
+    if models.syncnet is not None and not scored:
+        log.info("output too short to score its sync (SyncNet needs %d frames at %g fps)", WINDOW_FRAMES, VIDEO_FPS)
+    sync = combine_scores(scored) if scored else None
+    seconds: dict[str, float] = {}
+    for part_seconds in [plan.seconds, *(r.seconds for r in rendered), clock.seconds]:
+        for k, v in part_seconds.items():
+            seconds[k] = seconds.get(k, 0.0) + v
+    return LipSyncResult(output=output, seed=plan.options.seed, frames=plan.num_out,
+                         frames_with_face=plan.frames_with_face, fps=plan.fps,
+                         seconds={k: round(v, 3) for k, v in seconds.items()}, sync=sync)
