@@ -1,7 +1,11 @@
 """LatentSync lip-sync: audio-conditioned latent diffusion on aligned face crops.
 
-Data flows one way: ``audio`` → ``face`` → ``align`` → ``sampling`` (with ``models``) → ``video``,
-orchestrated by ``pipeline``; ``weights`` loads every checkpoint; ``options`` holds every run option.
+A run is ``pipeline.LipSync``: ``plan`` (probe, ``audio`` features, the face track of ``tracking``/``face``, the
+``timeline``) → ``render`` (the ``stages`` package: align → generate (VAE, ``sampling`` with ``models``) → paste →
+score, joined by bounded queues) → ``finish`` (join, mux, sync score). ``loader`` builds the frozen ``Models`` from
+``weights`` (strict checkpoint readers); ``manifest``/``download`` verify or fill the weights folder; ``video`` reads
+and writes media through one pinned ffmpeg. The front doors (``cli``, ``batch``, the Cog ``predict.py``) share
+``settings`` (environment + flags), ``options`` (every run option, once), ``errors`` and ``signals``.
 """
 from latentsync.errors import InputError, LatentSyncError, ResourceError
 
