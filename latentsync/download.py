@@ -6,8 +6,7 @@ reported and left alone, wherever it is; only partial downloads this module star
 
 Manifest lines are single files, or archives (a destination ending in ``/``): a ``.tar``/``.tar.gz`` fetched with
 ``pget -x`` when pget is installed (else by Python, then checked against its own size/sha256) and unpacked; every file
-taken from it is checked against its own manifest line before it is moved into place. No environment is read here:
-the entry points pass the manifest, the version, the Hugging Face endpoint and the cache folder.
+taken from it is checked against its own manifest line before it is moved into place. No environment is read here.
 """
 from __future__ import annotations
 
