@@ -109,10 +109,11 @@ def check_results(text: str) -> Path:
 def _identity(path: Path) -> tuple:
     """What makes two paths the same file: device and inode once it exists (links, hard links), else the path
     with links and ``..`` resolved."""
+    path = path.expanduser().resolve()  # "missing/../x" is x, as it is once the missing folder is made
     try:
         st = path.stat()
     except OSError:
-        return ("path", path.expanduser().resolve())
+        return ("path", path)
     return ("file", st.st_dev, st.st_ino)
 
 
