@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from media_utils import face_clip, speech
-from tiny_weights import tiny_weights_with_manifest
+from test_batch import media, weights  # noqa: F401 — the same module fixtures: tiny weights, short clips
 
 ray = pytest.importorskip("ray")
 
@@ -74,15 +74,9 @@ def nodes(tmp_path_factory, request):
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    return tiny_weights_with_manifest(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def media(tmp_path_factory):
-    d = tmp_path_factory.mktemp("media")
-    return {"clip25": face_clip(d / "clip25.mp4", 25), "speech_1s": speech(d / "speech1.wav", 1.0),
-            "clip100": face_clip(d / "clip100.mp4", 100), "speech_4s": speech(d / "speech4.wav", 4.0)}
+def long_media(tmp_path_factory):
+    d = tmp_path_factory.mktemp("long-media")
+    return {"clip100": face_clip(d / "clip100.mp4", 100), "speech_4s": speech(d / "speech4.wav", 4.0)}
 
 
 @pytest.fixture
@@ -166,9 +160,9 @@ def _wait_for(pattern: str, folders, p: subprocess.Popen, timeout: float = 240) 
 
 
 @pytest.mark.parametrize("moment", ["while-loading", "while-rendering"])
-def test_sigterm_leaves_nothing_on_any_node_and_every_job_a_line(batch, nodes, media, tmp_path, moment):
+def test_sigterm_leaves_nothing_on_any_node_and_every_job_a_line(batch, nodes, long_media, tmp_path, moment):
     temps = nodes[1]
-    p = batch(_jobs(media, tmp_path, 3, "clip100", "speech_4s"), "--workers", "2")
+    p = batch(_jobs(long_media, tmp_path, 3, "clip100", "speech_4s"), "--workers", "2")
     if moment == "while-loading":  # a worker's folder appears just before it loads the models
         _wait_for("latentsync-batch-*", temps.values(), p)
     else:  # the other node's worker is writing a part
