@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from latentsync.batch.jobs import is_complete
 from media_utils import face_clip, speech
 from test_batch import media, weights  # noqa: F401 — the same module fixtures: tiny weights, short clips
 
@@ -109,6 +110,7 @@ def _finish(p: subprocess.Popen, timeout: float = 300) -> tuple[int, list[dict],
         p.kill()
         _, err = p.communicate()
         pytest.fail(f"the batch did not end within {timeout} s; stderr: {err[-2000:]}")
+    assert p.results.exists(), f"no results file (exit status {p.returncode}); stderr: {err[-3000:]}"
     return p.returncode, [json.loads(line) for line in p.results.read_text().splitlines()], err
 
 
@@ -153,7 +155,7 @@ def test_workers_the_cluster_cannot_place_fail_every_job_in_one_line(batch, node
 
 def _wait_for(pattern: str, folders, p: subprocess.Popen, timeout: float = 240) -> None:
     deadline = time.monotonic() + timeout
-    while not any(Path(f).glob(pattern) for f in folders):
+    while not any(any(Path(f).glob(pattern)) for f in folders):
         assert p.poll() is None, f"the batch ended first: {p.communicate()[1][-2000:]}"
         assert time.monotonic() < deadline, f"nothing matched {pattern} within {timeout} s"
         time.sleep(0.05)
@@ -175,3 +177,5 @@ def test_sigterm_leaves_nothing_on_any_node_and_every_job_a_line(batch, nodes, l
     assert stopped and {r["error"] for r in stopped} == {"interrupted (Ctrl-C or SIGTERM) before it finished"}
     assert _left([*temps.values(), *p.temps]) == [], "a stopped worker's files were left on a node"
     assert not list(tmp_path.glob(".*latentsync-work")) and not any(Path(r["output"]).exists() for r in stopped)
+    # A job that ended as the batch stopped (its output renamed into place) says so, as its re-run will.
+    assert all(is_complete(Path(r["output"])) for r in lines if r["status"] == "succeeded")

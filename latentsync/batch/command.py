@@ -108,7 +108,11 @@ def _run(args: argparse.Namespace, settings: Settings, jobs: list[Job], bad: lis
             interrupted = stop.signum is not None or isinstance(e, (KeyboardInterrupt, Interrupted))
             reason = "interrupted (Ctrl-C or SIGTERM) before it finished" if interrupted else message(e)
             for job in todo:
-                if job.line not in ended:
+                if job.line in ended:
+                    continue
+                if is_complete(job.output):  # it was renamed into place as the batch stopped: it did succeed
+                    report(result_line(job.line, job.video, job.output, "succeeded", seed=job.options.seed))
+                else:
                     report(result_line(job.line, job.video, job.output, "failed", reason), warn=False)
             raise
     print(f"{counts['succeeded']} succeeded, {counts['skipped']} skipped, {counts['failed']} failed; "

@@ -125,7 +125,7 @@ class Batch:
                 pass
         for h in self.handles:
             ray.kill(h, no_restart=True)
-        if not tidy:
+        if self.handles and not tidy:
             self._sweep()
         remove_placement_group(self.group)
 
