@@ -67,11 +67,11 @@ def check_output(output: str | os.PathLike, inputs: tuple[Path, ...] = ()) -> Pa
         if path.exists() and os.path.samefile(path, given):  # the same file under another name, a link, ...
             raise InputError(f"output {path} is the input file {given}; LatentSync never overwrites its inputs: "
                              "choose another output name")
-    _check_folder(path.parent)
+    check_folder(path.parent)
     return path
 
 
-def _check_folder(folder: Path) -> None:
+def check_folder(folder: Path) -> None:
     """The output's folder exists and is writable, or the nearest existing folder above it is (we create the rest)."""
     existing = folder
     while not existing.exists() and existing.parent != existing:

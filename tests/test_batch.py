@@ -103,6 +103,38 @@ def test_segments_rendered_on_two_workers_equal_a_single_process_run(batch, medi
     assert not list(tmp_path.glob(f".*{WORK_SUFFIX}")), "segment parts were left behind"
 
 
+def test_an_output_that_is_another_jobs_input_fails_before_ray_and_the_good_jobs_run(batch, media, tmp_path):
+    video = tmp_path / "talk.mp4"
+    video.write_bytes(media["clip25"].read_bytes())
+    original = video.read_bytes()
+    (tmp_path / "taken").write_text("a file where a folder should be\n")
+    common = {"audio": str(media["speech_1s"]), **FAST}
+    jobs = [{**common, "video": str(video), "output": str(tmp_path / "good.mp4")},
+            {**common, "video": str(media["clip25"]), "output": str(tmp_path / "." / "talk.mp4")},
+            {**common, "video": str(media["clip25"]), "output": str(tmp_path / "taken" / "o.mp4")},
+            {**common, "video": str(media["clip25"]), "output": str(tmp_path / "folder") + "/"}]
+    status, lines = batch(jobs)
+    assert status == 1
+    by_line = {r["line"]: r for r in lines}
+    assert len(lines) == 4 and by_line[1]["status"] == "succeeded" and is_complete(tmp_path / "good.mp4")
+    assert "is also the video of line 1" in by_line[2]["error"]
+    assert by_line[3]["error"] == f"cannot create the output folder {tmp_path / 'taken'}: {tmp_path / 'taken'} is a " \
+                                  "file, not a folder"
+    assert "names a folder (it ends with a slash)" in by_line[4]["error"]
+    assert video.read_bytes() == original, "a job's output overwrote another job's input"
+
+
+def test_workers_that_cannot_load_the_models_give_every_job_its_line(batch, media, tmp_path):
+    empty = tmp_path / "no-weights"
+    empty.mkdir()
+    jobs = [{"video": str(media["clip25"]), "audio": str(media["speech_1s"]), "output": str(tmp_path / f"{i}.mp4"),
+             **FAST} for i in range(2)]
+    status, lines = batch(jobs, "--weights-dir", str(empty))
+    assert status in (1, 2)
+    assert sorted(r["line"] for r in lines) == [1, 2] and {r["status"] for r in lines} == {"failed"}
+    assert len({r["error"] for r in lines}) == 1 and "no-weights" in lines[0]["error"]
+
+
 def _blocks(frames: np.ndarray, k: int = 8) -> np.ndarray:
     """Means of k×k pixel blocks: what the encoder's rounding leaves alone while a different mouth still shows."""
     n, h, w, c = frames.shape
@@ -139,7 +171,10 @@ def test_a_cut_off_mp4_is_not_complete(media, tmp_path):
     assert not is_complete(tmp_path / "missing.mp4")
 
 
-def test_bad_lines_fail_with_one_line_messages_before_any_work(tmp_path):
+def test_bad_lines_fail_with_one_line_messages_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("a.mp4", "a.wav"):  # the inputs exist: the checks before Ray look at paths, not at media
+        (tmp_path / name).write_bytes(b"x")
     jobs = tmp_path / "jobs.jsonl"
     lines = ['{"video": "a.mp4", "audio": "a.wav", "output": "o1.mp4", "guidance_scale": 9}',
              'not json',

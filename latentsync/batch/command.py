@@ -7,22 +7,23 @@ Exit status 0 when every job succeeded or was skipped, 1 when one failed (or the
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
-import tempfile
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from latentsync.batch.jobs import Job, is_complete, read_jobs, result_line
+from latentsync.batch.jobs import Job, Results, check_results, is_complete, read_jobs, result_line
+from latentsync.batch.worker import message
 from latentsync.errors import InputError, Interrupted
 from latentsync.settings import Settings, add_model_arguments
 from latentsync.signals import Stop, exit_with, run_door
 
 log = logging.getLogger("latentsync.batch")
+
+PLACEMENT_TIMEOUT_S = 120.0  # for the cluster to place every worker (an autoscaler may add nodes meanwhile)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,11 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m latentsync.batch",
                                 description="Lip-sync every job of a JSON-lines file on a Ray cluster.")
     p.add_argument("jobs", type=Path, help='JSON lines: {"video": …, "audio": …, "output": …, option: value, …}')
-    p.add_argument("--results", type=Path, required=True, help="JSON lines written here, one per job")
+    p.add_argument("--results", required=True, help="JSON lines written here, one per job")
     p.add_argument("--address", default=None,
                    help="Ray cluster to use (ray://host:10001, or auto); default: start a local one")
     p.add_argument("--workers", type=int, default=None,
-                   help="workers, each with its own models (default: one per GPU, else 1)")
+                   help="workers, each with its own models (default: one per GPU, else one per node)")
+    p.add_argument("--placement-timeout", type=float, default=PLACEMENT_TIMEOUT_S, metavar="SECONDS",
+                   help=f"how long the cluster may take to place every worker (default {PLACEMENT_TIMEOUT_S:g})")
     p.add_argument("--segments", type=int, default=1,
                    help="cut each video into N parts rendered at once (a job's \"segments\" overrides it)")
     add_model_arguments(p)
@@ -58,8 +61,12 @@ def _checked_run(args: argparse.Namespace, stop: Stop, on_dispatch: Callable[[An
         raise InputError(f"--workers must be at least 1, got {args.workers}")
     if args.segments < 1:
         raise InputError(f"--segments must be at least 1, got {args.segments}")
+    if not args.placement_timeout > 0:
+        raise InputError(f"--placement-timeout must be more than 0 seconds, got {args.placement_timeout:g}")
     settings = Settings.from_args(args, os.environ)
-    jobs, bad = read_jobs(args.jobs, args.segments)
+    # Every path of the batch is checked here, before Ray starts: a bad line fails alone.
+    args.results = check_results(args.results)
+    jobs, bad = read_jobs(args.jobs, args.segments, args.results)
     return _run(args, settings, jobs, bad, stop, on_dispatch)
 
 
@@ -70,58 +77,66 @@ def entry() -> None:
 
 def _run(args: argparse.Namespace, settings: Settings, jobs: list[Job], bad: list[dict[str, Any]], stop: Stop,
          on_dispatch: Callable[[Any, int], None] | None) -> int:
-    import dataclasses
-
     from tqdm.auto import tqdm
 
-    from latentsync.batch.driver import Batch, connect, plan_workers
-    from latentsync.manifest import read_manifest
-
-    # Nodes need no copy of the manifest file: the workers get its parsed lines.
-    settings = dataclasses.replace(settings, manifest=tuple(read_manifest(settings.manifest)))
     todo = [j for j in jobs if not is_complete(j.output)]
     skipped = [j for j in jobs if j not in todo]
     counts: Counter[str] = Counter()
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    with args.results.open("w") as results, \
+    ended: set[int] = set()
+    with Results(args.results) as results, \
             tqdm(total=len(jobs) + len(bad), unit="job", desc="jobs", disable=args.quiet) as bar:
 
-        lines: list[dict[str, Any]] = []
-
-        def report(line: dict[str, Any]) -> None:
-            lines.append(line)
-            results.write(json.dumps(line) + "\n")
-            results.flush()
+        def report(line: dict[str, Any], *, warn: bool = True) -> None:
+            results.add(line)
+            ended.add(line["line"])
             counts[line["status"]] += 1
             bar.set_postfix(counts, refresh=False)
             bar.update(1)
-            if line["status"] == "failed":
+            if warn and line["status"] == "failed":
                 log.warning("line %s failed: %s", line["line"], line["error"])
 
         for line in bad:
             report(line)
         for job in skipped:
             report(result_line(job.line, job.video, job.output, "skipped"))
-        if todo:
-            with connect(args.address, stop, verbose=args.verbose) as local, \
-                    tempfile.TemporaryDirectory(prefix="latentsync-batch-") as tmp:
-                if local:  # verify or fetch the weights once here, not in every worker at once
-                    settings.weights()
-                workers, resources = plan_workers(args.workers, settings.device)
-                batch = Batch(settings, workers, resources=resources, temp_name=Path(tmp).name)
-                try:
-                    batch.run(todo, report, on_dispatch)
-                except (KeyboardInterrupt, Interrupted):  # Ctrl-C or SIGTERM (Ray's wait turns what the handler
-                    # raises into KeyboardInterrupt): every job still gets its line, so RESULTS says what a re-run
-                    # will do
-                    done = {line["line"] for line in lines}
-                    for job in todo:
-                        if job.line not in done:
-                            report(result_line(job.line, job.video, job.output, "failed",
-                                               "interrupted (Ctrl-C or SIGTERM) before it finished"))
-                    raise
-                finally:
-                    batch.close()
+        try:
+            if todo:
+                _run_on_ray(args, settings, todo, report, stop, on_dispatch)
+        except BaseException as e:
+            # Every job gets its line in every ending, so RESULTS says what a re-run will do; the reason is said
+            # once on stderr, not once per job.
+            interrupted = stop.signum is not None or isinstance(e, (KeyboardInterrupt, Interrupted))
+            reason = "interrupted (Ctrl-C or SIGTERM) before it finished" if interrupted else message(e)
+            for job in todo:
+                if job.line in ended:
+                    continue
+                if is_complete(job.output):  # it was renamed into place as the batch stopped: it did succeed
+                    report(result_line(job.line, job.video, job.output, "succeeded", seed=job.options.seed))
+                else:
+                    report(result_line(job.line, job.video, job.output, "failed", reason), warn=False)
+            raise
     print(f"{counts['succeeded']} succeeded, {counts['skipped']} skipped, {counts['failed']} failed; "
           f"results in {args.results}")
     return 1 if counts["failed"] else 0
+
+
+def _run_on_ray(args: argparse.Namespace, settings: Settings, todo: list[Job],
+                report: Callable[[dict[str, Any]], None], stop: Stop,
+                on_dispatch: Callable[[Any, int], None] | None) -> None:
+    """Run the jobs ``todo`` on the cluster (started or joined here), reporting each as it ends."""
+    import dataclasses
+
+    from latentsync.batch.driver import Batch, connect, plan_workers
+    from latentsync.manifest import read_manifest
+
+    # Nodes need no copy of the manifest file: the workers get its parsed lines.
+    settings = dataclasses.replace(settings, manifest=tuple(read_manifest(settings.manifest)))
+    with connect(args.address, stop, verbose=args.verbose) as local:
+        if local:  # verify or fetch the weights once here, not in every worker at once
+            settings.weights()
+        workers, resources = plan_workers(args.workers, settings.device)
+        batch = Batch(settings, workers, resources=resources, placement_timeout=args.placement_timeout)
+        try:
+            batch.run(todo, report, on_dispatch)
+        finally:
+            batch.close()

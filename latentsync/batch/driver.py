@@ -16,6 +16,8 @@ once it has run.
 from __future__ import annotations
 
 import logging
+import math
+import secrets
 import socket
 import time
 from collections import deque
@@ -25,10 +27,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from latentsync.batch.jobs import Job, result_line
-from latentsync.batch.worker import Worker
+from latentsync.batch.worker import Worker, sweep
 from latentsync.errors import InputError, ResourceError, one_line
 from latentsync.settings import Settings
 from latentsync.signals import Stop
@@ -38,6 +42,7 @@ log = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3  # tries of one task whose worker died (killed, out of memory) before its job fails
 MAX_RESTARTS = 4  # restarts of one worker (each reloads the models) before it is given up
 CONNECT_TIMEOUT_S = 10.0
+SWEEP_TIMEOUT_S = 30.0  # for stopped workers to be gone, and for each node to remove what they left
 
 
 @dataclass
@@ -66,20 +71,38 @@ def split_chunks(num_chunks: int, segments: int) -> list[range]:
 
 
 class Batch:
-    """A pool of workers on the connected Ray cluster and the loop that hands them tasks."""
+    """A pool of workers on the connected Ray cluster and the loop that hands them tasks. The workers are placed
+    as one placement group (every worker, or a ``ResourceError`` after ``placement_timeout`` seconds saying what
+    the cluster lacks); each keeps its temporary files in ``latentsync-batch-RUN-RANK`` in its node's temporary
+    folder, and nothing of them is left on any node once :meth:`close` returns."""
 
     def __init__(self, settings: Settings, workers: int, *, resources: dict[str, float] | None = None,
-                 temp_name: str | None = None):
-        actor = ray.remote(Worker).options(max_restarts=MAX_RESTARTS, max_task_retries=MAX_ATTEMPTS - 1,
-                                           **(resources or {}))
-        self.handles = [actor.remote(settings, rank, temp_name) for rank in range(workers)]
+                 placement_timeout: float):
+        resources = resources or {"num_cpus": 1}
+        self.temp_name = f"latentsync-batch-{secrets.token_hex(4)}"
+        self.handles: list[Any] = []
         self.pids: dict[int, int] = {}
         self._closed = False
+        bundle = {name: resources[key] for key, name in (("num_cpus", "CPU"), ("num_gpus", "GPU"))
+                  if resources.get(key)}
+        self.group = placement_group([bundle] * workers, strategy="SPREAD")
         try:
+            try:
+                ray.get(self.group.ready(), timeout=placement_timeout)
+            except GetTimeoutError:
+                raise ResourceError(_lacking(workers, bundle, placement_timeout)) from None
+            actor = ray.remote(Worker)
+            self.handles = [actor.options(
+                max_restarts=MAX_RESTARTS, max_task_retries=MAX_ATTEMPTS - 1, **resources,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=rank),
+            ).remote(settings, rank, self.temp_name) for rank in range(workers)]
             states = ray.get([h.ready.remote() for h in self.handles])
         except RayActorError as e:
             self.close(graceful=False)
             raise ResourceError(f"a worker could not start: {one_line(e)}") from None
+        except BaseException:  # no placement, or Ctrl-C / SIGTERM while the workers load: nothing may stay behind
+            self.close(graceful=False)
+            raise
         for rank, state in enumerate(states):
             if state["error"]:
                 kind, message = state["error"]
@@ -88,18 +111,39 @@ class Batch:
             self.pids[rank] = state["pid"]
 
     def close(self, *, graceful: bool = True) -> None:
-        """Stop every worker; ``graceful``: idle ones first remove their temporary folders (a killed one cannot,
-        and the driver removes the local ones)."""
+        """Stop every worker and free its place. ``graceful``: each first removes its temporary folder; a worker
+        that cannot (killed, dead, stuck, or not ``graceful``) has its folder removed by a task on every node."""
         if self._closed:
             return
         self._closed = True
+        tidy = False
         if graceful:
             try:
                 ray.get([h.close.remote() for h in self.handles], timeout=60)
+                tidy = True
             except Exception:  # a dead or stuck worker has nothing left to say; it is killed below
                 pass
         for h in self.handles:
             ray.kill(h, no_restart=True)
+        if self.handles and not tidy:
+            self._sweep()
+        remove_placement_group(self.group)
+
+    def _sweep(self) -> None:
+        """Remove this batch's worker folders from every node's temporary folder, once the workers are gone (a
+        killed process cleans nothing up, and may have been writing a part until it died)."""
+        for h in self.handles:
+            try:
+                ray.get(h.ready.remote(), timeout=SWEEP_TIMEOUT_S)  # answers with an error once the worker is dead
+            except Exception:
+                pass
+        task = ray.remote(num_cpus=0)(sweep)
+        refs = [task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
+                .remote(self.temp_name) for node in ray.nodes() if node["Alive"]]
+        try:
+            ray.get(refs, timeout=SWEEP_TIMEOUT_S)
+        except Exception as e:  # a node that went away took its folder with it, or is beyond reach
+            log.warning("could not remove %s-* on every node: %s", self.temp_name, one_line(e))
 
     def run(self, jobs: list[Job], report: Callable[[dict[str, Any]], None],
             on_dispatch: Callable[[Task, int], None] | None = None) -> None:
@@ -265,14 +309,41 @@ def _check_reachable(address: str) -> None:
 
 
 def plan_workers(workers: int | None, device: str | None) -> tuple[int, dict[str, float]]:
-    """How many workers, and the Ray resources of each: a GPU each where the cluster has GPUs and the device
-    allows, else an equal share of the CPUs (Ray sets each worker's thread count from it)."""
-    total = ray.cluster_resources()
-    gpus, cpus = int(total.get("GPU", 0)), int(total.get("CPU", 1))
-    use_gpu = gpus > 0 and not (device or "").startswith("cpu")
-    if device and device.startswith("cuda") and gpus == 0:
+    """How many workers, and the Ray resources of each, chosen so that all of them fit on the cluster's nodes: a
+    GPU each where the cluster has GPUs and the device allows (default: one per GPU), else a node's CPUs (default:
+    one worker per node; Ray sets each worker's thread count from its CPUs). More workers than fit whole share."""
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    gpus, cpus = [r.get("GPU", 0.0) for r in nodes], [r.get("CPU", 0.0) for r in nodes]
+    use_gpu = sum(gpus) > 0 and not (device or "").startswith("cpu")
+    if device and device.startswith("cuda") and not use_gpu:
         raise ResourceError("--device cuda was asked for, but the Ray cluster has no GPU")
-    n = workers or (gpus if use_gpu else 1)
     if use_gpu:  # more workers than GPUs share them (Ray's fractional GPUs): allowed, but not faster
-        return n, {"num_gpus": 1 if n <= gpus else round(gpus / n, 4), "num_cpus": 1}
-    return n, {"num_cpus": cpus // n if n <= cpus else round(cpus / n, 4)}
+        n = workers or max(1, int(sum(gpus)))
+        return n, {"num_gpus": _share(gpus, n), "num_cpus": 1}
+    if not sum(cpus):
+        raise ResourceError("the Ray cluster has no CPU for a worker; start its nodes with CPUs (ray start --num-cpus)")
+    n = workers or max(1, sum(1 for c in cpus if c >= 1))
+    return n, {"num_cpus": _share(cpus, n)}
+
+
+def _share(per_node: list[float], n: int) -> float:
+    """The most of one resource that each of ``n`` workers can have with all of them placed on nodes holding
+    ``per_node`` of it: whole units if they fit, else an equal fraction of one (Ray counts in 1/10000)."""
+    for each in range(int(max(per_node)), 0, -1):
+        if sum(int(have // each) for have in per_node) >= n:
+            return float(each)
+    k = 2
+    while sum(int(have * k) for have in per_node) < n:
+        k += 1
+    return math.floor(10_000 / k) / 10_000
+
+
+def _lacking(workers: int, bundle: dict[str, float], timeout: float) -> str:
+    """One line: what the cluster lacks to place ``workers`` workers of ``bundle`` each."""
+    free, total = ray.available_resources(), ray.cluster_resources()
+    nodes = sum(1 for node in ray.nodes() if node["Alive"])
+    need = " and ".join(f"{amount * workers:g} {name}" for name, amount in bundle.items())
+    has = " and ".join(f"{free.get(name, 0):g} of {total.get(name, 0):g} {name}" for name in bundle)
+    return (f"the Ray cluster could not place {workers} worker{'s' if workers > 1 else ''} ({need} in all) within "
+            f"{timeout:g} s: {has} free on {nodes} node{'s' if nodes > 1 else ''}; free them, add nodes, or ask for "
+            "fewer --workers")

@@ -1,4 +1,5 @@
-"""The jobs file and the results file: :class:`Job`, :func:`read_jobs`, :func:`result_line`, :func:`is_complete`.
+"""The jobs file and the results file: :class:`Job`, :func:`read_jobs`, :func:`check_results`, :func:`result_line`,
+:class:`Results`, :func:`is_complete`.
 
 Each line of JOBS is ``{"video": …, "audio": …, "output": …}`` plus any run option (``RunOptions`` names) and
 ``"segments"``. Outputs appear only by rename from a per-job work folder beside them, and a re-run skips an output
@@ -7,15 +8,18 @@ by a killed worker never counts as done. No Ray here.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from latentsync.errors import InputError
+from latentsync.errors import InputError, ResourceError
 from latentsync.options import RunOptions, check_file
+from latentsync.preflight import check_folder, check_output
 
 JOB_FIELDS = ("video", "audio", "output")
 WORK_SUFFIX = ".latentsync-work"  # the per-job folder beside an output: temporary outputs and segment parts
@@ -43,12 +47,13 @@ class Job:
             shutil.rmtree(self.work_dir, ignore_errors=True)
 
 
-def read_jobs(path: Path, segments: int = 1) -> tuple[list[Job], list[dict[str, Any]]]:
-    """Parse a jobs file: the good jobs, and a failed result line for each bad one (the others still run)."""
+def read_jobs(path: Path, segments: int = 1, results: Path | None = None) -> tuple[list[Job], list[dict[str, Any]]]:
+    """Parse and check a jobs file before anything runs: the good jobs, and a failed result line for each bad one
+    (the others still run). A line fails on the CLI's own checks of its paths, and when its output is a file the
+    batch reads (any job's input, the jobs file) or writes (another job's output, ``results``)."""
     check_file("jobs file", path)
-    jobs: list[Job] = []
+    parsed: list[Job] = []
     failed: list[dict[str, Any]] = []
-    outputs: dict[Path, int] = {}
     for number, raw in enumerate(path.read_text().splitlines(), start=1):
         if not raw.strip():
             continue
@@ -61,16 +66,55 @@ def read_jobs(path: Path, segments: int = 1) -> tuple[list[Job], list[dict[str, 
             failed.append(result_line(number, None, None, "failed", f"line {number} is not a JSON object"))
             continue
         try:
-            job = _job(number, entry, segments)
-            if job.output in outputs:
-                raise InputError(f"output {job.output} is also the output of line {outputs[job.output]}")
-            outputs[job.output] = number
-            jobs.append(job)
+            parsed.append(_job(number, entry, segments))
         except InputError as e:
             failed.append(result_line(number, entry.get("video"), entry.get("output"), "failed", str(e)))
-    if not jobs and not failed:
+    if not parsed and not failed:
         raise InputError(f"jobs file {path} has no jobs")
-    return jobs, failed
+    # Files the batch reads, by identity: an output that is one of them would be overwritten while in use.
+    read = {_identity(path): "the jobs file"}
+    for job in parsed:
+        read.setdefault(_identity(job.video), f"the video of line {job.line}")
+        read.setdefault(_identity(job.audio), f"the audio of line {job.line}")
+    if results is not None and _identity(results) in read:
+        raise InputError(f"--results {results} is {read[_identity(results)]}; choose another results file")
+    written = {} if results is None else {_identity(results): "the results file (--results)"}
+    jobs = []
+    for job in parsed:
+        key = _identity(job.output)
+        clash = read.get(key) or written.get(key)
+        if clash is None:
+            written[key] = f"the output of line {job.line}"
+            jobs.append(job)
+            continue
+        why = "never overwrites its inputs" if key in read else "writes each file once"
+        failed.append(result_line(job.line, job.video, job.output, "failed",
+                                  f"output {job.output} is also {clash}; LatentSync {why}: choose another output name"))
+    return jobs, sorted(failed, key=lambda r: r["line"])
+
+
+def check_results(text: str) -> Path:
+    """The ``--results`` path once it names a file in a folder the command may write, else an ``InputError``
+    (:func:`read_jobs` then refuses it as any job's input, and fails a job whose output it is)."""
+    if not text.strip():
+        raise InputError("--results is empty; name the file to write, e.g. results.jsonl")
+    if text.endswith(("/", os.sep)) or Path(text).is_dir():
+        raise InputError(f"--results {text} names a folder; name the file to write, e.g. "
+                         f"{Path(text) / 'results.jsonl'}")
+    path = Path(text).expanduser().absolute()
+    check_folder(path.parent)
+    return path
+
+
+def _identity(path: Path) -> tuple:
+    """What makes two paths the same file: device and inode once it exists (links, hard links), else the path
+    with links and ``..`` resolved."""
+    path = path.expanduser().resolve()  # "missing/../x" is x, as it is once the missing folder is made
+    try:
+        st = path.stat()
+    except OSError:
+        return ("path", path)
+    return ("file", st.st_dev, st.st_ino)
 
 
 def _job(number: int, entry: dict[str, Any], segments: int) -> Job:
@@ -78,9 +122,9 @@ def _job(number: int, entry: dict[str, Any], segments: int) -> Job:
     if missing:
         raise InputError(f"line {number} needs {', '.join(repr(m) for m in missing)} (a path)")
     options = {k: v for k, v in entry.items() if k not in JOB_FIELDS and k != "segments"}
-    video, audio, output = (Path(entry[name]).expanduser().resolve() for name in JOB_FIELDS)
-    if output in (video, audio):
-        raise InputError(f"output {output} is an input of the same job; choose another output path")
+    video, audio = (check_file(name, Path(entry[name]).expanduser()).resolve() for name in ("video", "audio"))
+    # The CLI's checks and messages, on the path as written (a trailing slash is gone once it is a Path).
+    output = check_output(os.path.expanduser(entry["output"]), inputs=(video, audio)).resolve()
     count = entry.get("segments", segments)
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise InputError(f"segments must be a whole number of at least 1, got {count!r}")
@@ -94,6 +138,38 @@ def result_line(line: int, video: Any, output: Any, status: str, error: str | No
             "output": None if output is None else str(output), "status": status, "error": error,
             "seed": fields.get("seed"), "frames": fields.get("frames"), "seconds": fields.get("seconds"),
             "sync": fields.get("sync")}
+
+
+class Results:
+    """The results file, one complete JSON line per job: each line goes in one ``write`` and is synced, and a write
+    the disk cut short is cut back, so the file never ends in half a line (a reader may follow it as jobs end)."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o666)
+        self.size = 0
+
+    def add(self, line: dict[str, Any]) -> None:
+        """Append one result line, whole or not at all (a ``ResourceError`` then names the results file)."""
+        data = (json.dumps(line) + "\n").encode()
+        try:
+            if os.write(self.fd, data) != len(data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            os.fsync(self.fd)
+        except OSError as e:
+            os.ftruncate(self.fd, self.size)
+            raise ResourceError(f"cannot write the results file {self.path}: {e.strerror or e}") from None
+        self.size += len(data)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def __enter__(self) -> Results:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def is_complete(path: Path) -> bool:

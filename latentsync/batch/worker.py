@@ -6,6 +6,7 @@ task never raises for a bad job, so one bad job fails alone and its message is t
 """
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import shutil
@@ -22,17 +23,17 @@ log = logging.getLogger(__name__)
 
 
 class Worker:
-    """One worker: ``settings`` say how to load the models; ``temp_name`` names the folder in each node's temporary
-    directory that holds one folder per worker (None: the pipeline's default temporary folders)."""
+    """One worker: ``settings`` say how to load the models; its temporary files go to ``TEMP_NAME-RANK`` in its
+    node's temporary folder (``temp_name`` None: the pipeline's default temporary folders)."""
 
     def __init__(self, settings: Settings, rank: int, temp_name: str | None = None):
         self.error: tuple[str, str] | None = None
         self.tmp: Path | None = None
         if temp_name is not None:
             # A restarted worker gets the same folder: what its killed predecessor left there goes now.
-            self.tmp = Path(tempfile.gettempdir()) / temp_name / f"worker-{rank}"
+            self.tmp = Path(tempfile.gettempdir()) / f"{temp_name}-{rank}"
             shutil.rmtree(self.tmp, ignore_errors=True)
-            self.tmp.mkdir(parents=True)
+            self.tmp.mkdir()
             tempfile.tempdir = str(self.tmp)  # the pipeline's own TemporaryDirectory()s go there
         try:
             self.pipe = settings.load()
@@ -88,6 +89,13 @@ class Worker:
         """Remove this worker's temporary folder."""
         if self.tmp is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def sweep(temp_name: str) -> None:
+    """Remove every worker folder ``TEMP_NAME-*`` from this node's temporary folder (a Ray task, run on each node
+    once the workers of a batch are gone)."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{glob.escape(temp_name)}-*"):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def message(error: BaseException) -> str:
