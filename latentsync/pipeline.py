@@ -54,7 +54,8 @@ class LipSync:
         ``unet_config`` defaults to the config of ``version``; its ``data.resolution`` must match the checkpoint
         (1.5 = 256 px, 1.6 = 512 px). ``syncnet_config`` defaults to the shipped StableSyncNet config.
         ``compile=True`` compiles the U-Net's full and shallow passes and warms them up here (minutes the first
-        time; cached in ``compile_cache``, by default ``weights_dir/compile-cache``). ``face_workers``: face-detection processes (None: by core count).
+        time; cached in ``compile_cache``, default ``weights_dir/compile-cache``). ``face_workers``: face-detection
+        processes (None: by core count).
         """
         models = load_models(Path(weights_dir), version, device, dtype, unet_config, syncnet_config)
         if compile:
