@@ -9,5 +9,16 @@ and writes media through one pinned ffmpeg. The front doors (``cli``, ``batch``,
 """
 from latentsync.errors import InputError, LatentSyncError, ResourceError
 
-__all__ = ["InputError", "LatentSyncError", "ResourceError"]
+__all__ = ["InputError", "LatentSyncError", "LipSync", "ResourceError", "RunOptions"]
 __version__ = "0.1.0"
+
+_LAZY = {"LipSync": "latentsync.pipeline", "RunOptions": "latentsync.options"}
+
+
+def __getattr__(name: str):
+    """``from latentsync import LipSync`` without making ``import latentsync`` load torch."""
+    if name not in _LAZY:
+        raise AttributeError(f"module 'latentsync' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(_LAZY[name]), name)

@@ -12,6 +12,7 @@ from typing import Any
 
 import yaml
 
+from latentsync.errors import InputError, one_line
 from latentsync.options import check_file
 
 _CHECKOUT = Path(__file__).resolve().parent.parent  # a source checkout or an editable install
@@ -46,10 +47,21 @@ _Loader.add_implicit_resolver(
 )
 
 
-def load_config(path: str | Path) -> dict[str, Any]:
-    """Read an upstream YAML config file into plain dicts and lists; a missing one is an InputError naming it."""
-    with open(check_file("config file", path), encoding="utf-8") as f:
-        return yaml.load(f, Loader=_Loader) or {}
+def load_config(path: str | Path, name: str = "config file", section: str | None = None) -> dict[str, Any]:
+    """Read an upstream YAML config file into plain dicts and lists; a missing, unreadable or non-YAML one, or one
+    without the mapping ``section`` (e.g. ``"model"``) when given, is an ``InputError`` naming it as ``name``."""
+    path = check_file(name, path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = yaml.load(f, Loader=_Loader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise InputError(f"{name} {path} is not a readable YAML file: {one_line(e)}") from e
+    config = {} if config is None else config
+    if not isinstance(config, dict):
+        raise InputError(f"{name} {path} holds a {type(config).__name__}, not a YAML mapping (an upstream config)")
+    if section is not None and not isinstance(config.get(section), dict):
+        raise InputError(f"{name} {path} has no {section}: section (expected an upstream configs/*/*.yaml)")
+    return config
 
 
 def config_path(name: str) -> Path:

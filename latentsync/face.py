@@ -15,8 +15,14 @@ in static-image mode, so every frame's result depends on that frame alone and is
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
+import re
+import sys
+import tempfile
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,6 +65,34 @@ TILE_FROM_PX = 640  # frames with a longer side get the tiled pass; smaller ones
 _TILES_PER_SIDE = 3  # tile side = long side / 3: a face is shrunk 3 times less than in the first pass
 _TILE_OVERLAP = 0.25  # of a tile: any face narrower than this (all the first pass misses) lies whole in one tile
 _FOUND_FRACTION = (0.05, 0.02)  # narrowest face found, as a fraction of the long side: whole frame, tiled
+
+
+# What mediapipe and TFLite print from C++ straight to file descriptor 2 when their graphs start (no setting or
+# variable turns it off): TFLite's delegate notice, absl's pre-initialisation notice, and absl-formatted I/W lines.
+_NATIVE_CHATTER = re.compile(r"INFO: Created TensorFlow Lite|WARNING: All log messages before absl::InitializeLog"
+                             r"|[IW]\d{4} [\d:.]+ +\d+ \S+\.cc:\d+\] ")
+_STDERR_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _native_chatter_dropped():
+    """File descriptor 2 goes to a temporary file meanwhile; what landed there is written back to stderr except
+    mediapipe's start-up chatter, so no other output is lost."""
+    with _STDERR_LOCK, tempfile.TemporaryFile() as caught:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(caught.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            caught.seek(0)
+            kept = [line for line in caught.read().decode(errors="replace").splitlines(keepends=True)
+                    if not _NATIVE_CHATTER.match(line)]
+            if kept:
+                sys.stderr.write("".join(kept))
+                sys.stderr.flush()
 
 
 @dataclass(frozen=True, eq=False)
@@ -114,14 +148,21 @@ class FaceLandmarker:
 
         self.max_faces = int(max_faces)
         self.min_confidence = float(min_confidence)
-        self._detectors = [
-            FaceDetection(model_selection=0, min_detection_confidence=self.min_confidence),
-            FaceDetection(model_selection=1, min_detection_confidence=self.min_confidence),
-        ]
-        # Static-image mode: no state between calls, so results do not depend on frame order.
-        self._mesh = FaceMesh(static_image_mode=True, max_num_faces=2, refine_landmarks=False,
-                              min_detection_confidence=self.min_confidence,
-                              min_tracking_confidence=self.min_confidence)
+        self._starting = True  # until the mesh has run once: its first runs still print start-up chatter
+        with _native_chatter_dropped():
+            self._detectors = [
+                FaceDetection(model_selection=0, min_detection_confidence=self.min_confidence),
+                FaceDetection(model_selection=1, min_detection_confidence=self.min_confidence),
+            ]
+            # Static-image mode: no state between calls, so results do not depend on frame order.
+            self._mesh = FaceMesh(static_image_mode=True, max_num_faces=2, refine_landmarks=False,
+                                  min_detection_confidence=self.min_confidence,
+                                  min_tracking_confidence=self.min_confidence)
+            # A graph opens its calculators (and they print) in its own threads after it starts; one run on a
+            # blank image waits for that. Every graph is stateless between images, so results do not change.
+            blank = np.zeros((64, 64, 3), dtype=np.uint8)
+            for graph in (*self._detectors, self._mesh):
+                graph.process(blank)
 
     def close(self) -> None:
         for graph in (*self._detectors, self._mesh):
@@ -138,6 +179,12 @@ class FaceLandmarker:
         frame = np.ascontiguousarray(frame_rgb)
         if frame.ndim != 3 or frame.shape[2] != 3 or frame.dtype != np.uint8:
             raise ValueError(f"expected an (H, W, 3) uint8 RGB frame, got {frame.shape} {frame.dtype}")
+        if self._starting:
+            with _native_chatter_dropped():
+                return self._detect(frame)
+        return self._detect(frame)
+
+    def _detect(self, frame: np.ndarray) -> list[Face]:
         faces = self._faces(frame, self._detections(frame))
         if not faces and max(frame.shape[:2]) > TILE_FROM_PX:
             faces = self._faces(frame, self._tiled_detections(frame))
@@ -208,6 +255,7 @@ class FaceLandmarker:
             return None
         crop[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = frame[sy0:sy1, sx0:sx1]
         result = self._mesh.process(crop).multi_face_landmarks
+        self._starting = False
         if not result:
             return None
         best, best_dist = None, math.inf

@@ -77,17 +77,17 @@ def load_models(weights_dir: Path, version: str, device: str | torch.device | No
                   syncnet=syncnet, version=version)
 
 
-def compile_unet(models: Models, weights_dir: Path) -> Models:
+def compile_unet(models: Models, cache_root: Path) -> Models:
     """``models`` with the U-Net swapped for its compiled passes, warmed up for a whole guided chunk.
 
-    Compiled artefacts are cached in ``weights_dir/compile-cache/<gpu>-torch<version>``, so a later boot of the
-    same machine type loads them instead of compiling again.
+    Compiled artefacts are cached in ``cache_root/<gpu>-torch<version>``, so a later boot of the same machine type
+    loads them instead of compiling again.
     """
     from latentsync.models.compiled import CompiledUNet, cache_folder, use_cache_dir
 
     unet, encoder, device = models.unet, models.audio_encoder, models.device
     try:
-        use_cache_dir(cache_folder(weights_dir, device))
+        use_cache_dir(cache_folder(cache_root, device))
     except OSError as exc:  # a read-only weights folder: compile anyway, with inductor's own cache
         log.warning("cannot keep compiled kernels beside the weights (%s); a later boot compiles again", exc)
     compiled = CompiledUNet(unet)

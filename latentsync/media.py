@@ -49,10 +49,11 @@ OUTPUT_FOLDER = "the output folder"
 # What ffmpeg and the OS say when a disk or quota is full.
 _DISK_FULL_MARKERS = ("No space left on device", "Disk quota exceeded")
 # Rough size of our H.264 (CRF 18) output: bits per pixel per frame for camera footage, with room to spare,
-# plus the AAC bit rate ``video.mux_audio`` uses and a fixed margin for headers and ffmpeg's own temporaries.
+# plus the AAC bit rate ``video.mux_audio`` uses and a small fixed margin for headers and file system blocks (the
+# index grows with the frames and is inside the bits-per-pixel allowance), so a tiny job needs little room.
 _H264_BITS_PER_PIXEL = 0.15
 _AAC_BITS_PER_S = 128_000
-_SPACE_MARGIN_BYTES = 8 << 20
+_SPACE_MARGIN_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -198,6 +199,17 @@ def disk_full_error(path: str | os.PathLike, what: str, needed: int | None = Non
     need = f"about {_size(needed)} needed, " if needed else ""
     return ResourceError(f"no space left on the disk holding {location} ({what}): {need}{_size(free_bytes(location))} "
                          f"free; free some space or choose another location")
+
+
+def name_max(folder: str | os.PathLike) -> int:
+    """The longest file name (in bytes) the file system holding ``folder`` (or its nearest existing parent) takes."""
+    path = Path(os.path.abspath(folder))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return os.pathconf(path, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255  # Linux, macOS and Windows file systems
 
 
 def estimate_video_bytes(width: int, height: int, frames: int, fps: float, *, with_audio: bool = True) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,8 @@ class RunOptions:
     @classmethod
     def make(cls, options: RunOptions | dict[str, Any] | None = None, **overrides: Any) -> RunOptions:
         """Options from an existing object or a dict, with keyword overrides; unknown names are an ``InputError``."""
+        if options is not None and not isinstance(options, (RunOptions, Mapping)):
+            raise InputError(f"options must be a RunOptions or a dict of option names, got {options!r}")
         base = dataclasses.asdict(options) if isinstance(options, RunOptions) else dict(options or {})
         base.update(overrides)
         known = {f.name for f in dataclasses.fields(cls)}

@@ -47,17 +47,19 @@ class LipSync:
     def from_pretrained(cls, weights_dir: str | Path, version: str = "1.6", device: str | torch.device | None = None,
                         dtype: str | torch.dtype | None = None, unet_config: str | Path | None = None,
                         syncnet_config: str | Path | None = None, *, compile: bool = False,
-                        face_workers: int | None = None, caps: media.MediaCaps | None = None) -> LipSync:
+                        face_workers: int | None = None, caps: media.MediaCaps | None = None,
+                        compile_cache: str | Path | None = None) -> LipSync:
         """Load VAE, U-Net, Whisper (and SyncNet when present) from a folder laid out like upstream's ``checkpoints/``.
 
         ``unet_config`` defaults to the config of ``version``; its ``data.resolution`` must match the checkpoint
         (1.5 = 256 px, 1.6 = 512 px). ``syncnet_config`` defaults to the shipped StableSyncNet config.
         ``compile=True`` compiles the U-Net's full and shallow passes and warms them up here (minutes the first
-        time; cached next to the weights). ``face_workers``: face-detection processes (None: by core count).
+        time; cached in ``compile_cache``, default ``weights_dir/compile-cache``). ``face_workers``: face-detection
+        processes (None: by core count).
         """
         models = load_models(Path(weights_dir), version, device, dtype, unet_config, syncnet_config)
         if compile:
-            models = compile_unet(models, Path(weights_dir))
+            models = compile_unet(models, Path(compile_cache or Path(weights_dir) / "compile-cache"))
         return cls(models, face_workers=default_workers() if face_workers is None else face_workers, caps=caps)
 
     def close(self) -> None:

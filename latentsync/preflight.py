@@ -60,6 +60,10 @@ def check_output(output: str | os.PathLike, inputs: tuple[Path, ...] = ()) -> Pa
         raise InputError(f"output {text} names a folder (it ends with a slash); name the file to write, "
                          f"e.g. {text}out.mp4")
     path = Path(text)
+    limit = media.name_max(path.parent)
+    if len(path.name.encode()) > limit:
+        raise InputError(f"output name {path.name[:40]}… is {len(path.name.encode())} bytes long; this file system "
+                         f"takes at most {limit}: choose a shorter name")
     if path.is_dir():
         raise InputError(f"output {path} is an existing folder; name the file to write, e.g. {path / 'out.mp4'}")
     video_mod.check_output_container(path)

@@ -13,13 +13,16 @@ unset: ``$XDG_CACHE_HOME/latentsync/VERSION``, filled from the network (``HF_END
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from latentsync.errors import InputError, ResourceError, one_line
-from latentsync.options import DEFAULT_VERSION, DTYPES, VERSIONS, check_file, check_version
+from latentsync.options import DEFAULT_VERSION, DTYPES, VERSIONS, check_version
 
 
 @dataclass(frozen=True)
@@ -87,11 +90,34 @@ class Settings:
 
     def load(self, weights_dir: Path | None = None):
         """The ``LipSync`` pipeline these settings describe (``weights_dir``: already verified by :meth:`weights`)."""
-        from latentsync.pipeline import LipSync
+        with _no_inductor_folder():
+            from latentsync.models.compiled import default_cache_root
+            from latentsync.pipeline import LipSync
 
-        return LipSync.from_pretrained(weights_dir or self.weights(), version=self.version, device=self.device,
-                                       dtype=self.dtype, unet_config=self.unet_config,
-                                       syncnet_config=self.syncnet_config, compile=self.compile, caps=self.caps)
+            # A folder the user named is never written to: its compiled kernels go to the default cache folder.
+            cache = default_cache_root(self.cache_home) if self.weights_dir is not None else None
+            return LipSync.from_pretrained(weights_dir or self.weights(), version=self.version, device=self.device,
+                                           dtype=self.dtype, unet_config=self.unet_config,
+                                           syncnet_config=self.syncnet_config, compile=self.compile,
+                                           caps=self.caps, compile_cache=cache)
+
+
+@contextlib.contextmanager
+def _no_inductor_folder():
+    """Importing ``torch._dynamo`` (diffusers does) creates inductor's cache folder ``torchinductor_<user>`` in the
+    temporary folder and points ``TORCHINDUCTOR_CACHE_DIR`` at it; a run that compiles nothing leaves no such folder
+    behind (an empty one it created is removed, a compiled run's cache is left alone)."""
+    temp = Path(tempfile.gettempdir())
+    chosen = "TORCHINDUCTOR_CACHE_DIR" in os.environ  # set by the user (or a compiled load before): theirs
+    before = set(temp.glob("torchinductor_*"))
+    try:
+        yield
+    finally:
+        for folder in set() if chosen else set(temp.glob("torchinductor_*")) - before:
+            if os.environ.get("TORCHINDUCTOR_CACHE_DIR") == str(folder):
+                with contextlib.suppress(OSError):  # not empty: something was compiled there, and it is kept
+                    folder.rmdir()
+                    del os.environ["TORCHINDUCTOR_CACHE_DIR"]
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -124,6 +150,11 @@ def _pick(given: Any, flag: str, environ: Mapping[str, str], variable: str) -> t
 
 
 def _config(given: Any, flag: str, environ: Mapping[str, str], variable: str) -> Path | None:
-    """A config named by the flag, else the variable; it must be an existing file."""
+    """A config named by the flag, else the variable; it must be an upstream YAML file with a ``model:`` section."""
+    from latentsync.config import load_config
+
     chosen = _pick(given, flag, environ, variable)
-    return check_file(chosen[1], chosen[0]).resolve() if chosen else None
+    if not chosen:
+        return None
+    load_config(chosen[0], chosen[1], section="model")  # a malformed config costs milliseconds, not a model load
+    return Path(chosen[0]).resolve()

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from latentsync.errors import InputError
+from latentsync.errors import InputError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -27,14 +27,32 @@ def _safetensor_error() -> type[Exception]:
     return SafetensorError
 
 
-def _torch_load(path: Path) -> object:
-    try:  # memory-mapped: the tensors are read as they are used, not copied up front
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as e:
-        if "mmap" not in str(e):
-            raise
-        # files written with torch.save(..., _use_new_zipfile_serialization=False) cannot be memory-mapped
-        return torch.load(path, map_location="cpu", weights_only=True)
+# torch.save writes a zip archive (since 1.6) or, in the legacy format, a pickle of protocol 2 or higher.
+_TORCH_MAGICS = (b"PK\x03\x04", b"\x80")
+
+
+def _torch_load(path: Path, what: str = "checkpoint") -> object:
+    """``torch.load`` of a checkpoint (tensors only, memory-mapped when it can be); a file that is not one — a text
+    file, a web page, a truncated or foreign archive — is an ``InputError`` naming it."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise InputError(f"cannot read {what} {path}: {one_line(e)}") from e
+    if not head.startswith(_TORCH_MAGICS):  # text fed to the unpickler fails in arbitrary ways (IndexError)
+        raise InputError(f"{what} {path} is not a PyTorch checkpoint (it starts with {head!r}); replace the file")
+    try:
+        try:  # memory-mapped: the tensors are read as they are used, not copied up front
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            # files written with torch.save(..., _use_new_zipfile_serialization=False) cannot be memory-mapped
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except (*_UNREADABLE, IndexError) as e:  # a truncated or foreign file: say which one, in one line
+        # torch's refusal of a pickle holding code is a paragraph; its last sentence names what it met
+        reason = one_line(e).split("WeightsUnpickler error: ")[-1].split(" Check the documentation")[0]
+        raise InputError(f"cannot read {what} {path}: {reason}") from e
 
 
 def read_state_dict(path: str | Path, *, key: str | None = "state_dict") -> dict[str, torch.Tensor]:
@@ -42,14 +60,14 @@ def read_state_dict(path: str | Path, *, key: str | None = "state_dict") -> dict
     path = Path(path)
     if not path.is_file():
         raise InputError(f"checkpoint not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
 
+        try:
             return load_file(str(path))
-        obj = _torch_load(path)
-    except (*_UNREADABLE, _safetensor_error()) as e:  # a truncated or foreign file: say which one
-        raise InputError(f"cannot read checkpoint {path}: {e}") from e
+        except (*_UNREADABLE, _safetensor_error()) as e:  # a truncated or foreign file: say which one
+            raise InputError(f"cannot read checkpoint {path}: {one_line(e)}") from e
+    obj = _torch_load(path)
     if isinstance(obj, Mapping) and key is not None and key in obj:
         obj = obj[key]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -103,7 +121,7 @@ def load_syncnet(
     from latentsync.models.syncnet import StableSyncNet
 
     if not isinstance(config, Mapping):
-        config = load_config(config)
+        config = load_config(config, "SyncNet config", section="model")
     if "model" in config:  # a whole upstream YAML rather than its model: section
         config = config["model"]
     with torch.device("meta"):  # no random init of ~400 M parameters that the checkpoint overwrites
@@ -166,14 +184,12 @@ def load_unet(
     from latentsync.config import load_config
     from latentsync.models.unet import UNet3DConditionModel
 
-    source, resolution = "a model: dict", None
+    source, resolution = None, None
     if not isinstance(config, Mapping):
         source = str(config)
         if not Path(config).is_file():
             raise InputError(f"U-Net config not found: {config}")
-        config = load_config(config)
-        if "model" not in config:
-            raise InputError(f"{source} has no model: section (expected an upstream configs/unet/*.yaml)")
+        config = load_config(config, "U-Net config", section="model")
     if "model" in config:  # a whole upstream YAML rather than its model: section
         resolution = (config.get("data") or {}).get("resolution")
         config = config["model"]
@@ -188,11 +204,11 @@ def load_unet(
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:  # a buffer outside the state dict would still be on the meta device
         raise RuntimeError(f"U-Net tensors left uninitialised after loading: {left[:5]}")
-    # A 1.6 checkpoint run with the 256-px config is upstream's most frequent mistake: say which pairing is used.
-    log.info(
-        "U-Net %s with config %s: resolution %s (1.5 checkpoints need 256 px, 1.6 need 512 px)",
-        checkpoint_path, source, f"{resolution} px" if resolution else "not given by a model: dict",
-    )
+    # A 1.6 checkpoint run with the 256-px config is upstream's most frequent mistake: say which pairing is used
+    # (a caller passing the model: dict, as the loader does, states the resolution itself).
+    if source is not None:
+        log.info("U-Net %s with config %s: resolution %s (1.5 checkpoints need 256 px, 1.6 need 512 px)",
+                 checkpoint_path, source, f"{resolution} px" if resolution else "not given")
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -285,12 +301,7 @@ def _config_from_dims(dims: Mapping[str, int]) -> WhisperConfig:
 
 
 def _read_openai_checkpoint(path: Path) -> tuple[WhisperConfig, dict[str, torch.Tensor]]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    # What a foreign, truncated or unsafe file gives (torch: RuntimeError for a bad archive, UnpicklingError for
-    # code in the pickle); anything else is a bug of ours and keeps its traceback.
-    except (RuntimeError, pickle.UnpicklingError, EOFError, PermissionError) as e:
-        raise InputError(f"cannot read Whisper checkpoint {path}: {str(e).splitlines()[0]}") from e
+    obj = _torch_load(path, "Whisper checkpoint")
     if not isinstance(obj, Mapping) or "dims" not in obj or "model_state_dict" not in obj:
         raise InputError(f"{path} is not an OpenAI Whisper checkpoint (expected 'dims' and 'model_state_dict')")
     try:

@@ -329,3 +329,64 @@ def test_the_api_names_a_missing_config(weights):
     folder, _ = weights
     with pytest.raises(InputError, match="config file /nonexistent/unet.yaml does not exist"):
         LipSync.from_pretrained(folder, unet_config="/nonexistent/unet.yaml", device="cpu")
+
+
+def test_an_output_name_longer_than_the_file_system_takes_is_refused_up_front(env, media, tmp_path, capsys):
+    status, err = run_cli(capsys, media["video"], media["audio"], "-o", tmp_path / ("n" * 300 + ".mp4"),
+                          *NO_WEIGHTS)
+    assert status == 2 and "choose a shorter name" in one_line(err)
+
+
+def test_a_fifo_given_as_the_video_is_named_as_such(env, media, tmp_path, capsys):
+    fifo = tmp_path / "video.mp4"
+    os.mkfifo(fifo)
+    status, err = run_cli(capsys, fifo, media["audio"], "-o", tmp_path / "o.mp4", *NO_WEIGHTS)
+    assert status == 2 and "is not a regular file" in one_line(err)
+
+
+def test_a_malformed_unet_config_is_one_line_before_any_weights(env, media, tmp_path, capsys):
+    config = tmp_path / "unet.yaml"
+    config.write_text("model: [unclosed\n")
+    status, err = run_cli(capsys, media["video"], media["audio"], "-o", tmp_path / "o.mp4", "--unet-config", config,
+                          *NO_WEIGHTS)
+    assert status == 2 and f"--unet-config {config} is not a readable YAML file" in one_line(err)
+
+
+def test_a_text_file_standing_as_the_unet_checkpoint_is_one_line(env, weights, media, tmp_path, capsys,
+                                                                  monkeypatch):
+    folder, cfg = weights
+    copy = tmp_path / "w"
+    subprocess.run(["cp", "-r", str(folder), str(copy)], check=True)
+    (copy / "latentsync_unet.pt").write_text("this is text, not a checkpoint\n")
+    manifest = Path(env["LATENTSYNC_MANIFEST"])
+    lines = [" ".join([*line.split()[:3], "-", "-"]) if "latentsync_unet.pt" in line else line
+             for line in manifest.read_text().splitlines()]  # a manifest line without size or digest
+    manifest.write_text("\n".join(lines) + "\n")
+    status, err = run_cli(capsys, media["video"], media["audio"], "-o", tmp_path / "o.mp4", "--weights-dir", copy,
+                          "--unet-config", cfg, "--device", "cpu", "-q")
+    assert status == 2 and "latentsync_unet.pt is not a PyTorch checkpoint" in one_line(err)
+
+
+def test_a_quiet_run_prints_nothing_but_its_result_and_leaves_the_temporary_folder_as_it_was(env, weights, media,
+                                                                                            tmp_path):
+    folder, cfg = weights
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    proc = subprocess.run([sys.executable, "-m", "latentsync", str(media["video"]), str(media["audio"]), "-o",
+                           str(tmp_path / "o.mp4"), "--weights-dir", str(folder), "--unet-config", str(cfg),
+                           "--device", "cpu", "--seed", "1", "-q"], cwd=REPO, capture_output=True, text=True,
+                          env={**env, "TMPDIR": str(temp)}, timeout=600)
+    assert proc.returncode == 0 and proc.stdout.startswith("wrote ")
+    assert proc.stderr == ""  # mediapipe's and TFLite's start-up lines included
+    assert list(temp.iterdir()) == []  # no torchinductor_<user>/ either
+
+
+def test_loading_logs_no_line_about_a_model_dict(weights, caplog):
+    import logging
+
+    from latentsync.loader import load_models
+
+    folder, cfg = weights
+    with caplog.at_level(logging.INFO):
+        load_models(folder, "1.6", "cpu", None, cfg, folder / "syncnet.yaml")
+    assert not [r for r in caplog.records if "model: dict" in r.getMessage()]

@@ -110,3 +110,9 @@ def test_free_bytes_of_a_folder_not_created_yet(tmp_path):
     assert media.free_bytes(tmp_path / "not" / "yet") == media.free_bytes(tmp_path) > 0
     assert media.is_disk_full(b"[out#0/mp4] Error closing file: No space left on device")
     assert media.is_disk_full_error(OSError(28, os.strerror(28)))
+
+
+def test_a_tiny_job_needs_little_room():
+    # 2 s of 320×240 with its audio (about 185 KB written): a disk with a few MiB free holds it, twice over.
+    needed = media.estimate_video_bytes(320, 240, 50, 25.0)
+    assert 100 << 10 < needed < 3 << 20

@@ -104,3 +104,19 @@ def test_dtype_names_come_from_the_options():
         pick_dtype(cpu, "int8")
     with pytest.raises(InputError, match="not supported"):
         pick_dtype(cpu, torch.int8)
+
+
+@pytest.mark.parametrize("options", [42, "seed=3", [("seed", 3)]])
+def test_make_refuses_options_that_are_neither_run_options_nor_a_dict(options):
+    with pytest.raises(InputError, match="options must be a RunOptions or a dict"):
+        RunOptions.make(options)
+
+
+def test_the_package_names_lipsync_without_loading_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, latentsync; assert 'torch' not in sys.modules; "
+            "from latentsync import LipSync, RunOptions; from latentsync.pipeline import LipSync as L; "
+            "assert LipSync is L and RunOptions.__module__ == 'latentsync.options'")
+    subprocess.run([sys.executable, "-c", code], check=True)

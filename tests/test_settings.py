@@ -58,3 +58,39 @@ def test_describe_gives_each_door_the_same_status_and_line():
     assert describe(KeyboardInterrupt()) == (130, "interrupted by SIGINT")
     assert describe(ValueError("whatever"), signal.SIGTERM)[0] == 143, "after a signal, anything is its doing"
     assert describe(ValueError("a bug")) is None and describe(OSError("no strerror")) is None
+
+
+@pytest.mark.parametrize("text, words", [
+    ("model: [unclosed\n", "is not a readable YAML file"),
+    ("# only a comment\n", "has no model: section"),
+    ("- a list\n", "holds a list, not a YAML mapping"),
+    ("data: {resolution: 256}\n", "has no model: section"),
+    ("model: 3\n", "has no model: section"),
+])
+def test_a_malformed_config_is_one_input_error_naming_its_flag(tmp_path, text, words):
+    config = tmp_path / "unet.yaml"
+    config.write_text(text)
+    for flags, environ, name in (({"unet_config": config}, {}, "--unet-config"),
+                                 ({}, {"LATENTSYNC_SYNCNET_CONFIG": str(config)}, "LATENTSYNC_SYNCNET_CONFIG")):
+        with pytest.raises(InputError) as caught:
+            Settings.read(environ, **flags)
+        assert str(caught.value).startswith(f"{name} {config}") and words in str(caught.value)
+        assert "\n" not in str(caught.value)
+
+
+def test_compiled_kernels_of_a_named_weights_folder_go_to_the_cache_folder(tmp_path, monkeypatch):
+    import torch
+
+    import latentsync.models.compiled as compiled_mod
+    from tiny_weights import make_tiny_weights
+
+    monkeypatch.setattr(compiled_mod, "BACKEND", "eager")  # the plumbing, not inductor's minutes
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    folder, cfg = make_tiny_weights(tmp_path / "w", syncnet=False)
+    before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
+    settings = Settings.read({"XDG_CACHE_HOME": str(tmp_path / "cache")}, weights_dir=folder, unet_config=cfg,
+                             device="cpu", compile=True)
+    settings.load(folder)
+    assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before  # the user's folder: untouched
+    tag = f"cpu-torch{torch.__version__}".replace("+", "_")
+    assert (tmp_path / "cache" / "latentsync" / "compile-cache" / tag).is_dir()

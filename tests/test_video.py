@@ -575,3 +575,15 @@ def test_caps_come_from_the_entry_points_environment():
                         ("LATENTSYNC_MAX_DURATION", "nan")]:
         with pytest.raises(InputError, match=name):
             media.caps_from_env({name: value})
+
+
+def test_the_hidden_temporary_name_of_a_longest_legal_name_stays_legal(tmp_path):
+    from latentsync.video.write import _temp_beside
+
+    limit = media.name_max(tmp_path)
+    for name in ("a" * (limit - 4) + ".mp4", "é" * ((limit - 4) // 2) + ".mov", "short.mkv"):
+        temp = _temp_beside(tmp_path / name)
+        assert len(temp.name.encode()) <= limit and temp.parent == tmp_path and temp.suffix == Path(name).suffix
+        assert temp.name.startswith(".") and ".part" in temp.name
+        temp.write_bytes(b"")  # the file system takes it
+    assert len({_temp_beside(tmp_path / ("b" * (limit - 4) + ".mp4")) for _ in range(5)}) == 5

@@ -31,11 +31,17 @@ def use_cache_dir(folder: Path) -> Path:
     return folder
 
 
-def cache_folder(weights_dir: Path, device: torch.device) -> Path:
-    """``weights_dir/compile-cache/<device name>-torch<version>``: artefacts only fit the same GPU and torch."""
+def default_cache_root(cache_home: str | Path | None = None) -> Path:
+    """``<cache_home>/latentsync/compile-cache`` (``cache_home``: ``~/.cache``): where compiled artefacts go when
+    the weights folder is the user's, which is never written to."""
+    return Path(cache_home or Path.home() / ".cache") / "latentsync" / "compile-cache"
+
+
+def cache_folder(root: Path, device: torch.device) -> Path:
+    """``root/<device name>-torch<version>``: artefacts only fit the same GPU and torch."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     tag = "".join(ch if ch.isalnum() or ch in ".-" else "_" for ch in f"{name}-torch{torch.__version__}")
-    return weights_dir / "compile-cache" / tag
+    return root / tag
 
 
 class CompiledUNet:

@@ -75,7 +75,11 @@ def _temp_beside(path: Path) -> Path:
         if media.is_disk_full_error(exc):
             raise media.disk_full_error(path, _where(path.parent)) from None
         raise
-    return path.with_name(f".{path.stem}.{secrets.token_hex(6)}.part{path.suffix or '.mp4'}")
+    suffix = f".{secrets.token_hex(6)}.part{path.suffix or '.mp4'}"
+    # The hidden name must fit the folder's name limit too: a legal output name may be as long as that limit.
+    room = media.name_max(path.parent) - len(f".{suffix}".encode())
+    stem = path.stem.encode()[:max(room, 1)].decode(errors="ignore") or "x"
+    return path.with_name(f".{stem}{suffix}")
 
 
 def _video_span(path: Path) -> tuple[float, float]:

@@ -1,0 +1,70 @@
+"""Peak host memory of the CLI by video length (tiny random models, 360p, CPU): the flat-memory rule.
+
+    .venv/bin/python benchmarks/memory_bench.py                  # 10 s, 60 s and 300 s
+    .venv/bin/python benchmarks/memory_bench.py --seconds 10 60
+
+Each length runs ``python -m latentsync`` in a fresh process and reads the peak resident memory of that child
+(``ru_maxrss`` of the waited-for process). The rule: 10 s within 1.4 GB, 60 s within 5 % of 10 s. On a small
+machine, ``MALLOC_ARENA_MAX=128 OMP_NUM_THREADS=16`` give the CLI a 16-core machine's malloc arenas and torch threads.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(HERE)]  # this checkout first
+
+from pipeline_bench import make_clip, make_speech  # noqa: E402
+
+
+def peak_rss_mb(argv: list[str], env: dict) -> tuple[float, float]:
+    """Run ``argv`` to the end in a child; its peak RSS in MB and its wall time."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode:
+        raise SystemExit(f"the CLI failed ({proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
+    return usage.ru_maxrss / 1024, wall
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--seconds", type=float, nargs="*", default=[10.0, 60.0, 300.0])
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--width", type=int, default=640)
+    p.add_argument("--height", type=int, default=360)
+    args = p.parse_args()
+    from tiny_weights import make_tiny_weights, manifest_for
+
+    with tempfile.TemporaryDirectory(prefix="latentsync-membench-") as tmp:
+        tmp = Path(tmp)
+        weights, cfg = make_tiny_weights(tmp / "weights")
+        manifest = manifest_for(weights, tmp / "weights.txt")
+        env = dict(os.environ, PYTHONPATH=str(ROOT), LATENTSYNC_MANIFEST=str(manifest))
+        peaks = {}
+        for seconds in args.seconds:
+            clip = make_clip(tmp / f"v{seconds:g}.mp4", seconds, args.width, args.height)
+            audio = make_speech(tmp / f"a{seconds:g}.wav", seconds)
+            argv = [sys.executable, "-m", "latentsync", str(clip), str(audio), "-o", str(tmp / f"o{seconds:g}.mp4"),
+                    "--weights-dir", str(weights), "--unet-config", str(cfg),
+                    "--syncnet-config", str(weights / "syncnet.yaml"), "--device", "cpu", "--seed", "0",
+                    "--inference-steps", str(args.steps), "--loop-mode", "cut_off", "-q"]
+            peaks[seconds], wall = peak_rss_mb(argv, env)
+            print(f"{args.height}p {seconds:g} s: peak RSS {peaks[seconds]:.0f} MB (wall {wall:.0f} s)", flush=True)
+        if len(peaks) > 1:
+            first = min(peaks)
+            for seconds, peak in sorted(peaks.items()):
+                print(f"  peak RSS {seconds:g} s / {first:g} s = {peak / peaks[first]:.3f}")
+
+
+if __name__ == "__main__":
+    main()
