@@ -177,6 +177,14 @@ def test_parts_of_a_ranged_plan_join_to_its_whole_render(pipe, media, tmp_path):
     assert all(np.array_equal(seen["parts"][j], seen["whole"][j]) for j in range(102))
 
 
+def test_segments_share_the_edited_chunks():
+    from latentsync.batch.driver import split_chunks
+
+    assert split_chunks(10, 3) == [range(0, 3), range(3, 7), range(7, 10)]  # no ranges: as before
+    assert split_chunks(94, 3, list(range(46, 56))) == [range(0, 49), range(49, 53), range(53, 94)]
+    assert split_chunks(94, 4, [3]) == [range(0, 94)]
+
+
 def test_a_range_past_the_end_is_cut_with_a_warning_and_one_wholly_past_it_refused(pipe, media, caplog):
     with caplog.at_level(logging.WARNING):
         plan = pipe.plan(media["clip"], media["speech"], RunOptions(ranges="3.5-9,20-30", **FAST))
