@@ -69,6 +69,16 @@ def test_an_unparsable_or_empty_range_is_refused_naming_it(text, named):
     assert named in str(info.value) and "\n" not in str(info.value)
 
 
+def test_the_cli_takes_ranges_and_checks_them_before_any_weights(tmp_path, capsys):
+    from latentsync.cli import build_parser, main
+
+    assert build_parser().parse_args(["v.mp4", "a.wav", "-o", "o.mp4", "--ranges", "1:02-1:04.5"]).ranges == \
+        "1:02-1:04.5"
+    assert main([str(tmp_path / "v.mp4"), str(tmp_path / "a.wav"), "-o", str(tmp_path / "o.mp4"),
+                 "--ranges", "4-2"]) == 2
+    assert "error: range 4-2 is empty or negative" in capsys.readouterr().err
+
+
 def test_a_batch_job_carries_ranges(tmp_path):
     from latentsync.batch.jobs import read_jobs
 
