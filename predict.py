@@ -68,6 +68,7 @@ class Predictor(BasePredictor):
         enable_deepcache: bool = Input(description="Reuse deep U-Net features between steps: about twice as fast, with a small quality cost.", default=True),  # noqa: E501
         keep_fps: bool = Input(description="Keep the input frame rate instead of converting to 25 fps, the rate LatentSync was trained at.", default=False),  # noqa: E501
         face_select: str = Input(description="Which face to lip-sync when several are visible: the largest, or the one whose mouth moves with the audio.", choices=FACE_SELECTS, default="largest"),  # noqa: E501
+        ranges: str = Input(description="Lip-sync only these times of the output and pass every other frame through, e.g. 12.5-18,1:40-1:42.2 (seconds, MM:SS.s or HH:MM:SS.s). Leave empty for the whole video.", default=""),  # noqa: E501
     ) -> Path:
         run = self._fresh_folder()
         output = run / f"lipsync-{run.name}.mp4"
@@ -80,7 +81,7 @@ class Predictor(BasePredictor):
         try:
             options = RunOptions(guidance_scale=guidance_scale, inference_steps=inference_steps, seed=seed,
                                  loop_mode=loop_mode, deepcache=enable_deepcache, keep_fps=keep_fps,
-                                 face_select=face_select)
+                                 face_select=face_select, ranges=ranges)
             result = self.pipe.lipsync(video, audio, output, options=options, cancel=_Heartbeat(log, PROGRESS_EVERY_S))
         except BaseException as e:  # noqa: BLE001 — out-of-memory and cancellation need cleanup, then re-raise
             # The library kills its own ffmpeg processes when interrupted (readers and writers close in `finally`).

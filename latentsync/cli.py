@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="edit the face nearest to this pixel on the first frame where a face is visible")
     p.add_argument("--face-select", choices=FACE_SELECTS, default=FACE_SELECT,
                    help="which face to edit when no --face-point is given")
+    p.add_argument("--ranges", default="", metavar="START-STOP,...",
+                   help="lip-sync only these times of the output (12.5-18,1:40-1:42.2; seconds, MM:SS.s or "
+                        "HH:MM:SS.s) and pass every other frame through; default: the whole video")
     add_model_arguments(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, warnings only")
     return p
@@ -66,7 +69,7 @@ def _run(args: argparse.Namespace, stop: Stop) -> int:
     options = RunOptions.make(guidance_scale=args.guidance_scale, inference_steps=args.inference_steps,
                               seed=args.seed, loop_mode=args.loop_mode, deepcache=args.deepcache,
                               keep_fps=args.keep_fps, face_select=args.face_select,
-                              face_point=tuple(args.face_point) if args.face_point else None)
+                              face_point=tuple(args.face_point) if args.face_point else None, ranges=args.ranges)
     settings = Settings.from_args(args, os.environ)
     from latentsync.preflight import check_run_paths
 
@@ -82,6 +85,9 @@ def _run(args: argparse.Namespace, stop: Stop) -> int:
                               progress=not args.quiet)
     print(f"wrote {result.output}: {result.frames} frames at {result.fps:g} fps, {result.frames_with_face} with a face, "
           f"seed {result.seed}")
+    if result.ranges:
+        listed = ", ".join(f"{a:.2f}-{b:.2f}" for a, b in result.ranges)
+        print(f"lip-synced {listed} s ({result.frames_with_face} frames with a face); the rest passed through")
     if result.sync is not None:
         s = result.sync
         print(f"sync: offset-0 cosine {s.offset0_cosine:.3f}, best offset {s.best_offset:+d} frames, "

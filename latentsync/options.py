@@ -45,6 +45,9 @@ class RunOptions:
     keep_fps: bool = KEEP_FPS
     face_point: tuple[float, float] | None = None  # (x, y) in source pixels: edit the face nearest to it
     face_select: str = FACE_SELECT
+    # Seconds of the output to lip-sync, sorted and merged; empty: the whole video. A string in the CLI's syntax
+    # ("12.5-18,40-42.2", also MM:SS.s and HH:MM:SS.s) or (start, stop) pairs.
+    ranges: tuple[tuple[float, float], ...] = ()
 
     def __post_init__(self) -> None:
         lo, hi = GUIDANCE_RANGE
@@ -65,6 +68,7 @@ class RunOptions:
             if isinstance(point, (str, bytes)) or not hasattr(point, "__len__") or len(point) != 2:
                 raise InputError(f"face_point must be two numbers (x, y) in pixels, got {point!r}")
             object.__setattr__(self, "face_point", tuple(_number("face_point", v) for v in point))
+        object.__setattr__(self, "ranges", parse_ranges(self.ranges))
 
     @classmethod
     def make(cls, options: RunOptions | dict[str, Any] | None = None, **overrides: Any) -> RunOptions:
@@ -84,6 +88,58 @@ class RunOptions:
         if self.seed is not None:
             return self
         return dataclasses.replace(self, seed=random.randint(*SEED_RANGE))
+
+
+def parse_ranges(value: Any) -> tuple[tuple[float, float], ...]:
+    """Time ranges in seconds from ``"12.5-18,1:40-1:42.2"`` (or (start, stop) pairs), sorted, overlaps merged;
+    ``""``/None/empty: ``()``, the whole video. An unparsable or empty range is an ``InputError`` naming it."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        items = [] if not value.strip() else value.split(",")
+        pairs = []
+        for item in items:
+            if not item.strip():
+                raise InputError(f"ranges {value!r} has an empty range (two commas in a row, or one at an end)")
+            start, sep, stop = item.strip().partition("-")
+            if not sep:
+                raise InputError(f"range {item.strip()!r} must be START-STOP (seconds, MM:SS.s or HH:MM:SS.s)")
+            pairs.append((_clock_time(item, start), _clock_time(item, stop)))
+    elif hasattr(value, "__iter__") and not isinstance(value, bytes):
+        pairs = []
+        for item in value:
+            if isinstance(item, (str, bytes)) or not hasattr(item, "__len__") or len(item) != 2:
+                raise InputError(f"range {item!r} must be a (start, stop) pair of seconds")
+            pairs.append((_number("range start", item[0]), _number("range stop", item[1])))
+    else:
+        raise InputError(f"ranges must be a string like '12.5-18,40-42.2' or (start, stop) pairs, got {value!r}")
+    merged: list[tuple[float, float]] = []
+    for start, stop in sorted(pairs):
+        if start < 0 or stop <= start:
+            raise InputError(f"range {start:g}-{stop:g} is empty or negative: give START-STOP with START < STOP")
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], stop))
+        else:
+            merged.append((start, stop))
+    return tuple(merged)
+
+
+def _clock_time(item: str, text: str) -> float:
+    """Seconds of ``12.5``, ``MM:SS.s`` or ``HH:MM:SS.s``; an ``InputError`` naming the range ``item`` if not."""
+    parts = text.strip().split(":")
+    try:
+        if len(parts) > 3 or any(not p.strip() or p.strip().startswith(("+", "-")) for p in parts):
+            raise ValueError
+        values = [float(p) for p in parts]
+    except ValueError:
+        raise InputError(f"range {item.strip()!r}: {text.strip()!r} is not a time (seconds, MM:SS.s or "
+                         "HH:MM:SS.s)") from None
+    seconds = 0.0
+    for v in values:
+        seconds = seconds * 60 + v
+    if not math.isfinite(seconds) or any(v >= 60 for v in values[1:]):
+        raise InputError(f"range {item.strip()!r}: {text.strip()!r} is not a time (seconds, MM:SS.s or HH:MM:SS.s)")
+    return seconds
 
 
 def check_version(version: str, name: str = "version", also: tuple[str, ...] = ()) -> str:

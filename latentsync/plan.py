@@ -2,7 +2,8 @@
 (anywhere, in any number of chunk ranges), and the ``LipSyncResult`` that ``finish`` makes of them. All picklable.
 
 Planning is pass 1 (``tracking``: one face followed, only its smoothed 2×3 matrix kept per frame) with Whisper
-running beside it, then the output's length and frame order, and the sync spans.
+running beside it, then the output's length and frame order, the frames to edit (the options' time ranges) and
+the sync spans.
 """
 from __future__ import annotations
 
@@ -19,13 +20,15 @@ import torch
 from latentsync import audio as audio_mod
 from latentsync import media
 from latentsync import video as video_mod
+from latentsync.errors import InputError
 from latentsync.facepool import Detectors
 from latentsync.loader import Models
 from latentsync.options import OUTPUT_FPS, RunOptions
 from latentsync.speaker import active_speaker_point
 from latentsync.stages import StageClock
 from latentsync.syncscore import sync_spans, syncnet_on
-from latentsync.timeline import output_length, pad_with_silence, source_index
+from latentsync.timeline import (edit_weights, output_length, pad_with_silence, range_frames, source_index,
+                                 touched_chunks)
 from latentsync.tracking import FaceTrack
 
 log = logging.getLogger(__name__)
@@ -42,6 +45,7 @@ class LipSyncResult:
     fps: float
     seconds: dict[str, float] = field(default_factory=dict)
     sync: Any = None  # a SyncScore when SyncNet is loaded
+    ranges: tuple[tuple[float, float], ...] = ()  # seconds of the output lip-synced (empty: the whole video)
 
 
 @dataclass
@@ -62,6 +66,9 @@ class Plan:
     chunk_size: int  # output frames per chunk (the model's 16)
     sync_spans: list[tuple[int, int]]  # output-frame spans whose generated crops are scored
     seconds: dict[str, float] = field(default_factory=dict)  # busy seconds of planning
+    # Per output frame, the lip-synced face's share (1 in the ranges, fading to 0 beyond); None: 1 everywhere.
+    weights: np.ndarray | None = None
+    ranges: tuple[tuple[float, float], ...] = ()  # the options' ranges cut to the output (empty: the whole video)
 
     @property
     def num_chunks(self) -> int:
@@ -69,7 +76,14 @@ class Plan:
 
     @property
     def frames_with_face(self) -> int:
-        return sum(bool(self.has_face[source_index(j, len(self.has_face), self.order)]) for j in range(self.num_out))
+        """Output frames in the ranges (all of them without ranges) that show the face."""
+        return sum(bool(self.has_face[source_index(j, len(self.has_face), self.order)]) for j in range(self.num_out)
+                   if self.weights is None or self.weights[j] == 1)
+
+    def edited(self, chunk: int) -> bool:
+        """Whether output chunk ``chunk`` holds a frame of a range or its fade (else it passes through)."""
+        size = self.chunk_size
+        return self.weights is None or bool(self.weights[chunk * size:(chunk + 1) * size].any())
 
 
 @dataclass
@@ -111,9 +125,11 @@ def make_plan(video: Path, audio: Path, opts: RunOptions, models: Models, caps: 
     with clock("faces"):
         pool, landmarker = detectors.get(face_workers)
 
+    rows = _feature_rows(opts.ranges, fps, models.num_frames)
+
     def features_of(mel: torch.Tensor) -> torch.Tensor:
         with clock("audio"):
-            return models.audio_encoder.features_from_log_mel(mel)
+            return _features(models.audio_encoder, mel, rows)
 
     if stream:
         features = features_of(mel)
@@ -134,8 +150,56 @@ def make_plan(video: Path, audio: Path, opts: RunOptions, models: Models, caps: 
         wav = pad_with_silence(wav, num_out, fps)
         features = features_of(audio_mod.log_mel(wav))
     log.info("%s: %d output frames at %.3f fps, loop mode %s", video, num_out, fps, opts.loop_mode)
+    weights, ranges, spans = _edits(video, opts.ranges, fps, num_out)
+    scored = [(a + s, a + e) for a, b in spans for s, e in sync_spans(b - a)]
     plan = Plan(video=video, audio=audio, options=opts, info=info, fps=fps, wav=wav,
                 features=features.float().cpu().numpy(), matrices=matrices, has_face=has_face, num_out=num_out,
-                order=order, chunk_size=models.num_frames,
-                sync_spans=sync_spans(num_out) if models.syncnet is not None else [], seconds=clock.seconds)
+                order=order, chunk_size=models.num_frames, sync_spans=scored if models.syncnet is not None else [],
+                seconds=clock.seconds, weights=weights, ranges=ranges)
     return plan, track
+
+
+def _edits(video: Path, ranges: tuple[tuple[float, float], ...], fps: float, num_out: int
+           ) -> tuple[np.ndarray | None, tuple[tuple[float, float], ...], list[tuple[int, int]]]:
+    """The frames to edit: per-frame weights (None: all), the ranges cut to the output, their frame spans.
+
+    A range past the output's end is cut there with a warning; ranges that cover the whole output are the whole
+    run (no weights), so they give its very bytes."""
+    duration = num_out / fps
+    spans = range_frames(ranges, fps, num_out)
+    for start, stop in ranges:
+        if stop > duration + 1e-6:
+            log.warning("range %g-%g runs past the end of the output (%.2f s): %s", start, stop, duration,
+                        "cut there" if start < duration else "left out")
+    if ranges and not spans:
+        listed = ", ".join(f"{a:g}-{b:g}" for a, b in ranges)
+        raise InputError(f"ranges {listed} lie past the end of the output ({duration:.2f} s); give times within it")
+    if not ranges or spans == [(0, num_out)]:
+        return None, (), [(0, num_out)]
+    return edit_weights(spans, num_out), tuple((a / fps, b / fps) for a, b in spans), spans
+
+
+def _feature_rows(ranges: tuple[tuple[float, float], ...], fps: float, size: int) -> list[tuple[int, int]] | None:
+    """Whisper feature rows the chunks touching ``ranges`` read (None: all), wherever the output ends."""
+    if not ranges:
+        return None
+    end = 2**40  # the output's length is not known yet; frames past it are never rendered
+    per_frame = audio_mod.FEATURES_PER_SECOND / fps
+    offsets = audio_mod.WINDOW_OFFSETS
+    return [(math.floor(c * size * per_frame) + int(offsets.min()) - 1,
+             math.ceil(((c + 1) * size - 1) * per_frame) + int(offsets.max()) + 2)
+            for c in touched_chunks(range_frames(ranges, fps, end), size, end)]
+
+
+def _features(encoder: Any, mel: torch.Tensor, rows: list[tuple[int, int]] | None) -> torch.Tensor:
+    """Whisper features of ``mel``; with ``rows``, only the 30 s windows holding those rows are encoded (windows are
+    encoded independently, so theirs are the whole file's very rows), the other rows are zeros, never read."""
+    if rows is None:
+        return encoder.features_from_log_mel(mel)
+    n_mel, window = mel.shape[1], audio_mod.N_FRAMES
+    out = torch.zeros(n_mel // 2, encoder.num_states, encoder.hidden_size)
+    for start in range(0, n_mel, window):
+        lo, hi = start // 2, min(start + window, n_mel) // 2
+        if any(a < hi and lo < b for a, b in rows):
+            out[lo:hi] = encoder.features_from_log_mel(mel[:, start:start + window])
+    return out

@@ -4,7 +4,8 @@ join, mux and sync score of the parts.
 For each 16-frame chunk of the output: fetch and align its frames (``stages.align``), VAE-encode, denoise,
 decode (``stages.generate``), paste back and encode (``stages.paste``), score the sync of sampled spans
 (``stages.score``); the stages run concurrently in threads joined by bounded queues (``stages``). Rendering is
-split into chunk ranges so that several workers can render parts of one video.
+split into chunk ranges so that several workers can render parts of one video. With time ranges, a chunk that
+touches none passes its source frames through (read and encoded only), its random draws still taken.
 """
 from __future__ import annotations
 
@@ -53,7 +54,7 @@ def render_part(plan: Plan, models: Models, out_path: Path, chunks: range | None
                 track.ensure((c + 1) * size)  # the track's clock is the plan's: its seconds count there
                 track.check()
             # Past the frames tracked so far, chunk_at's count of source frames is the video's (track ended).
-            yield chunk_at(c, size, plan.num_out, plan.order, plan.has_face)
+            yield chunk_at(c, size, plan.num_out, plan.order, plan.has_face, plan.weights)
 
     with torch.inference_mode():
         generate = GenerateStage(plan, models, clock, cancel=cancel)
@@ -110,4 +111,4 @@ def finish_run(plan: Plan, models: Models, parts: list[Path], output: Path,
             seconds[k] = seconds.get(k, 0.0) + v
     return LipSyncResult(output=output, seed=plan.options.seed, frames=plan.num_out,
                          frames_with_face=plan.frames_with_face, fps=plan.fps,
-                         seconds={k: round(v, 3) for k, v in seconds.items()}, sync=sync)
+                         seconds={k: round(v, 3) for k, v in seconds.items()}, sync=sync, ranges=plan.ranges)

@@ -8,6 +8,8 @@ import numpy as np
 
 from latentsync.audio import SAMPLE_RATE
 
+FADE_FRAMES = 6  # frames beyond each inner edge of a range over which the lip-synced face fades in or out
+
 
 def source_index(j: int, num_source: int, loop_mode: str) -> int:
     """Which source frame output frame ``j`` shows: upstream's ping-pong (``bounce``) or a plain restart (``loop``)."""
@@ -55,6 +57,7 @@ class Chunk:
     start: int  # first output frame
     src: tuple[int, ...]  # source frame of each output frame
     has_face: tuple[bool, ...]
+    weight: tuple[float, ...] = ()  # share of the lip-synced face in each output frame (empty: 1 everywhere)
 
     @property
     def stop(self) -> int:
@@ -64,10 +67,54 @@ class Chunk:
     def any_face(self) -> bool:
         return any(self.has_face)
 
+    def share(self, k: int) -> float:
+        """How much of the lip-synced face frame ``k`` of the chunk shows (0: the source frame as it is)."""
+        return self.weight[k] if self.weight else 1.0
 
-def chunk_at(index: int, size: int, num_out: int, order: str, has_face: np.ndarray) -> Chunk:
-    """Chunk ``index`` of ``size`` output frames; ``has_face`` says per source frame whether the face was found."""
+    @property
+    def edited(self) -> bool:
+        """Whether any frame of the chunk shows a lip-synced face (else the chunk passes through)."""
+        return any(h and self.share(k) > 0 for k, h in enumerate(self.has_face))
+
+
+def chunk_at(index: int, size: int, num_out: int, order: str, has_face: np.ndarray,
+             weights: np.ndarray | None = None) -> Chunk:
+    """Chunk ``index`` of ``size`` output frames; ``has_face`` says per source frame whether the face was found,
+    ``weights`` per output frame how much of the lip-synced face it shows (None: all of it, everywhere)."""
     start = index * size
     stop = min(start + size, num_out)
     src = tuple(source_index(j, len(has_face), order) for j in range(start, stop))
-    return Chunk(index, start, src, tuple(bool(has_face[s]) for s in src))
+    weight = () if weights is None else tuple(float(w) for w in weights[start:stop])
+    return Chunk(index, start, src, tuple(bool(has_face[s]) for s in src), weight)
+
+
+def range_frames(ranges: tuple[tuple[float, float], ...], fps: float, num_out: int) -> list[tuple[int, int]]:
+    """Output-frame spans ``[first, stop)`` of time ranges in seconds: the frames whose start time lies in a range,
+    cut at ``num_out``; ranges with no frame left are dropped."""
+    spans = []
+    for start, stop in ranges:
+        first = min(math.ceil(start * fps - 1e-6), num_out)
+        end = min(math.ceil(stop * fps - 1e-6), num_out)
+        if end > first:
+            spans.append((first, end))
+    return spans
+
+
+def edit_weights(spans: list[tuple[int, int]], num_out: int) -> np.ndarray:
+    """Per output frame, the lip-synced face's share: 1 inside ``spans``, falling linearly to 0 over
+    ``FADE_FRAMES`` frames beyond each edge (so the mouth closes or opens within the fade), 0 elsewhere."""
+    j = np.arange(num_out, dtype=np.float64)
+    weights = np.zeros(num_out, np.float32)
+    for first, stop in spans:
+        outside = np.maximum(first - j, j - (stop - 1))  # frames beyond the span, ≤ 0 inside it
+        weights = np.maximum(weights, np.clip(1 - outside / (FADE_FRAMES + 1), 0, 1).astype(np.float32))
+    return weights
+
+
+def touched_chunks(spans: list[tuple[int, int]], size: int, num_out: int) -> list[int]:
+    """The chunks holding a frame of ``spans`` or of their fades: the only ones the model must generate."""
+    chunks: set[int] = set()
+    for first, stop in spans:
+        a, b = max(first - FADE_FRAMES, 0), min(stop + FADE_FRAMES, num_out)
+        chunks.update(range(a // size, (b - 1) // size + 1))
+    return sorted(chunks)

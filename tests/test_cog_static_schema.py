@@ -19,7 +19,7 @@ from conftest import REPO
 from latentsync import options
 
 NAMES = ["video", "audio", "guidance_scale", "inference_steps", "seed", "loop_mode", "enable_deepcache", "keep_fps",
-         "face_select"]
+         "face_select", "ranges"]
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +64,8 @@ def test_inputs_types_defaults_ranges_choices_and_nullability(schema, inputs):
     assert inputs["loop_mode"]["type"] == inputs["face_select"]["type"] == "string"
     assert (inputs["enable_deepcache"]["type"], inputs["enable_deepcache"]["default"]) == ("boolean", options.DEEPCACHE)
     assert (inputs["keep_fps"]["type"], inputs["keep_fps"]["default"]) == ("boolean", options.KEEP_FPS)
+    assert (inputs["ranges"]["type"], inputs["ranges"]["default"]) == ("string", "")
+    assert options.parse_ranges(inputs["ranges"]["default"]) == options.RunOptions().ranges  # empty: whole video
     assert all(inputs[n]["description"] for n in NAMES), "a description the parser could not read is dropped"
     output = schema["components"]["schemas"]["Output"]
     assert (output["type"], output["format"]) == ("string", "uri")
@@ -113,7 +115,7 @@ def _cell_default(name: str, field: dict[str, Any], required: list[str]) -> str:
     if name in required:
         return "required"
     value = field["default"]
-    if value is None:
+    if value is None or value == "":
         return "empty"
     return str(value).lower() if isinstance(value, bool) else str(value)
 

@@ -81,13 +81,14 @@ def test_inputs_declare_the_documented_defaults_bounds_and_choices():
     params = inspect.signature(predict.Predictor.predict).parameters
     field = {name: p.default for name, p in params.items() if name != "self"}
     assert list(field) == ["video", "audio", "guidance_scale", "inference_steps", "seed", "loop_mode",
-                           "enable_deepcache", "keep_fps", "face_select"]
+                           "enable_deepcache", "keep_fps", "face_select", "ranges"]
     assert (field["guidance_scale"].default, field["guidance_scale"].ge, field["guidance_scale"].le) == (1.5, 1.0, 3.0)
     assert (field["inference_steps"].default, field["inference_steps"].ge, field["inference_steps"].le) == (20, 1, 100)
     assert (field["seed"].default, field["seed"].ge, field["seed"].le) == (None, 0, 2**32 - 1)
     assert field["loop_mode"].default == "bounce" and field["loop_mode"].choices == list(LOOP_MODES)
     assert field["face_select"].default == "largest" and field["face_select"].choices == list(FACE_SELECTS)
     assert field["enable_deepcache"].default is True and field["keep_fps"].default is False
+    assert field["ranges"].default == ""  # empty: the whole video
     assert all(f.description for f in field.values())
 
 
@@ -137,6 +138,13 @@ def test_file_extensions_are_not_trusted(predictor, media, metrics, tmp_path):
     audio = shutil.copy(media["speech"], tmp_path / "speech")  # no extension at all, as Cog may deliver it
     out = call(predictor, video=Path(video), audio=Path(audio), seed=2, **FAST)
     assert out.is_file() and metrics["frames_with_face"] > 0
+
+
+def test_ranges_reach_the_run_and_a_bad_one_is_refused(predictor, media, metrics):
+    out = call(predictor, video=media["clip"], audio=media["speech"], seed=2, ranges="0.2-0.4", **FAST)
+    assert out.is_file() and metrics["frames_with_face"] == 5  # the frames of the range only
+    with pytest.raises(InputError, match=r"range '0.2-x': 'x' is not a time"):
+        call(predictor, video=media["clip"], audio=media["speech"], ranges="0.2-x", **FAST)
 
 
 def test_input_error_is_one_line_and_leaves_no_folder(predictor, media):

@@ -63,10 +63,13 @@ class _Segmented:
     parts: dict[int, Any] = field(default_factory=dict)  # part index → RenderPart
 
 
-def split_chunks(num_chunks: int, segments: int) -> list[range]:
-    """``segments`` contiguous chunk ranges of near-equal length (fewer when there are fewer chunks)."""
-    n = max(1, min(segments, num_chunks))
-    bounds = [round(i * num_chunks / n) for i in range(n + 1)]
+def split_chunks(num_chunks: int, segments: int, edited: list[int] | None = None) -> list[range]:
+    """``segments`` contiguous chunk ranges covering every chunk, each holding a near-equal share of the ``edited``
+    chunks (default: all; fewer ranges when there are fewer): chunks outside a job's time ranges only pass their
+    frames through, so they cost next to nothing and go with their neighbours."""
+    edited = list(range(num_chunks)) if edited is None else edited
+    n = max(1, min(segments, len(edited)))
+    bounds = [0, *(edited[round(i * len(edited) / n)] for i in range(1, n)), num_chunks]
     return [range(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
@@ -236,7 +239,7 @@ class _Run:
             return []
         if task.kind == "plan":
             state = self.segmented[job.line]
-            state.ranges = split_chunks(value["num_chunks"], job.segments)
+            state.ranges = split_chunks(value["num_chunks"], job.segments, value.get("edited"))
             return [Task("render", job, (i, r)) for i, r in enumerate(state.ranges)]
         if task.kind == "render":
             state = self.segmented[job.line]

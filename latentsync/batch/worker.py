@@ -63,7 +63,8 @@ class Worker:
             plan = self.pipe.plan(job.video, job.audio, job.options)
         except Exception as e:
             return _failure(e), None
-        return {"pid": os.getpid(), "error": None, "num_chunks": plan.num_chunks}, plan
+        edited = [c for c in range(plan.num_chunks) if plan.edited(c)]  # with time ranges, the chunks that cost
+        return {"pid": os.getpid(), "error": None, "num_chunks": plan.num_chunks, "edited": edited}, plan
 
     def render(self, job: Job, plan: Any, index: int, chunks: range) -> dict[str, Any]:
         """Render output chunks ``chunks`` of the plan into part ``index`` of the job's work folder."""

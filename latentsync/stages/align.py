@@ -26,7 +26,7 @@ class AlignStage:
     def __call__(self, chunk: Chunk) -> Work:
         with self.clock("read"):
             frames = self.fetcher.get(chunk.src)
-        if not chunk.any_face:
+        if not chunk.edited:  # no face, or outside the time ranges: the frames pass through
             return Work(chunk, frames)
         with self.clock("align"), on_stream(self.stream):
             # The model sees 16 frames at once; frames without the face borrow the nearest crop that has it.

@@ -56,7 +56,8 @@ class GenerateStage:
 
     def __call__(self, work: Work) -> Work:
         chunk = work.chunk
-        if work.pixels is None:
+        if work.pixels is None:  # a chunk passed through still takes its draws: later chunks keep their noise
+            self.skip(chunk)
             return work
         models, opts, n = self.models, self.options, len(chunk.src)
         R = models.resolution

@@ -50,11 +50,14 @@ class PasteStage:
 
     def _restore(self, work: Work, frames: list[np.ndarray]) -> None:
         chunk = work.chunk
-        keep = [k for k, h in enumerate(chunk.has_face) if h]
+        keep = [k for k, h in enumerate(chunk.has_face) if h and chunk.share(k) > 0]
         restored = self.aligner.restore_batch([frames[k] for k in keep], work.faces[keep],
                                               [self.matrices[chunk.src[k]] for k in keep])
         for k, frame in zip(keep, restored):
-            frames[k] = frame
+            w = chunk.share(k)
+            # In a range's fade the pasted face is mixed into the source frame: no jump at the range's edge.
+            frames[k] = frame if w == 1 else np.rint(w * frame.astype(np.float32) + (1 - w) * frames[k].astype(np.float32)).astype(
+                np.uint8)
 
     def _sync_crops(self, work: Work) -> None:
         """SyncNet's crops of the generated faces of this chunk's frames that lie in a sampled span."""

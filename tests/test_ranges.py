@@ -1,0 +1,219 @@
+"""Editing only chosen time ranges: parsing, the frames inside (the whole run's, bit for bit) and outside (the
+source's), the fades at the edges, the random stream, the sync spans, and the cost (Whisper where needed)."""
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from latentsync import InputError
+from latentsync import video as video_mod
+from latentsync.options import RunOptions, parse_ranges
+from latentsync.pipeline import LipSync
+from latentsync.plan import _features
+from latentsync.timeline import FADE_FRAMES, edit_weights, range_frames, source_index, touched_chunks
+from media_utils import decode_video, face_clip, speech
+from tiny_weights import make_tiny_weights
+
+FAST = {"inference_steps": 2, "guidance_scale": 1.5, "seed": 5}
+RANGE = "2-2.6"  # output frames 50 … 64 of 100: chunks 2 to 4 with the fades, chunks 0, 1, 5, 6 pass through
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    folder, cfg = make_tiny_weights(tmp_path_factory.mktemp("weights"))
+    return LipSync.from_pretrained(folder, unet_config=cfg, syncnet_config=folder / "syncnet.yaml", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    d = tmp_path_factory.mktemp("media")
+    return {"clip": face_clip(d / "clip100.mp4", 100), "speech": speech(d / "speech4.wav", 4.0)}
+
+
+@pytest.fixture(scope="module")
+def runs(pipe, media, tmp_path_factory):
+    """The whole run and the ranged run of the same seed: each output frame before encoding, and the results."""
+    d = tmp_path_factory.mktemp("runs")
+    out = {}
+    for name, ranges in [("whole", ""), ("ranged", RANGE)]:
+        seen: dict[int, np.ndarray] = {}
+        pipe.frame_tap = lambda j, frame, seen=seen: seen.setdefault(j, frame.copy())
+        try:
+            result = pipe.lipsync(media["clip"], media["speech"], d / f"{name}.mp4", ranges=ranges, **FAST)
+        finally:
+            pipe.frame_tap = None
+        out[name] = (result, np.stack([seen[j] for j in range(len(seen))]))
+    return out
+
+
+# --- the option ------------------------------------------------------------------------------------------------------
+
+def test_ranges_parse_seconds_and_clock_times_sorted_and_merged():
+    assert parse_ranges("40-42.2, 12.5-18,1:00-1:02.5,0:00:17-00:00:19") == ((12.5, 19.0), (40.0, 42.2),
+                                                                             (60.0, 62.5))
+    assert parse_ranges([(1, 2), (1.5, 3), [5, 6]]) == ((1.0, 3.0), (5.0, 6.0))
+    assert parse_ranges("") == parse_ranges(None) == RunOptions().ranges == ()
+    assert RunOptions.make({"ranges": "1-2"}, seed=1).ranges == ((1.0, 2.0),)  # dicts: the batch jobs' way
+
+
+@pytest.mark.parametrize("text, named", [("18-12.5", "18-12.5"), ("3-3", "3-3"), ("12.5", "'12.5'"),
+                                         ("1-2,x-4", "'x-4'"), ("1-2,,3-4", "empty range"),
+                                         ("1:75-2:00", "'1:75-2:00'"), ("1-nan", "'1-nan'")])
+def test_an_unparsable_or_empty_range_is_refused_naming_it(text, named):
+    with pytest.raises(InputError, match="range") as info:
+        RunOptions(ranges=text)
+    assert named in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_cli_takes_ranges_and_checks_them_before_any_weights(tmp_path, capsys):
+    from latentsync.cli import build_parser, main
+
+    assert build_parser().parse_args(["v.mp4", "a.wav", "-o", "o.mp4", "--ranges", "1:02-1:04.5"]).ranges == \
+        "1:02-1:04.5"
+    assert main([str(tmp_path / "v.mp4"), str(tmp_path / "a.wav"), "-o", str(tmp_path / "o.mp4"),
+                 "--ranges", "4-2"]) == 2
+    assert "error: range 4-2 is empty or negative" in capsys.readouterr().err
+
+
+def test_a_batch_job_carries_ranges(tmp_path):
+    from latentsync.batch.jobs import read_jobs
+
+    for name in ("v.mp4", "a.wav"):
+        (tmp_path / name).write_bytes(b"x")
+    jobs_file = tmp_path / "jobs.jsonl"
+    lines = [{"video": str(tmp_path / "v.mp4"), "audio": str(tmp_path / "a.wav"), "output": str(tmp_path / "o.mp4"),
+              "ranges": "0:05-0:07,1-2"},
+             {"video": str(tmp_path / "v.mp4"), "audio": str(tmp_path / "a.wav"), "output": str(tmp_path / "p.mp4"),
+              "ranges": "7-5"}]
+    jobs_file.write_text("\n".join(json.dumps(line) for line in lines))
+    jobs, failed = read_jobs(jobs_file)
+    assert jobs[0].options.ranges == ((1.0, 2.0), (5.0, 7.0))
+    assert len(failed) == 1 and "range 7-5" in failed[0]["error"]
+
+
+def test_frames_weights_and_touched_chunks():
+    assert range_frames(((2.0, 2.6), (3.9, 9.0)), 25.0, 100) == [(50, 65), (98, 100)]
+    w = edit_weights([(50, 65)], 100)
+    assert (w[50:65] == 1).all() and (w[:50 - FADE_FRAMES] == 0).all() and (w[65 + FADE_FRAMES:] == 0).all()
+    ramp = w[50 - FADE_FRAMES:50]
+    assert (np.diff(ramp) > 0).all() and 0 < ramp[0] < ramp[-1] < 1
+    assert touched_chunks([(50, 65)], 16, 100) == [2, 3, 4]
+
+
+# --- the frames ------------------------------------------------------------------------------------------------------
+
+def test_inside_the_ranges_the_whole_runs_frames_outside_the_source(runs, media):
+    a, b = runs["whole"][1], runs["ranged"][1]
+    assert a.shape == b.shape and len(a) == 102  # the audio's length: the last two frames bounce back
+    inside, faded = range(50, 65), set(range(50 - FADE_FRAMES, 65 + FADE_FRAMES))
+    for j in inside:  # bit for bit before encoding: chunks 0 and 1 were skipped, yet their draws were taken
+        assert np.array_equal(a[j], b[j]), f"output frame {j} differs from the whole run's"
+    source = list(video_mod.read_frames(media["clip"], 25.0))
+    for j in range(102):
+        if j not in faded:
+            assert np.array_equal(b[j], source[source_index(j, 100, "bounce")]), f"output frame {j} is not its source"
+    assert not np.array_equal(a[10], b[10])  # the whole run did edit there
+
+
+def test_outside_the_ranges_the_file_is_a_plain_reencode(runs, media, tmp_path):
+    """Decoded, the frames outside the ranges are as close to the source as a run that changes nothing: the source
+    frames written by the same encoder."""
+    source = list(video_mod.read_frames(media["clip"], 25.0))
+    shown = np.stack([source[source_index(j, 100, "bounce")] for j in range(102)])
+    with video_mod.VideoWriter(tmp_path / "plain.mp4", 25.0, 320, 240) as writer:
+        for frame in shown:
+            writer.write(frame)
+    ranged, plain = (decode_video(p).astype(np.int16) for p in (runs["ranged"][0].output, tmp_path / "plain.mp4"))
+    outside = [j for j in range(102) if not 50 - FADE_FRAMES <= j < 65 + FADE_FRAMES]
+    err_ranged = np.abs(ranged[outside] - shown[outside]).mean()
+    err_plain = np.abs(plain[outside] - shown[outside]).mean()
+    assert err_ranged <= 1.1 * err_plain + 0.1, (err_ranged, err_plain)  # the encoder's rounding only
+    assert np.abs(ranged[outside] - plain[outside]).mean() <= 1.5
+
+
+def _face_box(a: np.ndarray, b: np.ndarray) -> tuple[slice, slice]:
+    """Rows and columns where two runs' frames differ anywhere: the pasted face."""
+    rows, cols = np.nonzero(np.abs(a.astype(np.int16) - b).sum(axis=(0, 3)))
+    return slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1)
+
+
+def test_no_pop_at_the_edges(runs, media):
+    whole, ranged = runs["whole"][1], runs["ranged"][1]
+    rows, cols = _face_box(whole, ranged)
+    frames = ranged[:, rows, cols].astype(np.int16)
+    change = np.abs(np.diff(frames, axis=0)).mean(axis=(1, 2, 3))  # change[j]: frame j → j + 1, on the face
+    ordinary = change[50:64].max()  # neighbouring frames inside the range
+    edges = np.r_[change[50 - FADE_FRAMES - 1:50], change[64:65 + FADE_FRAMES]]
+    assert edges.max() <= ordinary, (edges, ordinary)
+    # Without the fade, the range's first frame would follow its source frame: a jump well above the ordinary.
+    source = list(video_mod.read_frames(media["clip"], 25.0))
+    assert np.abs(whole[50, rows, cols].astype(np.int16) - source[49][rows, cols]).mean() > 2 * ordinary
+
+
+def test_sync_score_and_metrics_cover_the_ranges(runs):
+    whole, ranged = runs["whole"][0], runs["ranged"][0]
+    assert whole.ranges == () and ranged.ranges == ((2.0, 2.6),)
+    assert ranged.frames == whole.frames == 102
+    assert ranged.frames_with_face == 15 and whole.frames_with_face == 102
+    assert ranged.sync is None  # 15 frames: shorter than SyncNet's 16-frame window; the whole run's 100 are scored
+    assert whole.sync is not None
+
+
+def test_ranges_covering_the_whole_video_give_its_very_bytes(pipe, media, runs, tmp_path):
+    out = tmp_path / "all.mp4"
+    result = pipe.lipsync(media["clip"], media["speech"], out, ranges="0-0:10", **FAST)
+    assert result.ranges == ()
+    assert out.read_bytes() == runs["whole"][0].output.read_bytes()
+
+
+def test_parts_of_a_ranged_plan_join_to_its_whole_render(pipe, media, tmp_path):
+    plan = pipe.plan(media["clip"], media["speech"], RunOptions(ranges="1.2-1.5", **FAST))
+    assert [c for c in range(plan.num_chunks) if plan.edited(c)] == [1, 2]
+    seen: dict[str, dict[int, np.ndarray]] = {"whole": {}, "parts": {}}
+    run = "whole"
+    pipe.frame_tap = lambda j, frame: seen[run].setdefault(j, frame.copy())
+    try:
+        pipe.render(plan, tmp_path / "whole.mp4")
+        run = "parts"
+        for k, chunks in enumerate([range(0, 2), range(2, 5), range(5, 7)]):
+            pipe.render(plan, tmp_path / f"part{k}.mp4", chunks)
+    finally:
+        pipe.frame_tap = None
+    assert sorted(seen["parts"]) == sorted(seen["whole"]) == list(range(102))
+    assert all(np.array_equal(seen["parts"][j], seen["whole"][j]) for j in range(102))
+
+
+def test_segments_share_the_edited_chunks():
+    from latentsync.batch.driver import split_chunks
+
+    assert split_chunks(10, 3) == [range(0, 3), range(3, 7), range(7, 10)]  # no ranges: as before
+    assert split_chunks(94, 3, list(range(46, 56))) == [range(0, 49), range(49, 53), range(53, 94)]
+    assert split_chunks(94, 4, [3]) == [range(0, 94)]
+
+
+def test_a_range_past_the_end_is_cut_with_a_warning_and_one_wholly_past_it_refused(pipe, media, caplog):
+    with caplog.at_level(logging.WARNING):
+        plan = pipe.plan(media["clip"], media["speech"], RunOptions(ranges="3.5-9,20-30", **FAST))
+    assert plan.ranges == ((3.52, 4.08),)  # frames 88 … 101: those starting in the range and plan.num_out == 102
+    assert "range 3.5-9 runs past the end" in caplog.text and "range 20-30" in caplog.text
+    with pytest.raises(InputError, match=r"ranges 20-30 lie past the end of the output \(4.08 s\)"):
+        pipe.plan(media["clip"], media["speech"], RunOptions(ranges="20-30", **FAST))
+
+
+# --- the cost --------------------------------------------------------------------------------------------------------
+
+def test_whisper_encodes_only_the_windows_the_ranges_read(pipe):
+    encoder = pipe.models.audio_encoder
+    mel = torch.rand(80, 7400) * 2 - 1  # three 30 s windows, the last one short
+    calls = []
+    real = encoder.features_from_log_mel
+    whole = real(mel)
+    encoder_calls = type("Counting", (), {"num_states": encoder.num_states, "hidden_size": encoder.hidden_size,
+                                          "features_from_log_mel": lambda self, m: calls.append(m.shape[1]) or real(m)})()
+    part = _features(encoder_calls, mel, [(1600, 1800)])  # feature rows: mel frames / 2
+    assert calls == [3000]  # the middle window only
+    assert torch.equal(part[1500:3000], whole[1500:3000]) and not part[:1500].any()
