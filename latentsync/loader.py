@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ import torch
 from latentsync import audio as audio_mod
 from latentsync.align import load_mask
 from latentsync.config import config_path, load_config
-from latentsync.devices import pick_device, pick_dtype
+from latentsync.devices import GpuThread, pick_device, pick_dtype
 from latentsync.errors import InputError
 from latentsync.models.whisper import AudioEncoder
 from latentsync.options import GUIDANCE_SCALE
@@ -37,6 +37,11 @@ class Models:
     dtype: torch.dtype
     syncnet: Any = None  # StableSyncNet (on the CPU between scores), None without its checkpoint
     version: str | None = None
+    gpu: GpuThread = field(default=None)  # the one thread queueing the GPU work (made here when not given)
+
+    def __post_init__(self) -> None:
+        if self.gpu is None:
+            object.__setattr__(self, "gpu", GpuThread(self.device))
 
 
 def load_models(weights_dir: Path, version: str, device: str | torch.device | None, dtype: str | torch.dtype | None,

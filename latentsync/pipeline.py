@@ -61,8 +61,10 @@ class LipSync:
         return cls(models, face_workers=default_workers() if face_workers is None else face_workers, caps=caps)
 
     def close(self) -> None:
-        """Stop the face-detection workers and free the detector (workers are also stopped at exit)."""
+        """Stop the face-detection workers, free the detector (workers are also stopped at exit), and stop the GPU
+        thread (a later run starts a new one)."""
         self._detectors.close()
+        self.models.gpu.close()
 
     # ------------------------------------------------------------------------------------------------ public API
     def lipsync(self, video: str | Path, audio: str | Path, output: str | Path,

@@ -67,7 +67,9 @@ def render_part(plan: Plan, models: Models, out_path: Path, chunks: range | None
         paste = PasteStage(plan, models, clock, writer, bar, tap=tap)
         # SyncNet scores while the other stages work where it lives (the CPU); on a GPU, in ``finish_run``.
         score = ScoreStage(plan, models, clock, covered, score_now=models.device.type == "cpu")
-        run_stages(source(), [align, generate, paste, score], concurrent=not serial, cancel=cancel)
+        # Generation runs on the models' long-lived GPU thread (cuDNN's plans are per thread).
+        run_stages(source(), [align, generate, paste, score], concurrent=not serial, cancel=cancel,
+                   homes={1: models.gpu})
         with clock("encode"):
             writer.close()
     except BaseException:
