@@ -67,6 +67,22 @@ def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> 
     return torch.float32
 
 
+# Frames per VAE call on a GPU. The decode of a 16-frame chunk holds ~6.4 GiB of activations at 512 px (1.6 GiB at
+# 256): slices of 4 (512) and 8 (256) frames keep it near 1.6 and 0.8 GiB.
+CUDA_SLICE_PIXELS = 4 * 512 * 512
+
+
+def vae_slice(device: torch.device, resolution: int) -> int | None:
+    """Frames per VAE encode/decode call (None: the whole batch at once), fixed per device type and resolution.
+
+    The CPU keeps whole batches: its memory is the host's, and its convolutions round differently by batch size
+    (oneDNN picks its kernels by shape), so slicing there would change the frames a CPU run has always made.
+    """
+    if device.type != "cuda":
+        return None
+    return max(1, CUDA_SLICE_PIXELS // (resolution * resolution))
+
+
 def use_expandable_segments(environ: MutableMapping[str, str] = os.environ) -> None:
     """Let CUDA's caching allocator grow segments in place (less fragmentation across videos of different lengths),
     unless the user set the allocator up; front doors call this before torch first touches CUDA."""

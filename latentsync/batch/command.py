@@ -59,6 +59,9 @@ def _checked_run(args: argparse.Namespace, stop: Stop, on_dispatch: Callable[[An
     if args.segments < 1:
         raise InputError(f"--segments must be at least 1, got {args.segments}")
     settings = Settings.from_args(args, os.environ)
+    from latentsync.devices import use_expandable_segments
+
+    use_expandable_segments()  # before torch touches CUDA; a local Ray's workers inherit it
     jobs, bad = read_jobs(args.jobs, args.segments)
     return _run(args, settings, jobs, bad, stop, on_dispatch)
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from latentsync import audio as audio_mod
+from latentsync.devices import vae_slice
 from latentsync.loader import Models
 from latentsync.plan import Plan
 from latentsync.sampling import denoise
@@ -29,22 +30,6 @@ from latentsync.stages.work import Work
 from latentsync.timeline import Chunk
 
 DEEPCACHE_INTERVAL = 3  # upstream's DeepCacheSDHelper(cache_interval=3, cache_branch_id=0)
-# Frames per VAE call on a GPU. The decode of a 16-frame chunk holds ~6.4 GiB of activations at 512 px (1.6 GiB at
-# 256): slices of 4 (512) and 8 (256) frames keep it near 1.6 and 0.8 GiB.
-CUDA_SLICE_PIXELS = 4 * 512 * 512
-
-
-def vae_slice(device: torch.device, resolution: int) -> int | None:
-    """Frames per VAE encode/decode call (None: the whole batch at once), fixed per device type and resolution.
-
-    The CPU keeps whole batches: its memory is the host's, and its convolutions round differently by batch size
-    (oneDNN picks its kernels by shape), so slicing there would change the frames a CPU run has always made.
-    """
-    if device.type != "cuda":
-        return None
-    return max(1, CUDA_SLICE_PIXELS // (resolution * resolution))
-
-
 def sliced(fn, x: torch.Tensor, size: int | None) -> torch.Tensor:
     """``fn`` over ``x`` in slices of ``size`` along the first dimension (all at once for None), concatenated."""
     if size is None or len(x) <= size:
