@@ -69,7 +69,7 @@ def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> 
 
 # Frames per VAE call on a GPU. The decode of a 16-frame chunk holds ~6.4 GiB of activations at 512 px (1.6 GiB at
 # 256): slices of 4 (512) and 8 (256) frames keep it near 1.6 and 0.8 GiB.
-CUDA_SLICE_PIXELS = 4 * 512 * 512
+VAE_SLICE_PIXELS, VAE_SLICE_MAX = 4 * 512 * 512, 8
 
 
 def vae_slice(device: torch.device, resolution: int) -> int | None:
@@ -80,7 +80,7 @@ def vae_slice(device: torch.device, resolution: int) -> int | None:
     """
     if device.type != "cuda":
         return None
-    return max(1, CUDA_SLICE_PIXELS // (resolution * resolution))
+    return max(1, min(VAE_SLICE_MAX, VAE_SLICE_PIXELS // (resolution * resolution)))
 
 
 def use_expandable_segments(environ: MutableMapping[str, str] = os.environ) -> None:
