@@ -414,8 +414,8 @@ def main() -> None:
         weights, _ = make_tiny_weights(args.tmp / "tiny")
     else:
         weights = full_size_weights(args.tmp / "weights", torch.device("cuda"))
-    clips = {"warm": make_clip(args.tmp / "warm.mp4", 1.5, *size),
-             "main": make_clip(args.tmp / "main.mp4", seconds, *size)}
+    clips = {"warm": make_clip(args.tmp / "clip_warm.mp4", 1.5, *size),
+             "main": make_clip(args.tmp / "clip_main.mp4", seconds, *size)}
     speech = make_speech(args.tmp / "speech.wav", seconds + 1)
     RESULTS["prepare_s"] = round(time.perf_counter() - t0, 1)
     save(args.out)
