@@ -83,6 +83,14 @@ def vae_slice(device: torch.device, resolution: int) -> int | None:
     return max(1, min(VAE_SLICE_MAX, VAE_SLICE_PIXELS // (resolution * resolution)))
 
 
+def upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` (on the CPU) on ``device``. To a GPU it goes through pinned memory without blocking: a copy from
+    pageable memory first waits for all the work queued on the stream, which would stall the thread queueing it."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def use_expandable_segments(environ: MutableMapping[str, str] = os.environ) -> None:
     """Let CUDA's caching allocator grow segments in place (less fragmentation across videos of different lengths),
     unless the user set the allocator up; front doors call this before torch first touches CUDA."""

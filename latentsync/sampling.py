@@ -6,6 +6,7 @@ from collections.abc import Callable
 import torch
 from diffusers import DDIMScheduler
 
+from latentsync.devices import upload
 from latentsync.models.unet import DeepCache, UNet3DConditionModel
 
 
@@ -41,7 +42,7 @@ def denoise(
     # its timestep as a device tensor, copied once per chunk (a Python int would make a compiled U-Net recompile
     # for every timestep).
     scheduler.set_timesteps(num_inference_steps, device="cpu")
-    device_timesteps = scheduler.timesteps.to(device)
+    device_timesteps = upload(scheduler.timesteps, device)
     guided = guidance_scale > 1.0
     if guided:
         audio_embeds = torch.cat([torch.zeros_like(audio_embeds), audio_embeds])

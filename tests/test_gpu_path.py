@@ -256,3 +256,16 @@ def test_every_front_door_sets_the_allocator(door):
 
     path = Path(__file__).resolve().parent.parent / (door.replace(".", "/") + ".py")
     assert "use_expandable_segments()" in path.read_text()  # called before the door loads any model
+
+
+def test_uploads_to_a_gpu_go_through_pinned_memory_without_blocking(monkeypatch):
+    from latentsync.devices import upload
+
+    seen = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: (seen.append("pinned"), self)[1])
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **kw: (seen.append((a, kw)), self)[1])
+    upload(torch.zeros(3), torch.device("cuda", 1))
+    assert seen == ["pinned", ((torch.device("cuda", 1),), {"non_blocking": True})]
+    seen.clear()
+    upload(torch.zeros(3), torch.device("cpu"))
+    assert seen == [((torch.device("cpu"),), {})]  # the CPU: a plain copy, no pinning

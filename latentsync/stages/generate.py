@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from latentsync import audio as audio_mod
-from latentsync.devices import vae_slice
+from latentsync.devices import upload, vae_slice
 from latentsync.loader import Models
 from latentsync.plan import Plan
 from latentsync.sampling import denoise
@@ -30,6 +30,8 @@ from latentsync.stages.work import Work
 from latentsync.timeline import Chunk
 
 DEEPCACHE_INTERVAL = 3  # upstream's DeepCacheSDHelper(cache_interval=3, cache_branch_id=0)
+
+
 def sliced(fn, x: torch.Tensor, size: int | None) -> torch.Tensor:
     """``fn`` over ``x`` in slices of ``size`` along the first dimension (all at once for None), concatenated."""
     if size is None or len(x) <= size:
@@ -49,9 +51,11 @@ class GenerateStage:
         # One noise draw for the whole video, shared by every frame (as upstream), drawn before any chunk.
         self.noise = self._draw((1, 4, 1, R // 8, R // 8), models.dtype)
 
-    def _draw(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """The generator's next standard-normal tensor, drawn on the CPU in ``dtype``, on the model's device."""
-        return torch.randn(shape, generator=self.generator, dtype=dtype).to(self.models.device)
+    def _draw(self, shape: tuple[int, ...], dtype: torch.dtype, *, keep: bool = True) -> torch.Tensor | None:
+        """The generator's next standard-normal tensor, drawn on the CPU in ``dtype``, on the model's device
+        (only drawn, without ``keep``)."""
+        noise = torch.randn(shape, generator=self.generator, dtype=dtype)
+        return upload(noise, self.models.device) if keep else None
 
     def _latent_shape(self, frames: int) -> tuple[int, ...]:
         cfg = self.models.vae.config
@@ -61,13 +65,14 @@ class GenerateStage:
     def skip(self, chunk: Chunk) -> None:
         """Advance the generator exactly as generating ``chunk`` would (the VAE's two posterior samples)."""
         if chunk.any_face:
-            self._posterior_noise(len(chunk.src))
+            self._posterior_noise(len(chunk.src), keep=False)
 
-    def _posterior_noise(self, n: int) -> torch.Tensor:
+    def _posterior_noise(self, n: int, *, keep: bool = True) -> torch.Tensor | None:
         """The two posterior draws of an ``n``-frame chunk (masked face's, then reference face's), as one batch."""
         shape, dtype = self._latent_shape(n), self.models.vae.dtype
-        masked = self._draw(shape, dtype)
-        return torch.cat([masked, self._draw(shape, dtype)])
+        masked = self._draw(shape, dtype, keep=keep)
+        ref = self._draw(shape, dtype, keep=keep)
+        return torch.cat([masked, ref]) if keep else None
 
     def _encode(self, pixels: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Latents of the masked and of the whole crops, sampled from the VAE's posterior as diffusers does, with
@@ -95,7 +100,7 @@ class GenerateStage:
         with self.clock("denoise"):
             latents = denoise(
                 models.unet, models.scheduler, self.noise.expand(-1, -1, n, -1, -1).clone(),
-                _to_5d(mask_lat), _to_5d(masked_lat), _to_5d(ref_lat), audio_embeds.to(models.device, models.dtype),
+                _to_5d(mask_lat), _to_5d(masked_lat), _to_5d(ref_lat), upload(audio_embeds.to(models.dtype), models.device),
                 guidance_scale=opts.guidance_scale, num_inference_steps=opts.inference_steps,
                 deepcache_interval=DEEPCACHE_INTERVAL if opts.deepcache else 0,
                 step_callback=lambda _: check_cancel(self.cancel))
