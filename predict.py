@@ -46,6 +46,9 @@ class Predictor(BasePredictor):
         if not logging.getLogger().handlers:
             logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
         started = time.perf_counter()
+        from latentsync.devices import use_expandable_segments
+
+        use_expandable_segments()  # before torch first touches CUDA (cog.yaml sets it too, for the container)
         settings = Settings.read(os.environ, download_home=WEIGHTS_HOME)
         weights_dir = settings.weights()
         weights_s = time.perf_counter() - started
@@ -78,6 +81,7 @@ class Predictor(BasePredictor):
         handlers = logging.getLogger().handlers
         for handler in handlers:
             handler.addFilter(scrubber)
+        out_of_memory = None
         try:
             options = RunOptions(guidance_scale=guidance_scale, inference_steps=inference_steps, seed=seed,
                                  loop_mode=loop_mode, deepcache=enable_deepcache, keep_fps=keep_fps,
@@ -93,11 +97,14 @@ class Predictor(BasePredictor):
             message = _replace_paths(describe(e)[1], names)
             if isinstance(e, InputError):
                 raise InputError(message) from None
-            _free_gpu_memory()
-            raise RuntimeError(message) from None
+            out_of_memory = message
         finally:
             for handler in handlers:
                 handler.removeFilter(scrubber)
+        if out_of_memory is not None:
+            # Out of the except block: its traceback held the failed run's frames, and with them its GPU tensors.
+            _free_gpu_memory()
+            raise RuntimeError(out_of_memory)
         self._report(result)
         return Path(result.output)
 

@@ -1,23 +1,34 @@
-"""The figures of issue 11's table on a lent GPU: the whole pipeline per stage, eager and compiled.
+"""The GPU figures: the whole pipeline per stage, eager and compiled, at 512 (1.6) and 256 (1.5), with the checks
+that only a GPU can make.
 
     python3 benchmarks/gpu_bench.py                # on the GPU: full-size random weights, 10.3 s of 720p
-    python3 benchmarks/gpu_bench.py --dry          # anywhere, in a minute: tiny models on the CPU, 2 s clip
+    python3 benchmarks/gpu_bench.py --dry          # anywhere, in minutes: tiny models on the CPU, 2 s clip
 
 For each version (1.6 @ 512, 1.5 @ 256) and each mode (eager, ``compile=True``) it loads the pipeline (setup and
 compile seconds), warms it on a short clip, then lip-syncs the clip once and records: wall, seconds per output
-second, busy seconds per stage (and per output second), peak VRAM allocated, and GPU utilisation sampled by
-nvidia-smi every 100 ms. Weights are random in upstream's formats and shapes, so only speed, memory and plumbing
-mean anything, never the faces. Results go to ``$OUT/gpu_bench.json`` (or ``--out``) part by part, so a run cut
-short still reports; a table is printed at the end.
+second, busy seconds per stage, GPU seconds per stage from CUDA events recorded on each stage's stream around its
+work (the stage clocks time kernel launches, not kernels), the first chunk apart from the rest, peak VRAM
+allocated and reserved, and GPU utilisation sampled by nvidia-smi every 100 ms. Then the checks:
+
+* ``serial_equals_concurrent``: the stages one after another and concurrently give the same frames, byte for byte;
+* ``compiled_vs_eager``: compiled frames within 2 grey levels of the eager ones (same clip, seed, version);
+* ``sync_free_loop``: ``torch.cuda.set_sync_debug_mode("error")`` inside the denoising loop (from the first U-Net
+  call of a chunk to its last step) finds no device→host sync (a serial run, so no other stage's syncs count);
+* ``capped``: a run with ``torch.cuda.set_per_process_memory_fraction`` capping torch's memory at 8 GB (1.5) or
+  12 GB (1.6) finishes (the cap leaves out the CUDA context's own ~0.5 GB).
+
+Weights are random in upstream's formats and shapes, so only speed, memory and plumbing mean anything, never the
+faces. Results go to ``$OUT/gpu_bench.json`` (or ``--out``) part by part, so a run cut short still reports; a
+table is printed at the end.
 
 On the device machine, which lacks diffusers, mediapipe and ffmpeg: ``bash ../shared/gpu/stage.sh`` from the
 project's root, then one device call carrying ``.gpu`` (see ``../shared/gpu/README.md``):
 
     cd .gpu && python3 prep.py && cd .. && export PATH=/tmp/bin:$PATH PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 &&
-    timeout 560 python3 benchmarks/gpu_bench.py 2>&1 | tail -40
+    timeout 560 python3 benchmarks/gpu_bench.py 2>&1 | tail -60
 
 In ``--dry`` mode ``compile`` uses dynamo's ``eager`` backend (inductor takes minutes on a CPU): it checks the
-plumbing, not the speed.
+plumbing, not the speed; the CUDA-only measurements and checks are skipped with a note.
 """
 from __future__ import annotations
 
@@ -30,14 +41,111 @@ import sys
 import threading
 import time
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE), str(HERE.parent / "tests")]
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from latentsync.stages import StageClock  # noqa: E402
+
 RESULTS: dict = {}
+CAP_GB = {"1.5": 8, "1.6": 12}  # the cards each version must fit: upstream's 8 GB minimum, a 12 GB card for 1.6
+GREY_LEVELS = 2  # compiled frames may differ from eager ones by this much
+
+
+def skipped(what: str) -> dict:
+    """A CUDA-only figure on the CPU: say so, in the results and on the console."""
+    print(f"-- {what}: skipped (needs a CUDA GPU; --dry runs on the CPU)", flush=True)
+    return {"skipped": "needs a CUDA GPU"}
+
+
+class EventClock(StageClock):
+    """A stage clock that also records a CUDA event pair on the current stream around each timed block, so each
+    stage's GPU seconds can be read once the run is done; every clock made is kept in ``made``."""
+
+    made: list[EventClock] = []
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+        EventClock.made.append(self)
+
+    @contextmanager
+    def __call__(self, stage: str):
+        start = torch.cuda.Event(enable_timing=True)
+        start.record()
+        try:
+            with StageClock.__call__(self, stage):
+                yield
+        finally:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            with self._lock:
+                self.events.append((stage, start, end))
+
+
+def gpu_seconds(clocks: list[EventClock]) -> dict:
+    """GPU seconds per stage over these clocks: the first block (the first chunk) and all the others."""
+    torch.cuda.synchronize()
+    times: dict[str, list[float]] = {}
+    for clock in clocks:
+        for stage, start, end in clock.events:
+            times.setdefault(stage, []).append(start.elapsed_time(end) / 1000)
+    return {k: {"first_chunk": round(v[0], 3), "rest": round(sum(v[1:]), 3), "calls": len(v)}
+            for k, v in times.items()}
+
+
+def frames_of(pipe, video: Path, audio: Path, out: Path, *, serial: bool, **opts) -> dict[int, np.ndarray]:
+    """Every output frame of a run, as pasted (before the codec)."""
+    seen: dict[int, np.ndarray] = {}
+    pipe.serial, pipe.frame_tap = serial, lambda j, frame: seen.setdefault(j, np.array(frame, copy=True))
+    try:
+        pipe.lipsync(video, audio, out, **opts)
+    finally:
+        pipe.serial, pipe.frame_tap = False, None
+    return seen
+
+
+def grey_levels(a: dict[int, np.ndarray], b: dict[int, np.ndarray]) -> dict:
+    """How far two runs' frames are apart: max and 99th percentile of the absolute difference, in grey levels."""
+    if sorted(a) != sorted(b):
+        return {"error": f"different frames: {len(a)} vs {len(b)}"}
+    diff = np.concatenate([np.abs(a[j].astype(np.int16) - b[j]).ravel() for j in sorted(a)])
+    return {"max": int(diff.max()), "p99": float(np.percentile(diff, 99)), "mean": round(float(diff.mean()), 4),
+            "ok": int(diff.max()) <= GREY_LEVELS}
+
+
+@contextmanager
+def sync_debug_in_denoise_loop():
+    """``set_sync_debug_mode("error")`` from each chunk's first U-Net call to the end of its loop: a device→host
+    sync in the loop raises there."""
+    import latentsync.stages.generate as generate_mod
+
+    denoise = generate_mod.denoise
+
+    class Strict:
+        def __init__(self, unet):
+            self.unet, self.device, self.dtype, self.config = unet, unet.device, unet.dtype, unet.config
+
+        def __call__(self, *args, **kwargs):
+            torch.cuda.set_sync_debug_mode("error")
+            return self.unet(*args, **kwargs)
+
+    def strict_denoise(unet, *args, **kwargs):
+        try:
+            return denoise(Strict(unet), *args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+    generate_mod.denoise = strict_denoise
+    try:
+        yield
+    finally:
+        generate_mod.denoise = denoise
 
 
 def save(out: Path) -> None:
@@ -128,44 +236,118 @@ def _mkdir(path: Path) -> Path:
 
 
 def run_case(version: str, compiled: bool, weights: Path, clips: dict[str, Path], speech: Path, args) -> dict:
-    """Setup, a warm-up run and one measured run of one version in one mode."""
-    from latentsync.pipeline import LipSync
-
+    """Setup, a warm-up run and one measured run of one version in one mode, then that mode's checks."""
     import gc
 
+    import latentsync.render as render_mod
+    from latentsync.pipeline import LipSync
+
     device = torch.device("cpu" if args.dry else "cuda")
+    cuda = device.type == "cuda"
     extra = {"unet_config": weights / "unet.yaml", "syncnet_config": weights / "syncnet.yaml"} if args.dry else {}
     torch._dynamo.reset()  # compiled code of an earlier case holds its model: let it go before measuring memory
     gc.collect()
-    if device.type == "cuda":
+    if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     pipe = LipSync.from_pretrained(weights, version=version, device=device, compile=compiled,
                                    face_workers=args.face_workers, **extra)
-    fig = {"setup_s": round(time.perf_counter() - t0, 1), "resolution": pipe.models.resolution, "dtype": str(pipe.models.dtype),
-           "face_workers": pipe.face_workers}
+    fig = {"setup_s": round(time.perf_counter() - t0, 1), "resolution": pipe.models.resolution,
+           "dtype": str(pipe.models.dtype), "face_workers": pipe.face_workers,
+           "syncnet_on": str(next(pipe.models.syncnet.parameters()).device) if pipe.models.syncnet else None}
     steps = 2 if args.dry else 20
+    opts = {"seed": 0, "loop_mode": "cut_off", "inference_steps": steps, "guidance_scale": 1.5}
     t0 = time.perf_counter()
-    pipe.lipsync(clips["warm"], speech, args.tmp / "warm.mp4", seed=0, loop_mode="cut_off", inference_steps=steps)
+    pipe.lipsync(clips["warm"], speech, args.tmp / "warm.mp4", **opts)
     fig["warm_up_run_s"] = round(time.perf_counter() - t0, 1)
-    if device.type == "cuda":
+    if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    with GpuSampler(device) as gpu:
-        r = pipe.lipsync(clips["main"], speech, args.tmp / f"out_{version}.mp4", seed=0, loop_mode="cut_off",
-                         inference_steps=steps, guidance_scale=1.5)
+        render_mod.StageClock, EventClock.made = EventClock, []
+    try:
+        with GpuSampler(device) as gpu:
+            r = pipe.lipsync(clips["main"], speech, args.tmp / f"out_{version}.mp4", **opts)
+    finally:
+        render_mod.StageClock = StageClock
     out_s = r.frames / r.fps
     busy = {k: v for k, v in r.seconds.items() if k != "wall"}
     fig.update(frames=r.frames, output_s=round(out_s, 2), wall_s=r.seconds["wall"],
                s_per_output_s=round(r.seconds["wall"] / out_s, 3),
                busy_over_wall=round(sum(busy.values()) / r.seconds["wall"], 2), stages_s=busy,
                stages_s_per_output_s={k: round(v / out_s, 3) for k, v in busy.items()}, gpu=gpu.summary())
-    if device.type == "cuda":
+    if cuda:
+        fig["gpu_s"] = gpu_seconds(EventClock.made)
         fig["peak_vram_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        fig["peak_vram_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
         fig["allocated_after_run_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
+    else:
+        fig["gpu_s"] = skipped(f"{version} {('eager', 'compiled')[compiled]}: GPU seconds per stage, VRAM")
+    fig["checks"] = checks(pipe, version, compiled, clips, speech, opts, args)
     pipe.close()
     return fig
+
+
+EAGER_FRAMES: dict[str, dict[int, np.ndarray]] = {}  # version → the eager run's frames of the warm-up clip
+
+
+def checks(pipe, version: str, compiled: bool, clips: dict[str, Path], speech: Path, opts: dict, args) -> dict:
+    """The GPU checks of one case; each records its error instead of stopping the others."""
+    cuda = pipe.models.device.type == "cuda"
+    out: dict = {}
+
+    def check(name: str, fn) -> None:
+        try:
+            out[name] = fn()
+        except Exception as exc:  # noqa: BLE001 — a failed check is a figure too
+            out[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:1500]}
+        print(f"-- {version} {('eager', 'compiled')[compiled]} {name}: {out[name]}", flush=True)
+
+    def concurrent_vs_serial() -> dict:
+        concurrent = frames_of(pipe, clips["warm"], speech, args.tmp / "c.mp4", serial=False, **opts)
+        serial = frames_of(pipe, clips["warm"], speech, args.tmp / "s.mp4", serial=True, **opts)
+        if not compiled:
+            EAGER_FRAMES[version] = concurrent
+        same = sorted(serial) == sorted(concurrent) and all(np.array_equal(serial[j], concurrent[j]) for j in serial)
+        return {"ok": same, "frames": len(serial)}
+
+    def compiled_vs_eager() -> dict:
+        if version not in EAGER_FRAMES:
+            return {"skipped": "no eager run of this version before"}
+        frames = frames_of(pipe, clips["warm"], speech, args.tmp / "k.mp4", serial=False, **opts)
+        return grey_levels(frames, EAGER_FRAMES[version])
+
+    def sync_free_loop() -> dict:
+        with sync_debug_in_denoise_loop():
+            frames_of(pipe, clips["warm"], speech, args.tmp / "d.mp4", serial=True, **opts)
+        return {"ok": True}
+
+    def capped() -> dict:
+        total = torch.cuda.get_device_properties(0).total_memory
+        cap = CAP_GB[version] * 10**9
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total))
+        try:
+            frames_of(pipe, clips["main"], speech, args.tmp / "m.mp4", serial=False, **opts)
+        finally:
+            torch.cuda.set_per_process_memory_fraction(1.0)
+        return {"ok": True, "cap_gb": CAP_GB[version],
+                "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+                "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2)}
+
+    check("serial_equals_concurrent", concurrent_vs_serial)
+    if compiled:
+        check("compiled_vs_eager", compiled_vs_eager)
+    if cuda:
+        check("sync_free_loop", sync_free_loop)
+        if not compiled:
+            check("capped", capped)
+    else:
+        out["sync_free_loop"] = skipped(f"{version}: set_sync_debug_mode('error') in the denoising loop")
+        if not compiled:
+            out["capped"] = skipped(f"{version}: run capped at {CAP_GB[version]} GB")
+    return out
 
 
 def table(results: dict) -> str:
@@ -180,9 +362,26 @@ def table(results: dict) -> str:
               for _, v in runs]),
             ("busy / wall", [v["busy_over_wall"] for _, v in runs]),
             ("GPU util mean %", [(v.get("gpu") or {}).get("util_mean") for _, v in runs]),
-            ("peak VRAM GiB", [v.get("peak_vram_allocated_gib") for _, v in runs]),
-            ("setup s (compile)", [v["setup_s"] for _, v in runs])]
+            ("GPU s: align, vae_encode, denoise, vae_decode, restore (rest / first chunk)",
+             [", ".join(f"{g[s]['rest']:.2f}/{g[s]['first_chunk']:.2f}" if s in g else "-"
+                        for s in ("align", "vae_encode", "denoise", "vae_decode", "restore"))
+              if "skipped" not in (g := v.get("gpu_s", {})) else "skipped" for _, v in runs]),
+            ("peak VRAM GiB allocated / reserved", [f"{v.get('peak_vram_allocated_gib')} / "
+                                                    f"{v.get('peak_vram_reserved_gib')}" for _, v in runs]),
+            ("setup s (compile)", [v["setup_s"] for _, v in runs]),
+            *((f"check: {name}", [_verdict(v.get("checks", {}).get(name)) for _, v in runs])
+              for name in ("serial_equals_concurrent", "compiled_vs_eager", "sync_free_loop", "capped"))]
     return "\n".join(f"| {name} | " + " | ".join(str(c) for c in cells) + " |" for name, cells in rows)
+
+
+def _verdict(result: dict | None) -> str:
+    """One table cell of a check: ok, FAILED, skipped or n/a, with its figure where it has one."""
+    if result is None:
+        return "n/a"
+    if "skipped" in result:
+        return "skipped"
+    figure = f" (max {result['max']})" if "max" in result else ""
+    return ("ok" if result.get("ok") else "FAILED") + figure
 
 
 def main() -> None:
@@ -215,8 +414,8 @@ def main() -> None:
         weights, _ = make_tiny_weights(args.tmp / "tiny")
     else:
         weights = full_size_weights(args.tmp / "weights", torch.device("cuda"))
-    clips = {"warm": make_clip(args.tmp / "warm.mp4", 1.5, *size),
-             "main": make_clip(args.tmp / "main.mp4", seconds, *size)}
+    clips = {"warm": make_clip(args.tmp / "clip_warm.mp4", 1.5, *size),
+             "main": make_clip(args.tmp / "clip_main.mp4", seconds, *size)}
     speech = make_speech(args.tmp / "speech.wav", seconds + 1)
     RESULTS["prepare_s"] = round(time.perf_counter() - t0, 1)
     save(args.out)

@@ -60,12 +60,25 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, 
 
 
 def _as_chw_float(frame: np.ndarray | torch.Tensor, device: torch.device, rows: slice, cols: slice) -> torch.Tensor:
-    """A window of an (H, W, 3) uint8 frame as a float32 (1, 3, h, w) tensor on ``device``."""
+    """A window of an (H, W, 3) uint8 frame as a float32 (1, 3, h, w) tensor on ``device``: uploaded as uint8
+    (a quarter of float32's bytes), converted there."""
     if isinstance(frame, np.ndarray):
         window = torch.from_numpy(np.ascontiguousarray(frame[rows, cols]))
     else:
         window = frame[rows, cols]
-    return window.to(device=device, dtype=torch.float32).permute(2, 0, 1).unsqueeze(0)
+    return window.to(device).to(torch.float32).permute(2, 0, 1).unsqueeze(0)
+
+
+def _upload_matrices(matrices: list[np.ndarray], devices: list[torch.device]) -> list[torch.Tensor]:
+    """The (2, 3) matrices as float32 tensors, each on its device: one (n, 2, 3) upload per device, not one per
+    frame (each small copy is a transfer and a pageable-memory wait of its own)."""
+    out: list[torch.Tensor | None] = [None] * len(matrices)
+    for device in dict.fromkeys(devices):
+        ks = [k for k, d in enumerate(devices) if d == device]
+        stacked = torch.as_tensor(np.stack([matrices[k] for k in ks]), dtype=torch.float32).to(device)
+        for k, m in zip(ks, stacked):
+            out[k] = m
+    return out
 
 
 def _sample_grid(matrix: torch.Tensor, out_rows: torch.Tensor, out_cols: torch.Tensor, src_hw: tuple[int, int],
@@ -197,11 +210,11 @@ class FaceAligner:
                 window = _as_chw_float(frame, device, slice(r0, r1), slice(c0, c1))
             jobs.append((device, inv, (r0, r1, c0, c1), window))
         crops = []
-        for device, inv, (r0, r1, c0, c1), window in jobs:
+        inverses = _upload_matrices([inv for _, inv, _, _ in jobs], [device for device, *_ in jobs])
+        for (device, _, (r0, r1, c0, c1), window), inv_t in zip(jobs, inverses):
             if window is None:
                 crops.append(torch.full((crop_h, crop_w, 3), int(_FILL), dtype=torch.uint8, device=device))
                 continue
-            inv_t = torch.as_tensor(inv, dtype=torch.float32, device=device)
             rows = torch.arange(crop_h, dtype=torch.float32, device=device)
             cols = torch.arange(crop_w, dtype=torch.float32, device=device)
             grid = _sample_grid(inv_t, rows, cols, (r1 - r0, c1 - c0), (r0, c0))
@@ -246,8 +259,8 @@ class FaceAligner:
         face_crops = F.interpolate(faces[[k for k, *_ in jobs]].to(torch.float32), size=(crop_h, crop_w),
                                    mode="bicubic", align_corners=False, antialias=True)
         pasted, masks = [], []
-        for crop, (_, m, (r0, r1, c0, c1), _) in zip(face_crops, jobs):
-            m_t = torch.as_tensor(m, dtype=torch.float32, device=device)
+        forwards = _upload_matrices([m for _, m, _, _ in jobs], [device] * len(jobs))
+        for crop, (_, m, (r0, r1, c0, c1), _), m_t in zip(face_crops, jobs, forwards):
             rows = torch.arange(r0, r1, dtype=torch.float32, device=device)
             cols = torch.arange(c0, c1, dtype=torch.float32, device=device)
             grid = _sample_grid(m_t, rows, cols, (crop_h, crop_w), (0, 0))

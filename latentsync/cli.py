@@ -74,8 +74,9 @@ def _run(args: argparse.Namespace, stop: Stop) -> int:
     from latentsync.preflight import check_run_paths
 
     check_run_paths(args.video, args.audio, args.output)
-    from latentsync.devices import pick_device, pick_dtype
+    from latentsync.devices import pick_device, pick_dtype, use_expandable_segments
 
+    use_expandable_segments()  # before torch first touches CUDA
     pick_dtype(pick_device(settings.device), settings.dtype)
     # A folder the user named is theirs: only verified against the manifest (download.py's rule); without one,
     # the default cache folder is filled from the network.

@@ -1,5 +1,12 @@
-"""Which torch device and dtype a run uses; a device or dtype the machine cannot give is an ``InputError``."""
+"""Which torch device and dtype a run uses (a device or dtype the machine cannot give is an ``InputError``), the
+one thread that queues a ``LipSync``'s GPU work, and the CUDA allocator setting of every front door."""
 from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, MutableMapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import torch
 
@@ -58,3 +65,78 @@ def pick_dtype(device: torch.device, dtype: str | torch.dtype | None = None) -> 
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
         return torch.float16
     return torch.float32
+
+
+# Frames per VAE call on a GPU. The decode of a 16-frame chunk holds ~6.4 GiB of activations at 512 px (1.6 GiB at
+# 256): slices of 4 (512) and 8 (256) frames keep it near 1.6 and 0.8 GiB.
+VAE_SLICE_PIXELS, VAE_SLICE_MAX = 4 * 512 * 512, 8
+
+
+def vae_slice(device: torch.device, resolution: int) -> int | None:
+    """Frames per VAE encode/decode call (None: the whole batch at once), fixed per device type and resolution.
+
+    The CPU keeps whole batches: its memory is the host's, and its convolutions round differently by batch size
+    (oneDNN picks its kernels by shape), so slicing there would change the frames a CPU run has always made.
+    """
+    if device.type != "cuda":
+        return None
+    return max(1, min(VAE_SLICE_MAX, VAE_SLICE_PIXELS // (resolution * resolution)))
+
+
+def upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` (on the CPU) on ``device``. To a GPU it goes through pinned memory without blocking: a copy from
+    pageable memory first waits for all the work queued on the stream, which would stall the thread queueing it."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def use_expandable_segments(environ: MutableMapping[str, str] = os.environ) -> None:
+    """Let CUDA's caching allocator grow segments in place (less fragmentation across videos of different lengths),
+    unless the user set the allocator up; front doors call this before torch first touches CUDA."""
+    environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+
+class GpuThread:
+    """One long-lived thread (per ``LipSync``) that queues the GPU work: warm-up, Whisper and the generate stage.
+
+    cuDNN keeps its convolution plans per thread, so a fresh thread per video would plan again every run. The
+    thread makes ``device`` current once and runs everything in inference mode. ``close()`` stops it; a later
+    ``submit`` starts a new one.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self._ident: int | None = None
+
+    def _start(self) -> None:
+        self._ident = threading.get_ident()
+        if self.device.type == "cuda":  # without this the thread's current device is cuda:0 whatever ``device`` is
+            torch.cuda.set_device(self.device)
+
+    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
+        """Queue ``fn(*args, **kwargs)`` on the thread, under inference mode."""
+        def call() -> Any:
+            with torch.inference_mode():
+                return fn(*args, **kwargs)
+
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="latentsync-gpu", initializer=self._start)
+            return self._pool.submit(call)
+
+    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` on the thread; waits and returns its result (or raises its error)."""
+        if threading.get_ident() == self._ident:  # already on it: queueing would wait for itself
+            with torch.inference_mode():
+                return fn(*args, **kwargs)
+        return self.submit(fn, *args, **kwargs).result()
+
+    def close(self) -> None:
+        """Stop the thread once its queued work is done."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)

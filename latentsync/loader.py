@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ import torch
 from latentsync import audio as audio_mod
 from latentsync.align import load_mask
 from latentsync.config import config_path, load_config
-from latentsync.devices import pick_device, pick_dtype
+from latentsync.devices import GpuThread, pick_device, pick_dtype, vae_slice
 from latentsync.errors import InputError
 from latentsync.models.whisper import AudioEncoder
 from latentsync.options import GUIDANCE_SCALE
@@ -37,6 +37,11 @@ class Models:
     dtype: torch.dtype
     syncnet: Any = None  # StableSyncNet (on the CPU between scores), None without its checkpoint
     version: str | None = None
+    gpu: GpuThread = field(default=None)  # the one thread queueing the GPU work (made here when not given)
+
+    def __post_init__(self) -> None:
+        if self.gpu is None:
+            object.__setattr__(self, "gpu", GpuThread(self.device))
 
 
 def load_models(weights_dir: Path, version: str, device: str | torch.device | None, dtype: str | torch.dtype | None,
@@ -67,6 +72,8 @@ def load_models(weights_dir: Path, version: str, device: str | torch.device | No
 
         syncnet_config = syncnet_config or config_path("syncnet/syncnet_16_pixel_attn.yaml")
         syncnet = load_syncnet(syncnet_config, syncnet_path, device="cpu", dtype=torch.float32)
+        if device.type == "cuda":  # after the U-Net and the VAE: what is free now is what a run can use
+            syncnet = place_syncnet(syncnet, device, resolution)
     else:
         log.warning("no %s: results will carry no sync score", syncnet_path)
     log.info("loaded LatentSync %s (U-Net config %s, %d px, %s %s) in %.1f s", version, unet_config, resolution,
@@ -77,13 +84,40 @@ def load_models(weights_dir: Path, version: str, device: str | torch.device | No
                   syncnet=syncnet, version=version)
 
 
-def compile_unet(models: Models, cache_root: Path) -> Models:
-    """``models`` with the U-Net swapped for its compiled passes, warmed up for a whole guided chunk.
+def run_memory(resolution: int) -> int:
+    """Bytes a run needs on the GPU beyond the weights, estimated: the U-Net's guided 16-frame activations and one
+    VAE slice's decode, which grow with the crop's area, plus a fixed margin for the stages' buffers."""
+    return int((1.5 + 4.0 * (resolution / 512) ** 2) * 2**30)
 
-    Compiled artefacts are cached in ``cache_root/<gpu>-torch<version>``, so a later boot of the same machine type
+
+def syncnet_fits(free_bytes: int, syncnet_bytes: int, resolution: int) -> bool:
+    """Whether SyncNet may stay on the GPU: the memory free after loading holds it and still a run's working memory."""
+    return free_bytes - syncnet_bytes >= run_memory(resolution)
+
+
+def place_syncnet(syncnet: Any, device: torch.device, resolution: int) -> Any:
+    """SyncNet in fp16, resident on ``device`` when :func:`syncnet_fits`, else in pinned CPU memory (one fast copy
+    up per scoring, none back). Crossing the bus twice per video in fp32 cost 1.6 GB each way."""
+    syncnet = syncnet.half()
+    size = sum(t.numel() * t.element_size() for t in [*syncnet.parameters(), *syncnet.buffers()])
+    free, _ = torch.cuda.mem_get_info(device)
+    if syncnet_fits(free, size, resolution):
+        log.info("SyncNet stays on %s (fp16, %.2f GiB)", device, size / 2**30)
+        return syncnet.to(device)
+    log.info("SyncNet waits in pinned CPU memory: %.1f GiB free on %s", free / 2**30, device)
+    return syncnet._apply(lambda t: t.pin_memory())
+
+
+def compile_models(models: Models, cache_root: Path) -> Models:
+    """``models`` with the U-Net swapped for its compiled passes and the VAE's encoder and decoder compiled, all
+    warmed up on the GPU thread for a whole guided chunk.
+
+    After the warm-up, dynamo's stance is ``eager_on_recompile``: an input never seen (a short last chunk, a
+    last VAE slice) runs eagerly instead of compiling for minutes in the middle of a request. Compiled artefacts
+    are cached in ``cache_root/<gpu>-torch<version>``, so a later boot of the same machine type
     loads them instead of compiling again.
     """
-    from latentsync.models.compiled import CompiledUNet, cache_folder, use_cache_dir
+    from latentsync.models.compiled import CompiledUNet, cache_folder, compile_vae, use_cache_dir
 
     unet, encoder, device = models.unet, models.audio_encoder, models.device
     try:
@@ -98,5 +132,10 @@ def compile_unet(models: Models, cache_root: Path) -> Models:
         audio = torch.cat([audio] * batch).to(device=device, dtype=unet.dtype)
         x = torch.zeros((batch, unet.config.in_channels, f, lat, lat), device=device, dtype=unet.dtype)
         t = torch.tensor(999, device=device)
-    compiled.warm_up(x, t, audio)
+    torch.compiler.set_stance("default")  # an earlier model's warm-up may have settled it: this one compiles
+    models.gpu.run(compiled.warm_up, x, t, audio)
+    vae_frames = vae_slice(device, models.resolution)
+    models.gpu.run(compile_vae, models.vae, models.resolution, encode_frames=vae_frames or 2 * f,
+                   decode_frames=vae_frames or f)
+    torch.compiler.set_stance("eager_on_recompile")
     return dataclasses.replace(models, unet=compiled)

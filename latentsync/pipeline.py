@@ -19,7 +19,7 @@ import torch
 
 from latentsync import media, preflight
 from latentsync.facepool import Detectors, default_workers
-from latentsync.loader import Models, compile_unet, load_models
+from latentsync.loader import Models, compile_models, load_models
 from latentsync.options import RunOptions
 from latentsync.plan import LipSyncResult, Plan, RenderPart, make_plan
 from latentsync.render import finish_run, render_part
@@ -53,18 +53,20 @@ class LipSync:
 
         ``unet_config`` defaults to the config of ``version``; its ``data.resolution`` must match the checkpoint
         (1.5 = 256 px, 1.6 = 512 px). ``syncnet_config`` defaults to the shipped StableSyncNet config.
-        ``compile=True`` compiles the U-Net's full and shallow passes and warms them up here (minutes the first
-        time; cached in ``compile_cache``, default ``weights_dir/compile-cache``). ``face_workers``: face-detection
-        processes (None: by core count).
+        ``compile=True`` compiles the U-Net's full and shallow passes and the VAE and warms them up here (minutes
+        the first time; cached in ``compile_cache``, default ``weights_dir/compile-cache``). ``face_workers``:
+        face-detection processes (None: by core count).
         """
         models = load_models(Path(weights_dir), version, device, dtype, unet_config, syncnet_config)
         if compile:
-            models = compile_unet(models, Path(compile_cache or Path(weights_dir) / "compile-cache"))
+            models = compile_models(models, Path(compile_cache or Path(weights_dir) / "compile-cache"))
         return cls(models, face_workers=default_workers() if face_workers is None else face_workers, caps=caps)
 
     def close(self) -> None:
-        """Stop the face-detection workers and free the detector (workers are also stopped at exit)."""
+        """Stop the face-detection workers, free the detector (workers are also stopped at exit), and stop the GPU
+        thread (a later run starts a new one)."""
         self._detectors.close()
+        self.models.gpu.close()
 
     # ------------------------------------------------------------------------------------------------ public API
     def lipsync(self, video: str | Path, audio: str | Path, output: str | Path,

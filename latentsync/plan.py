@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,24 +131,29 @@ def make_plan(video: Path, audio: Path, opts: RunOptions, models: Models, caps: 
         with clock("audio"):
             return _features(models.audio_encoder, mel, rows)
 
+    def encode(mel: torch.Tensor) -> torch.Tensor:  # on the models' GPU thread, like all their GPU work
+        return models.gpu.run(features_of, mel)
+
     if stream:
-        features = features_of(mel)
+        features = encode(mel)
     track = FaceTrack(video, fps, info, limit, face_point, models.resolution, clock=clock, pool=pool,
                       landmarker=landmarker, cancel=cancel, progress=progress)
     if stream:
         num_out, order = output_length(opts.loop_mode, audio_frames, audio_frames)
         matrices, has_face = track.matrices, track.has_face
     else:
-        # Whisper runs beside the face pass (waited for, also on error: no thread outlives the plan).
-        with ThreadPoolExecutor(1, thread_name_prefix="latentsync-audio") as audio_thread:
-            encoding = audio_thread.submit(features_of, mel)
+        # Whisper runs beside the face pass (waited for, also on error: no work of the plan outlives it).
+        encoding = models.gpu.submit(features_of, mel)
+        try:
             matrices, has_face = track.finish()
-            features = encoding.result()
+        finally:
+            wait([encoding])
+        features = encoding.result()
         num_out, order = output_length(opts.loop_mode, len(matrices), audio_frames)
         log.info("%s: %d source frames, %d with a face", video, len(matrices), int(has_face.sum()))
     if num_out > audio_frames:
         wav = pad_with_silence(wav, num_out, fps)
-        features = features_of(audio_mod.log_mel(wav))
+        features = encode(audio_mod.log_mel(wav))
     log.info("%s: %d output frames at %.3f fps, loop mode %s", video, num_out, fps, opts.loop_mode)
     weights, ranges, spans = _edits(video, opts.ranges, fps, num_out)
     scored = [(a + s, a + e) for a, b in spans for s, e in sync_spans(b - a)]

@@ -28,7 +28,7 @@ from latentsync.stages import StageClock, run_stages
 from latentsync.stages.align import AlignStage
 from latentsync.stages.generate import GenerateStage
 from latentsync.stages.paste import PasteStage
-from latentsync.stages.score import ScoreStage
+from latentsync.stages.score import ScoreStage, scores_while_rendering
 from latentsync.syncscore import combine_scores, score_span, syncnet_on
 from latentsync.timeline import Chunk, chunk_at
 from latentsync.tracking import FaceTrack
@@ -66,9 +66,11 @@ def render_part(plan: Plan, models: Models, out_path: Path, chunks: range | None
         writer = video_mod.VideoWriter(out_path, plan.fps, plan.info.width, plan.info.height)
         bar = tqdm(total=len(covered), desc="lip-sync", unit="frame", disable=not progress)
         paste = PasteStage(plan, models, clock, writer, bar, tap=tap)
-        # SyncNet scores while the other stages work where it lives (the CPU); on a GPU, in ``finish_run``.
-        score = ScoreStage(plan, models, clock, covered, score_now=models.device.type == "cpu")
-        run_stages(source(), [align, generate, paste, score], concurrent=not serial, cancel=cancel)
+        # SyncNet scores while the other stages work where it lives on the run's device; else in ``finish_run``.
+        score = ScoreStage(plan, models, clock, covered, score_now=scores_while_rendering(models))
+        # Generation runs on the models' long-lived GPU thread (cuDNN's plans are per thread).
+        run_stages(source(), [align, generate, paste, score], concurrent=not serial, cancel=cancel,
+                   homes={1: models.gpu})
         with clock("encode"):
             writer.close()
     except BaseException:

@@ -6,6 +6,7 @@ from collections.abc import Callable
 import torch
 from diffusers import DDIMScheduler
 
+from latentsync.devices import upload
 from latentsync.models.unet import DeepCache, UNet3DConditionModel
 
 
@@ -36,7 +37,12 @@ def denoise(
     latents, mask, masked_latents, ref_latents, audio_embeds = (
         t.to(device=device, dtype=dtype) for t in (latents, mask, masked_latents, ref_latents, audio_embeds)
     )
-    scheduler.set_timesteps(num_inference_steps, device=device)
+    # The scheduler stays on the CPU: its step indexes its CPU ``alphas_cumprod`` with the timestep, which with a
+    # device timestep is a device→host sync (six per step) that stalls the GPU and holds the GIL. The U-Net gets
+    # its timestep as a device tensor, copied once per chunk (a Python int would make a compiled U-Net recompile
+    # for every timestep).
+    scheduler.set_timesteps(num_inference_steps, device="cpu")
+    device_timesteps = upload(scheduler.timesteps, device)
     guided = guidance_scale > 1.0
     if guided:
         audio_embeds = torch.cat([torch.zeros_like(audio_embeds), audio_embeds])
@@ -49,7 +55,7 @@ def denoise(
         # channel order of the 13 input channels: [noisy 4 | mask 1 | masked image 4 | reference 4]
         x = torch.cat([x, mask, masked_latents, ref_latents], dim=1)
         shallow = cache is not None and i % deepcache_interval != 0
-        noise = unet(x, t, audio_embeds, cache=cache, shallow=shallow).sample
+        noise = unet(x, device_timesteps[i], audio_embeds, cache=cache, shallow=shallow).sample
         if guided:
             uncond, cond = noise.chunk(2)
             noise = uncond + guidance_scale * (cond - uncond)

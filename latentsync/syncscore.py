@@ -258,15 +258,20 @@ def score_span(model: StableSyncNet, span: tuple[int, int], crops: dict[int, np.
 
 @contextmanager
 def syncnet_on(syncnet: StableSyncNet | None, device: torch.device) -> Iterator[StableSyncNet | None]:
-    """SyncNet on ``device`` while it scores, back on the CPU after (it is needed once per run, and the GPU's
-    memory is the U-Net's)."""
-    if syncnet is None:
-        yield None
+    """SyncNet on ``device`` while it scores. One kept on the GPU (``loader.place_syncnet``) or used on the CPU is
+    used as it is; one waiting in (pinned) CPU memory is copied up and dropped after, its CPU copy kept: the GPU's
+    memory is the U-Net's, and nothing needs to come back."""
+    if syncnet is None or next(syncnet.parameters()).device == device or device.type != "cuda":
+        yield syncnet
         return
-    syncnet.to(device)
+    params = [(p, p.data) for p in syncnet.parameters()]
+    buffers = [(m, name, b) for m in syncnet.modules() for name, b in m._buffers.items() if b is not None]
+    syncnet.to(device, non_blocking=True)
     try:
         yield syncnet
     finally:
-        syncnet.to("cpu")
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        for p, host in params:
+            p.data = host
+        for m, name, b in buffers:
+            m._buffers[name] = b
+        torch.cuda.empty_cache()

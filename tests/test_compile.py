@@ -52,11 +52,43 @@ def test_compiled_passes_equal_eager_and_skip_other_shapes():
 
 
 def test_from_pretrained_compiles_with_a_cache_beside_the_weights(tmp_path, monkeypatch):
+    import threading
+
     from latentsync.pipeline import LipSync
 
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    stances, warmed = [], []
+    set_stance, warm_up = torch.compiler.set_stance, CompiledUNet.warm_up
+    monkeypatch.setattr(torch.compiler, "set_stance", lambda stance, **kw: (stances.append(stance),
+                                                                            set_stance(stance, **kw))[1])
+    monkeypatch.setattr(CompiledUNet, "warm_up", lambda self, *a: (warmed.append(threading.current_thread().name),
+                                                                  warm_up(self, *a))[1])
     folder, cfg = make_tiny_weights(tmp_path / "w", syncnet=False)
-    pipe = LipSync.from_pretrained(folder, unet_config=cfg, device="cpu", compile=True, face_workers=0)
+    try:
+        pipe = LipSync.from_pretrained(folder, unet_config=cfg, device="cpu", compile=True, face_workers=0)
+        # After the warm-up a new shape runs eagerly instead of compiling in the middle of a request.
+        assert stances == ["default", "eager_on_recompile"]
+    finally:
+        set_stance("default")
     assert isinstance(pipe.models.unet, CompiledUNet) and pipe.models.unet._shapes == {(2, 13, 16, 8, 8)}
+    vae = pipe.models.vae
+    assert vae.encoder._compiled_call_impl is not None and vae.decoder._compiled_call_impl is not None
+    assert warmed and warmed[0].startswith("latentsync-gpu")  # warmed up on the thread that will run it
+    pipe.close()
     cache = folder / "compile-cache"
     assert [p.name for p in cache.iterdir()] == [f"cpu-torch{torch.__version__}".replace("+", "_")]
+
+
+@torch.inference_mode()
+def test_compiled_vae_gives_the_eager_vaes_numbers():
+    from latentsync.models.compiled import compile_vae
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4).eval()
+    x, z = torch.randn((4, 3, 16, 16)), torch.randn((2, 4, 8, 8))
+    eager_moments, eager_pixels = vae.encode(x).latent_dist.parameters, vae.decode(z).sample
+    compile_vae(vae, 16, encode_frames=4, decode_frames=2)
+    assert torch.equal(vae.encode(x).latent_dist.parameters, eager_moments)
+    assert torch.equal(vae.decode(z).sample, eager_pixels)

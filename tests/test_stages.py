@@ -180,3 +180,26 @@ def test_detection_workers_plan_the_same_run(pipe, media, monkeypatch):
     assert np.array_equal(one.has_face, two.has_face) and one.num_out == two.num_out
     assert np.array_equal(one.matrices[one.has_face], two.matrices[two.has_face])
     assert _leftovers() == ([], [])
+
+
+def test_generation_and_whisper_run_on_one_long_lived_gpu_thread(pipe, media, tmp_path, monkeypatch):
+    from latentsync.stages.generate import GenerateStage
+
+    seen = []
+    call, encode = GenerateStage.__call__, pipe.models.audio_encoder.features_from_log_mel
+
+    def watched(fn, what):
+        def run(*args):
+            seen.append((what, threading.get_ident(), threading.current_thread().name))
+            return fn(*args)
+        return run
+
+    monkeypatch.setattr(GenerateStage, "__call__", watched(call, "generate"))
+    monkeypatch.setattr(pipe.models.audio_encoder, "features_from_log_mel", watched(encode, "whisper"))
+    for serial in (False, True):  # two runs, concurrent then serial: the same thread every time
+        monkeypatch.setattr(pipe, "serial", serial)
+        pipe.lipsync(media["gap"], media["speech"], tmp_path / f"out{serial}.mp4", seed=1, **FAST)
+    assert {what for what, *_ in seen} == {"generate", "whisper"}
+    assert len({ident for _, ident, _ in seen}) == 1 and seen[0][2].startswith("latentsync-gpu")
+    pipe.close()  # stops the thread; a later run starts another
+    assert not any(t.ident == seen[0][1] for t in threading.enumerate())

@@ -64,6 +64,9 @@ def _checked_run(args: argparse.Namespace, stop: Stop, on_dispatch: Callable[[An
     if not args.placement_timeout > 0:
         raise InputError(f"--placement-timeout must be more than 0 seconds, got {args.placement_timeout:g}")
     settings = Settings.from_args(args, os.environ)
+    from latentsync.devices import use_expandable_segments
+
+    use_expandable_segments()  # before torch touches CUDA; a local Ray's workers inherit it
     # Every path of the batch is checked here, before Ray starts: a bad line fails alone.
     args.results = check_results(args.results)
     jobs, bad = read_jobs(args.jobs, args.segments, args.results)

@@ -10,6 +10,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, wait
 from contextlib import contextmanager
 from typing import Any
 
@@ -50,17 +51,20 @@ class StageClock:
 
 
 def run_stages(items: Iterable[Any], stages: list[Callable[[Any], Any]], *, concurrent: bool,
-               cancel: Any = None) -> None:
+               cancel: Any = None, homes: dict[int, Any] | None = None) -> None:
     """Push every item through ``stages`` in order (each stage's result feeds the next; the last one's is dropped).
 
     ``cancel`` is checked before each item is taken. Concurrently, every stage runs in its own thread (with
     inference mode on, which is per thread) and the caller waits; nothing of the run survives its return.
+    ``homes[k]`` (a ``GpuThread``) runs stage ``k`` on that long-lived thread instead of a fresh one, in both modes.
     """
+    homes = homes or {}
     if not concurrent:
+        calls = [(lambda item, s=s, h=homes[k]: h.run(s, item)) if k in homes else s for k, s in enumerate(stages)]
         with torch.inference_mode():
             for item in items:
                 check_cancel(cancel)
-                for stage in stages:
+                for stage in calls:
                     item = stage(item)
         return
 
@@ -109,13 +113,16 @@ def run_stages(items: Iterable[Any], stages: list[Callable[[Any], Any]], *, conc
             failed.set()
 
     threads = [threading.Thread(target=worker, args=(k,), name=f"latentsync-stage-{k}", daemon=True)
-               for k in range(len(stages))]
+               for k in range(len(stages)) if k not in homes]
+    queued: list[Future] = []
     try:
         # Started inside the try: a signal raised in this thread between two starts still stops the started ones.
+        queued.extend(homes[k].submit(worker, k) for k in sorted(homes))
         for t in threads:
             t.start()
         for t in threads:
             t.join()
+        wait(queued)
     except BaseException:  # KeyboardInterrupt (or a CLI signal) in the caller: stop the stages before leaving
         failed.set()
         for t in threads:
@@ -123,6 +130,7 @@ def run_stages(items: Iterable[Any], stages: list[Callable[[Any], Any]], *, conc
                 t.join()
             except RuntimeError:  # never started; with `failed` set it does nothing should it start now
                 pass
+        wait(queued)
         raise
     if errors:
         raise errors[0]

@@ -9,7 +9,7 @@ from latentsync.frames import FrameFetcher
 from latentsync.loader import Models
 from latentsync.plan import Plan
 from latentsync.stages import StageClock
-from latentsync.stages.cuda import made, on_stream, own_stream
+from latentsync.stages.cuda import HIGH, made, on_stream, own_stream
 from latentsync.stages.work import Work
 from latentsync.timeline import Chunk, nearest_with_face
 
@@ -21,7 +21,7 @@ class AlignStage:
         self.fetcher = FrameFetcher(plan.video, plan.fps, plan.info)
         self.aligner = FaceAligner(models.resolution, device=models.device)  # warps run where the model runs
         self.matrices, self.device, self.dtype, self.clock = plan.matrices, models.device, models.dtype, clock
-        self.stream = own_stream(models.device)
+        self.stream = own_stream(models.device, HIGH)
 
     def __call__(self, chunk: Chunk) -> Work:
         with self.clock("read"):

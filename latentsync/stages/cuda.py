@@ -2,7 +2,11 @@
 
 On a GPU every stage thread queues its work on a stream of its own: a host copy in one stage (which synchronises
 its stream) then waits only for that stage's kernels, not for the U-Net steps another stage has queued. Tensors
-handed from one stage to the next carry an event recorded after the kernels that made them.
+handed from one stage to the next carry an event recorded after the kernels that made them, on the stage's own
+device (a thread's current device is cuda:0 unless it was switched: an event recorded there marks nothing).
+
+The align and paste streams run at high priority: their few small kernels then start between the U-Net's, so the
+frames keep flowing while the GPU is busy denoising. Sync scoring, needed only at the end, runs at low priority.
 """
 from __future__ import annotations
 
@@ -10,9 +14,12 @@ from contextlib import nullcontext
 
 import torch
 
-def own_stream(device: torch.device) -> torch.cuda.Stream | None:
-    """A new CUDA stream on ``device``; None elsewhere (the CPU needs none)."""
-    return torch.cuda.Stream(device) if device.type == "cuda" else None
+HIGH, LOW = -1, 0  # CUDA stream priorities: lower numbers run first; 0 is the default and the lowest
+
+
+def own_stream(device: torch.device, priority: int = LOW) -> torch.cuda.Stream | None:
+    """A new CUDA stream on ``device`` with ``priority`` (``HIGH`` or ``LOW``); None elsewhere (the CPU needs none)."""
+    return torch.cuda.Stream(device, priority=priority) if device.type == "cuda" else None
 
 
 def on_stream(stream: torch.cuda.Stream | None):
@@ -21,11 +28,11 @@ def on_stream(stream: torch.cuda.Stream | None):
 
 
 def made(device: torch.device) -> torch.cuda.Event | None:
-    """An event marking the work queued so far on this thread's current stream (None off CUDA)."""
+    """An event marking the work queued so far on this thread's current stream of ``device`` (None off CUDA)."""
     if device.type != "cuda":
         return None
     event = torch.cuda.Event()
-    event.record()
+    event.record(torch.cuda.current_stream(device))
     return event
 
 

@@ -3,7 +3,13 @@
 One generator, seeded once per run, serves every draw in a fixed order: the noise shared by all frames (one draw
 for the whole video, as upstream), then two VAE posterior samples (masked face, reference face) per chunk that
 has a face. ``skip`` makes the same draws for a chunk without running the VAE, so rendering chunks ``[a, b)``
-alone gives exactly the frames those chunks get in a whole run.
+alone gives exactly the frames those chunks get in a whole run. The generator is a CPU one whatever the device:
+CUDA's draws depend on the launch grid (the GPU's SM count), so the same seed would draw differently on an H100
+and an A100; drawn on the CPU and copied (about 1 MB a chunk), they are the same everywhere.
+
+The VAE encodes the masked and the reference crops in one call and decodes in slices of ``vae_slice`` frames,
+fixed per device and resolution, so a part renders the same wherever it runs; the slices bound the decode's
+activations, the peak of a run's memory.
 """
 from __future__ import annotations
 
@@ -11,9 +17,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers.utils.torch_utils import randn_tensor
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from latentsync import audio as audio_mod
+from latentsync.devices import upload, vae_slice
 from latentsync.loader import Models
 from latentsync.plan import Plan
 from latentsync.sampling import denoise
@@ -25,6 +32,13 @@ from latentsync.timeline import Chunk
 DEEPCACHE_INTERVAL = 3  # upstream's DeepCacheSDHelper(cache_interval=3, cache_branch_id=0)
 
 
+def sliced(fn, x: torch.Tensor, size: int | None) -> torch.Tensor:
+    """``fn`` over ``x`` in slices of ``size`` along the first dimension (all at once for None), concatenated."""
+    if size is None or len(x) <= size:
+        return fn(x)
+    return torch.cat([fn(x[i:i + size]) for i in range(0, len(x), size)])
+
+
 class GenerateStage:
     """Generates the mouth region of each chunk on the model's device, in chunk order."""
 
@@ -32,10 +46,16 @@ class GenerateStage:
         self.models, self.fps, self.options, self.clock, self.cancel = models, plan.fps, plan.options, clock, cancel
         self.features = torch.from_numpy(plan.features)
         R = models.resolution
-        self.generator = torch.Generator(models.device).manual_seed(plan.options.seed)
+        self.slice = vae_slice(models.device, R)
+        self.generator = torch.Generator("cpu").manual_seed(plan.options.seed)
         # One noise draw for the whole video, shared by every frame (as upstream), drawn before any chunk.
-        self.noise = torch.randn((1, 4, 1, R // 8, R // 8), generator=self.generator, device=models.device,
-                                 dtype=models.dtype)
+        self.noise = self._draw((1, 4, 1, R // 8, R // 8), models.dtype)
+
+    def _draw(self, shape: tuple[int, ...], dtype: torch.dtype, *, keep: bool = True) -> torch.Tensor | None:
+        """The generator's next standard-normal tensor, drawn on the CPU in ``dtype``, on the model's device
+        (only drawn, without ``keep``)."""
+        noise = torch.randn(shape, generator=self.generator, dtype=dtype)
+        return upload(noise, self.models.device) if keep else None
 
     def _latent_shape(self, frames: int) -> tuple[int, ...]:
         cfg = self.models.vae.config
@@ -45,14 +65,24 @@ class GenerateStage:
     def skip(self, chunk: Chunk) -> None:
         """Advance the generator exactly as generating ``chunk`` would (the VAE's two posterior samples)."""
         if chunk.any_face:
-            for _ in range(2):  # DiagonalGaussianDistribution.sample draws one tensor of the latents' shape
-                randn_tensor(self._latent_shape(len(chunk.src)), generator=self.generator,
-                             device=self.models.device, dtype=self.models.vae.dtype)
+            self._posterior_noise(len(chunk.src), keep=False)
 
-    def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
+    def _posterior_noise(self, n: int, *, keep: bool = True) -> torch.Tensor | None:
+        """The two posterior draws of an ``n``-frame chunk (masked face's, then reference face's), as one batch."""
+        shape, dtype = self._latent_shape(n), self.models.vae.dtype
+        masked = self._draw(shape, dtype, keep=keep)
+        ref = self._draw(shape, dtype, keep=keep)
+        return torch.cat([masked, ref]) if keep else None
+
+    def _encode(self, pixels: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents of the masked and of the whole crops, sampled from the VAE's posterior as diffusers does, with
+        both encodes in one batch."""
         vae = self.models.vae
-        dist = vae.encode(pixels).latent_dist
-        return (dist.sample(generator=self.generator) - vae.config.shift_factor) * vae.config.scaling_factor
+        moments = sliced(lambda x: vae.encode(x).latent_dist.parameters, torch.cat([pixels * mask, pixels]),
+                         self.slice)
+        dist = DiagonalGaussianDistribution(moments)
+        latents = dist.mean + dist.std * self._posterior_noise(len(pixels))  # DiagonalGaussianDistribution.sample
+        return ((latents - vae.config.shift_factor) * vae.config.scaling_factor).chunk(2)
 
     def __call__(self, work: Work) -> Work:
         chunk = work.chunk
@@ -66,20 +96,20 @@ class GenerateStage:
         pixels = work.pixels
         with self.clock("vae_encode"):
             mask_lat = F.interpolate(mask.expand(n, 1, R, R), size=(R // 8, R // 8))
-            masked_lat = self._encode(pixels * mask)
-            ref_lat = self._encode(pixels)
+            masked_lat, ref_lat = self._encode(pixels, mask)
         audio_embeds = audio_mod.audio_windows(self.features, chunk.start, chunk.stop, self.fps)
         with self.clock("denoise"):
             latents = denoise(
                 models.unet, models.scheduler, self.noise.expand(-1, -1, n, -1, -1).clone(),
-                _to_5d(mask_lat), _to_5d(masked_lat), _to_5d(ref_lat), audio_embeds.to(models.device, models.dtype),
+                _to_5d(mask_lat), _to_5d(masked_lat), _to_5d(ref_lat), upload(audio_embeds.to(models.dtype), models.device),
                 guidance_scale=opts.guidance_scale, num_inference_steps=opts.inference_steps,
                 deepcache_interval=DEEPCACHE_INTERVAL if opts.deepcache else 0,
                 step_callback=lambda _: check_cancel(self.cancel))
         with self.clock("vae_decode"):
             lat = latents[0].permute(1, 0, 2, 3)  # (f, 4, h, w)
             cfg = models.vae.config
-            decoded = models.vae.decode(lat / cfg.scaling_factor + cfg.shift_factor).sample
+            decoded = sliced(lambda z: models.vae.decode(z).sample, lat / cfg.scaling_factor + cfg.shift_factor,
+                             self.slice)
             # Outside the mouth mask the original aligned pixels come back exactly; only the mouth is generated.
             work.faces = decoded * (1 - mask) + pixels * mask
         work.pixels, work.ready = None, made(models.device)  # the crops are no longer needed: free them now

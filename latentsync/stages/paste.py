@@ -11,7 +11,7 @@ from latentsync.align import FaceAligner
 from latentsync.loader import Models
 from latentsync.plan import Plan
 from latentsync.stages import StageClock
-from latentsync.stages.cuda import on_stream, own_stream, take
+from latentsync.stages.cuda import HIGH, on_stream, own_stream, take
 from latentsync.stages.work import Work
 from latentsync.syncscore import sync_crop
 
@@ -28,7 +28,7 @@ class PasteStage:
         self.writer, self.matrices, self.clock, self.bar, self.tap = writer, plan.matrices, clock, bar, tap
         self.sync_spans = plan.sync_spans
         self.aligner = FaceAligner(models.resolution)
-        self.stream = own_stream(models.device)
+        self.stream = own_stream(models.device, HIGH)
 
     def __call__(self, work: Work) -> Work:
         chunk = work.chunk
