@@ -27,12 +27,16 @@ from cog import BasePredictor, Input, Path
 
 from latentsync.errors import InputError, describe, is_out_of_memory
 from latentsync.options import RunOptions
+from latentsync.progress import WEIGHTS, LogLines, Progress
 from latentsync.settings import Settings
 
 # Literal copies of latentsync.options.LOOP_MODES / FACE_SELECTS (Cog's static parser cannot follow an import).
 LOOP_MODES = ["bounce", "loop", "cut_off", "silence"]
 FACE_SELECTS = ["largest", "active_speaker"]
-PROGRESS_EVERY_S = 30.0  # a "still running" line in the prediction's logs, so a long run visibly lives
+# The prediction's logs get each stage's name as it starts, then a line with percent, frames and ETA each time
+# another PROGRESS_EVERY_PERCENT of its frames is done or PROGRESS_EVERY_S have passed, whichever comes first.
+PROGRESS_EVERY_PERCENT = 10.0
+PROGRESS_EVERY_S = 30.0
 
 log = logging.getLogger("predict")
 # Project-relative, so `cog predict` (which mounts the project over the container's working directory) boots the
@@ -50,9 +54,10 @@ class Predictor(BasePredictor):
 
         use_expandable_segments()  # before torch first touches CUDA (cog.yaml sets it too, for the container)
         settings = Settings.read(os.environ, download_home=WEIGHTS_HOME)
-        weights_dir = settings.weights()
-        weights_s = time.perf_counter() - started
-        self.pipe = settings.load(weights_dir)
+        with Progress(LogLines(log.info)).stage(WEIGHTS):
+            weights_dir = settings.weights()
+            weights_s = time.perf_counter() - started
+            self.pipe = settings.load(weights_dir)
         # One folder per worker; each prediction gets its own sub-folder and removes the previous one.
         self.work_root = FsPath(tempfile.mkdtemp(prefix="latentsync-cog-"))
         self.last_run: FsPath | None = None
@@ -86,7 +91,9 @@ class Predictor(BasePredictor):
             options = RunOptions(guidance_scale=guidance_scale, inference_steps=inference_steps, seed=seed,
                                  loop_mode=loop_mode, deepcache=enable_deepcache, keep_fps=keep_fps,
                                  face_select=face_select, ranges=ranges)
-            result = self.pipe.lipsync(video, audio, output, options=options, cancel=_Heartbeat(log, PROGRESS_EVERY_S))
+            progress = Progress(LogLines(log.info, every_percent=PROGRESS_EVERY_PERCENT, every_s=PROGRESS_EVERY_S))
+            result = self.pipe.lipsync(video, audio, output, options=options, cancel=_Ticks(progress),
+                                       progress=progress)
         except BaseException as e:  # noqa: BLE001 — out-of-memory and cancellation need cleanup, then re-raise
             # The library kills its own ffmpeg processes when interrupted (readers and writers close in `finally`).
             shutil.rmtree(run, ignore_errors=True)
@@ -133,21 +140,18 @@ class Predictor(BasePredictor):
                     self.record_metric(f"sync.{key}", float(value))
 
 
-class _Heartbeat:
-    """Passed as the pipeline's ``cancel`` (checked between chunks and steps): never cancels, logs that the run lives.
+class _Ticks:
+    """Passed as the pipeline's ``cancel`` (checked between chunks and denoising steps): never cancels; lets the
+    progress lines say that a stretch without a finished frame (a chunk's denoising steps) is still running.
 
     Cog cancels by raising in the predict thread, so nothing is lost by never returning True here.
     """
 
-    def __init__(self, logger: logging.Logger, every_s: float) -> None:
-        self.logger, self.every_s = logger, every_s
-        self.started = self.last = time.monotonic()
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
 
     def is_set(self) -> bool:
-        now = time.monotonic()
-        if now - self.last >= self.every_s:
-            self.last = now
-            self.logger.info("lip-sync still running: %.0f s so far", now - self.started)
+        self.progress.tick()
         return False
 
 

@@ -71,12 +71,13 @@ class LipSync:
     # ------------------------------------------------------------------------------------------------ public API
     def lipsync(self, video: str | Path, audio: str | Path, output: str | Path,
                 options: RunOptions | dict[str, object] | None = None, *, cancel: object = None,
-                progress: bool = False, **overrides: object) -> LipSyncResult:
+                progress: object = False, **overrides: object) -> LipSyncResult:
         """Lip-sync ``video`` to ``audio`` and write an H.264/AAC mp4 to ``output``: ``plan`` → ``render`` → ``finish``.
 
         ``options`` is a :class:`RunOptions` (or a dict of its fields); keyword ``overrides`` name the same fields
         (``guidance_scale=``, ``seed=``, …). ``cancel`` is any object with ``is_set()`` (a ``threading.Event``);
-        it is checked between chunks and denoising steps.
+        it is checked between chunks and denoising steps. ``progress``: True for tqdm bars on stderr, or a
+        :class:`latentsync.progress.Progress` that hears each stage start and its frames (log lines, a status).
         """
         t0 = time.perf_counter()
         opts = RunOptions.make(options, **overrides).with_seed()
@@ -91,14 +92,14 @@ class LipSync:
                                serial=self.serial, tap=self.frame_tap, cancel=cancel, progress=progress)
             if stream:
                 plan.matrices, plan.has_face = track.finish()
-            result = self.finish(plan, [part.path], output, [part])
+            result = self.finish(plan, [part.path], output, [part], progress=progress)
         result.seconds["wall"] = round(time.perf_counter() - t0, 3)
         log.info("wrote %s: %d frames, %d with a face, seed %d, %s", output, result.frames, result.frames_with_face,
                  result.seed, result.seconds)
         return result
 
     def plan(self, video: str | Path, audio: str | Path, options: RunOptions, *, cancel: object = None,
-             progress: bool = False) -> Plan:
+             progress: object = False) -> Plan:
         """Decide the run: probe, audio features, face pass 1 (matrices), output length and order, sync spans.
 
         Raises ``InputError`` for unusable inputs (no frames, no face anywhere) before any frame is generated.
@@ -107,13 +108,13 @@ class LipSync:
         """
         return self._plan(video, audio, options, cancel, progress, stream=False)[0]
 
-    def _plan(self, video: str | Path, audio: str | Path, options: RunOptions, cancel: object, progress: bool,
+    def _plan(self, video: str | Path, audio: str | Path, options: RunOptions, cancel: object, progress: object,
               stream: bool):
         return make_plan(Path(video), Path(audio), options.with_seed(), self.models, self.caps, self._detectors,
                          self.face_workers, cancel=cancel, progress=progress, stream=stream)
 
     def render(self, plan: Plan, out_path: Path, chunks: range | None = None, *, cancel: object = None,
-               progress: bool = False) -> RenderPart:
+               progress: object = False) -> RenderPart:
         """Write output chunks ``chunks`` (default: all; step 1) of ``plan`` as a silent H.264 file ``out_path``.
 
         Contract: the frames equal those chunks of a whole run bit for bit before encoding — the seed's noise and
@@ -124,10 +125,11 @@ class LipSync:
         return render_part(plan, self.models, Path(out_path), chunks, track=None, serial=self.serial,
                            tap=self.frame_tap, cancel=cancel, progress=progress)
 
-    def finish(self, plan: Plan, parts: list[Path], output: Path, rendered: list[RenderPart]) -> LipSyncResult:
+    def finish(self, plan: Plan, parts: list[Path], output: Path, rendered: list[RenderPart], *,
+               progress: object = False) -> LipSyncResult:
         """Join the rendered ``parts`` (in chunk order), mux the user's audio into ``output``, score the sync.
 
         One part is muxed as is; several are concatenated by stream copy first (our own files, same encoder
         settings). ``seconds`` sums the plan's and every part's busy seconds with finishing's own.
         """
-        return finish_run(plan, self.models, parts, output, rendered)
+        return finish_run(plan, self.models, parts, output, rendered, progress)

@@ -24,6 +24,7 @@ from latentsync.errors import InputError
 from latentsync.facepool import Detectors
 from latentsync.loader import Models
 from latentsync.options import OUTPUT_FPS, RunOptions
+from latentsync.progress import Progress
 from latentsync.speaker import active_speaker_point
 from latentsync.stages import StageClock
 from latentsync.syncscore import sync_spans, syncnet_on
@@ -100,7 +101,7 @@ class RenderPart:
 
 @torch.inference_mode()
 def make_plan(video: Path, audio: Path, opts: RunOptions, models: Models, caps: media.MediaCaps,
-              detectors: Detectors, face_workers: int, *, cancel: Any, progress: bool,
+              detectors: Detectors, face_workers: int, *, cancel: Any, progress: bool | Progress,
               stream: bool) -> tuple[Plan, FaceTrack]:
     """Probe, audio features, face pass 1, output length and order, sync spans; and the face track.
 

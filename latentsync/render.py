@@ -17,13 +17,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from latentsync import video as video_mod
 from latentsync.join import join_parts
 from latentsync.loader import Models
 from latentsync.models.syncnet import VIDEO_FPS, WINDOW_FRAMES
 from latentsync.plan import LipSyncResult, Plan, RenderPart
+from latentsync.progress import ENCODING, SCORING, SYNTHESIS, Progress, as_progress
 from latentsync.stages import StageClock, run_stages
 from latentsync.stages.align import AlignStage
 from latentsync.stages.generate import GenerateStage
@@ -38,9 +38,10 @@ log = logging.getLogger(__name__)
 
 def render_part(plan: Plan, models: Models, out_path: Path, chunks: range | None, *, track: FaceTrack | None,
                 serial: bool, tap: Callable[[int, np.ndarray], None] | None, cancel: Any,
-                progress: bool) -> RenderPart:
+                progress: bool | Progress) -> RenderPart:
     """Write output chunks ``chunks`` (default: all) of ``plan`` as a silent H.264 file ``out_path``; with
-    ``track`` (a streaming plan's pass 1) each chunk first tracks the frames it shows."""
+    ``track`` (a streaming plan's pass 1) each chunk first tracks the frames it shows. ``progress`` counts the
+    frames written (True: a bar on stderr)."""
     chunks = range(plan.num_chunks) if chunks is None else chunks
     if chunks.step != 1 or not 0 <= chunks.start < chunks.stop <= plan.num_chunks:
         raise ValueError(f"chunks must be a non-empty range within 0..{plan.num_chunks}, got {chunks}")
@@ -61,11 +62,12 @@ def render_part(plan: Plan, models: Models, out_path: Path, chunks: range | None
         for c in range(chunks.start):
             generate.skip(chunk_at(c, size, plan.num_out, plan.order, plan.has_face))
     align = AlignStage(plan, models, clock)
-    writer = bar = None
+    progress = as_progress(progress)
+    writer = None
     try:  # everything that starts a process or a bar is made inside: an interrupt at any line cleans up
         writer = video_mod.VideoWriter(out_path, plan.fps, plan.info.width, plan.info.height)
-        bar = tqdm(total=len(covered), desc="lip-sync", unit="frame", disable=not progress)
-        paste = PasteStage(plan, models, clock, writer, bar, tap=tap)
+        progress.start(SYNTHESIS, len(covered))
+        paste = PasteStage(plan, models, clock, writer, progress, tap=tap)
         # SyncNet scores while the other stages work where it lives on the run's device; else in ``finish_run``.
         score = ScoreStage(plan, models, clock, covered, score_now=scores_while_rendering(models))
         # Generation runs on the models' long-lived GPU thread (cuDNN's plans are per thread).
@@ -76,21 +78,22 @@ def render_part(plan: Plan, models: Models, out_path: Path, chunks: range | None
     except BaseException:
         if writer is not None:
             writer.abort()
+        progress.end(SYNTHESIS, failed=True)
         raise
     finally:
-        if bar is not None:
-            bar.close()
+        progress.end(SYNTHESIS)  # after a failure: already ended
         align.close()
     return RenderPart(path=Path(out_path), chunks=chunks, frames=len(covered), seconds=clock.seconds,
                       sync_scores=score.scores, sync_crops=score.crops)
 
 
-def finish_run(plan: Plan, models: Models, parts: list[Path], output: Path,
-               rendered: list[RenderPart]) -> LipSyncResult:
+def finish_run(plan: Plan, models: Models, parts: list[Path], output: Path, rendered: list[RenderPart],
+               progress: bool | Progress = False) -> LipSyncResult:
     """Join the rendered ``parts`` (in chunk order), mux the user's audio into ``output``, score the sync."""
     output = Path(output)
     clock = StageClock()
-    with tempfile.TemporaryDirectory(prefix="latentsync-") as tmp:
+    progress = as_progress(progress)
+    with progress.stage(ENCODING), tempfile.TemporaryDirectory(prefix="latentsync-") as tmp:
         silent = Path(parts[0])
         if len(parts) > 1:
             with clock("join"):
@@ -101,7 +104,7 @@ def finish_run(plan: Plan, models: Models, parts: list[Path], output: Path,
     todo = [span for span in plan.sync_spans if span not in scores]
     if todo:
         crops = {j: c for part in rendered for j, c in part.sync_crops.items()}
-        with clock("sync"), syncnet_on(models.syncnet, models.device) as syncnet:
+        with progress.stage(SCORING), clock("sync"), syncnet_on(models.syncnet, models.device) as syncnet:
             scores.update((span, score_span(syncnet, span, crops, plan.wav, plan.fps)) for span in todo)
     scored = [scores[span] for span in plan.sync_spans if scores[span] is not None]
     if models.syncnet is not None and not scored:

@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from latentsync import video as video_mod
 from latentsync.align import FaceAligner
 from latentsync.errors import InputError
 from latentsync.face import Face, FaceLandmarker, FaceTracker, no_face_message
 from latentsync.facepool import FacePool
+from latentsync.progress import FACES, Progress, as_progress
 from latentsync.stages import StageClock, check_cancel
 
 
@@ -40,13 +40,13 @@ class FaceTrack:
     face followed is the largest, or the one nearest ``point``. With ``pool`` the detection runs in its worker
     processes (same results), else here on ``landmarker`` (one is made when None). ``finish()`` tracks to the
     end and checks; used as a context manager, an error or a cancel terminates the pool on the way out, so no
-    worker or ffmpeg process outlives it.
+    worker or ffmpeg process outlives it. ``progress`` counts the frames tracked (True: a bar on stderr).
     """
 
     def __init__(self, video: Path, fps: float, info: video_mod.VideoInfo, limit: int | None,
                  point: tuple[float, float] | None, resolution: int, *, clock: StageClock,
                  pool: FacePool | None = None, landmarker: FaceLandmarker | None = None, cancel: Any = None,
-                 progress: bool = False):
+                 progress: bool | Progress = False):
         self.video, self.info, self.clock, self.pool, self.cancel = video, info, clock, pool, cancel
         self.matrices: list[np.ndarray] = []
         self.has_face: list[bool] = []
@@ -63,7 +63,9 @@ class FaceTrack:
             faces = pool.detect(video, fps, info, limit, check=lambda: check_cancel(cancel))
         self._faces = faces
         self._tracker = FaceTracker(landmarker=_Detected(faces), point=point)
-        self._bar = tqdm(desc="faces", unit="frame", disable=not progress, total=limit)
+        self.progress = as_progress(progress)
+        frames = video_mod.expected_frames(info, fps)
+        self.progress.start(FACES, frames if limit is None else min(limit, frames))
 
     def ensure(self, n: float) -> None:
         """Track until ``n`` frames are known or the video has ended."""
@@ -83,7 +85,7 @@ class FaceTrack:
                 else:
                     self.matrices.append(self._aligner.matrix(face.anchors))
                     self.has_face.append(True)
-            self._bar.update()
+            self.progress.advance(FACES)
 
     def check(self) -> None:
         """Once the video has ended: an ``InputError`` when no frame could be read or none shows the face."""
@@ -120,7 +122,7 @@ class FaceTrack:
         self._closed = True
         if failed and self.pool is not None:
             self.pool.terminate()
-        self._bar.close()
+        self.progress.end(FACES, failed=failed)
         self._faces.close()
         if self._frames is not None:
             self._frames.close()

@@ -6,6 +6,7 @@ import gc
 import http.server
 import inspect
 import logging
+import re
 import shutil
 import sys
 import threading
@@ -121,16 +122,27 @@ def test_seed_zero_is_an_ordinary_seed(predictor, media, metrics):
 
 
 def test_logs_show_progress_and_no_temporary_paths(predictor, media, metrics, caplog, monkeypatch):
-    monkeypatch.setattr(predict, "PROGRESS_EVERY_S", 0.0)  # a heartbeat at every check of the run
+    monkeypatch.setattr(predict, "PROGRESS_EVERY_PERCENT", 5.0)  # a line each 5 % of a stage's frames
     caplog.set_level(logging.INFO)
     out = call(predictor, video=media["clip"], audio=media["speech"], seed=5, **FAST)
     text = "\n".join(r.getMessage() for r in caplog.records)
-    assert "lip-sync still running" in text
+    started = [m.group(1) for m in re.finditer(r"^(\w+) started", text, re.M)]
+    assert started == ["faces", "synthesis", "encoding"], text  # on the CPU, SyncNet scores during synthesis
+    assert re.search(r"^faces \d+ % \(\d+/16 frames\), ETA \d+:\d\d$", text, re.M), text
+    assert re.search(r"^synthesis done in \d+:\d\d \(17 frames\)$", text, re.M), text
     assert "<video>" in text and "<output>" in text, text  # the pipeline's own lines, with the paths renamed
     for secret in (str(media["clip"]), media["clip"].name, str(out), out.name, str(predictor.work_root)):
         assert secret not in text
     assert not any(isinstance(h, logging.Handler) and h.filters for h in logging.getLogger().handlers
                    if any(isinstance(f, predict._PathScrubber) for f in h.filters))  # removed after the run
+
+
+def test_a_silent_stretch_still_gets_a_line(predictor, media, metrics, caplog, monkeypatch):
+    monkeypatch.setattr(predict, "PROGRESS_EVERY_S", 0.0)  # a line at every check of the run
+    caplog.set_level(logging.INFO)
+    call(predictor, video=media["clip"], audio=media["speech"], seed=5, **FAST)
+    assert re.search(r"^synthesis 0 % \(0/17 frames\), ETA unknown$",
+                     "\n".join(r.getMessage() for r in caplog.records), re.M)
 
 
 def test_file_extensions_are_not_trusted(predictor, media, metrics, tmp_path):
@@ -188,6 +200,15 @@ def test_cancellation_propagates_after_cleaning_up(predictor, media, monkeypatch
 
 
 # --- setup ----------------------------------------------------------------------------------------------------------
+
+def test_setup_logs_the_weights_stage(env, caplog):
+    caplog.set_level(logging.INFO)
+    p = predict.Predictor()
+    p.setup()
+    shutil.rmtree(p.work_root, ignore_errors=True)
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert re.search(r"^weights started\n(.*\n)*weights done in \d+:\d\d$", text, re.M), text
+
 
 def test_setup_refuses_a_sha256_mismatch_naming_the_file(env, tiny, tmp_path):
     weights, _, manifest = tiny

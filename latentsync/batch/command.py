@@ -138,7 +138,8 @@ def _run_on_ray(args: argparse.Namespace, settings: Settings, todo: list[Job],
         if local:  # verify or fetch the weights once here, not in every worker at once
             settings.weights()
         workers, resources = plan_workers(args.workers, settings.device)
-        batch = Batch(settings, workers, resources=resources, placement_timeout=args.placement_timeout)
+        batch = Batch(settings, workers, resources=resources, placement_timeout=args.placement_timeout,
+                      status=not args.quiet)
         try:
             batch.run(todo, report, on_dispatch)
         finally:

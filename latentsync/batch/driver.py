@@ -12,6 +12,9 @@ The hand-out itself stays here, because Ray has no primitive for it: actor tasks
 (``ActorPool`` too, and it does not survive a dead actor), while a task must go to whichever worker is idle first,
 a job's next steps before other jobs' (so its segments run at once), and how many renders a plan makes is known only
 once it has run.
+
+While jobs run, each task's progress lines (``line 3: synthesis 40 % (160/400 frames), ETA 0:42``) reach the driver
+through a small status board actor that the workers post to and the driver reads every :data:`STATUS_EVERY_S`.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError
+from ray.exceptions import GetTimeoutError, RayActorError, RayError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
@@ -43,6 +46,7 @@ MAX_ATTEMPTS = 3  # tries of one task whose worker died (killed, out of memory) 
 MAX_RESTARTS = 4  # restarts of one worker (each reloads the models) before it is given up
 CONNECT_TIMEOUT_S = 10.0
 SWEEP_TIMEOUT_S = 30.0  # for stopped workers to be gone, and for each node to remove what they left
+STATUS_EVERY_S = 1.0  # how often the driver prints what the workers posted (they post at most every 10 % or 30 s)
 
 
 @dataclass
@@ -73,19 +77,37 @@ def split_chunks(num_chunks: int, segments: int, edited: list[int] | None = None
     return [range(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
+class StatusBoard:
+    """The workers' progress lines, kept until the driver takes them (an actor that needs no CPU)."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[int, str]] = []
+
+    def post(self, line: int, text: str) -> None:
+        """Job ``line`` says ``text``."""
+        self.lines.append((line, text))
+
+    def take(self) -> list[tuple[int, str]]:
+        """Every line posted since the last call, in the order posted."""
+        lines, self.lines = self.lines, []
+        return lines
+
+
 class Batch:
     """A pool of workers on the connected Ray cluster and the loop that hands them tasks. The workers are placed
     as one placement group (every worker, or a ``ResourceError`` after ``placement_timeout`` seconds saying what
     the cluster lacks); each keeps its temporary files in ``latentsync-batch-RUN-RANK`` in its node's temporary
-    folder, and nothing of them is left on any node once :meth:`close` returns."""
+    folder, and nothing of them is left on any node once :meth:`close` returns. With ``status`` the workers'
+    progress lines are logged per job as they come."""
 
     def __init__(self, settings: Settings, workers: int, *, resources: dict[str, float] | None = None,
-                 placement_timeout: float):
+                 placement_timeout: float, status: bool = False):
         resources = resources or {"num_cpus": 1}
         self.temp_name = f"latentsync-batch-{secrets.token_hex(4)}"
         self.handles: list[Any] = []
         self.pids: dict[int, int] = {}
         self._closed = False
+        self.board = ray.remote(StatusBoard).options(num_cpus=0).remote() if status else None
         bundle = {name: resources[key] for key, name in (("num_cpus", "CPU"), ("num_gpus", "GPU"))
                   if resources.get(key)}
         self.group = placement_group([bundle] * workers, strategy="SPREAD")
@@ -98,7 +120,7 @@ class Batch:
             self.handles = [actor.options(
                 max_restarts=MAX_RESTARTS, max_task_retries=MAX_ATTEMPTS - 1, **resources,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=rank),
-            ).remote(settings, rank, self.temp_name) for rank in range(workers)]
+            ).remote(settings, rank, self.temp_name, self.board) for rank in range(workers)]
             states = ray.get([h.ready.remote() for h in self.handles])
         except RayActorError as e:
             self.close(graceful=False)
@@ -131,6 +153,8 @@ class Batch:
         if self.handles and not tidy:
             self._sweep()
         remove_placement_group(self.group)
+        if self.board is not None:
+            ray.kill(self.board)
 
     def _sweep(self) -> None:
         """Remove this batch's worker folders from every node's temporary folder, once the workers are gone (a
@@ -148,6 +172,19 @@ class Batch:
         except Exception as e:  # a node that went away took its folder with it, or is beyond reach
             log.warning("could not remove %s-* on every node: %s", self.temp_name, one_line(e))
 
+    def show_status(self) -> None:
+        """Log the progress lines the workers posted since the last call, each with its job's line number."""
+        if self.board is None:
+            return
+        try:
+            lines = ray.get(self.board.take.remote(), timeout=CONNECT_TIMEOUT_S)
+        except RayError as e:  # a status is no reason to stop the jobs: they go on without one
+            log.warning("no more progress lines: the status board failed (%s)", one_line(e))
+            self.board = None
+            return
+        for line, text in lines:
+            log.info("line %d: %s", line, text)
+
     def run(self, jobs: list[Job], report: Callable[[dict[str, Any]], None],
             on_dispatch: Callable[[Task, int], None] | None = None) -> None:
         """Run every job, calling ``report`` with its result line as it ends. ``on_dispatch(task, worker_pid)``
@@ -157,6 +194,7 @@ class Batch:
         run = _Run(self, jobs, report, on_dispatch)
         try:
             run.loop()
+            self.show_status()
         finally:
             if run.inflight:  # interrupted (Ctrl-C) or failed: stop the workers before removing what they write
                 self.close(graceful=False)
@@ -187,7 +225,12 @@ class _Run:
                         self._end(task.job, "every worker died; no worker is left to run it")
                 self.pending.clear()
                 break
-            [ref], _ = ray.wait(list(self.inflight), num_returns=1)
+            ready, _ = ray.wait(list(self.inflight), num_returns=1,
+                                timeout=None if self.batch.board is None else STATUS_EVERY_S)
+            self.batch.show_status()
+            if not ready:
+                continue
+            [ref] = ready
             task, rank = self.inflight.pop(ref)
             try:
                 value = ray.get(ref)

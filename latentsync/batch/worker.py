@@ -2,7 +2,8 @@
 of segmented ones, one task at a time.
 
 Every answer is a dict carrying the worker's process id (it changes when Ray restarts the actor) and ``error``: a
-task never raises for a bad job, so one bad job fails alone and its message is the one the CLI would print.
+task never raises for a bad job, so one bad job fails alone and its message is the one the CLI would print. While a
+task runs, its progress lines (the stages, then percent and ETA) go to the driver's status board, when it has one.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Any
 
 from latentsync.batch.jobs import Job
 from latentsync.errors import InputError, describe, one_line
+from latentsync.progress import LogLines, Progress
 from latentsync.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -24,10 +26,12 @@ log = logging.getLogger(__name__)
 
 class Worker:
     """One worker: ``settings`` say how to load the models; its temporary files go to ``TEMP_NAME-RANK`` in its
-    node's temporary folder (``temp_name`` None: the pipeline's default temporary folders)."""
+    node's temporary folder (``temp_name`` None: the pipeline's default temporary folders); ``board``: the driver's status board (an
+    actor with ``post(line, text)``) that hears each task's progress lines, or None."""
 
-    def __init__(self, settings: Settings, rank: int, temp_name: str | None = None):
+    def __init__(self, settings: Settings, rank: int, temp_name: str | None = None, board: Any = None):
         self.error: tuple[str, str] | None = None
+        self.board = board
         self.tmp: Path | None = None
         if temp_name is not None:
             # A restarted worker gets the same folder: what its killed predecessor left there goes now.
@@ -50,7 +54,7 @@ class Worker:
         try:
             job.work_dir.mkdir(parents=True, exist_ok=True)
             temp_out = job.work_dir / job.output.name
-            result = self.pipe.lipsync(job.video, job.audio, temp_out, job.options)
+            result = self.pipe.lipsync(job.video, job.audio, temp_out, job.options, progress=self._progress(job))
             os.replace(temp_out, job.output)
         except Exception as e:
             return _failure(e)
@@ -60,7 +64,7 @@ class Worker:
         """Plan a segmented job (the face pass runs here, once for the whole video); the plan stays in Ray's
         object store for the renders."""
         try:
-            plan = self.pipe.plan(job.video, job.audio, job.options)
+            plan = self.pipe.plan(job.video, job.audio, job.options, progress=self._progress(job))
         except Exception as e:
             return _failure(e), None
         edited = [c for c in range(plan.num_chunks) if plan.edited(c)]  # with time ranges, the chunks that cost
@@ -70,7 +74,8 @@ class Worker:
         """Render output chunks ``chunks`` of the plan into part ``index`` of the job's work folder."""
         try:
             job.work_dir.mkdir(parents=True, exist_ok=True)
-            part = self.pipe.render(plan, job.work_dir / f"part-{index:03d}.mp4", chunks)
+            part = self.pipe.render(plan, job.work_dir / f"part-{index:03d}.mp4", chunks,
+                                    progress=self._progress(job, f"part {index + 1}: "))
         except Exception as e:
             return _failure(e)
         return {"pid": os.getpid(), "error": None, "part": part}
@@ -80,11 +85,19 @@ class Worker:
         started = time.perf_counter()
         try:
             temp_out = job.work_dir / job.output.name
-            result = self.pipe.finish(plan, [part.path for part in parts], temp_out, parts)
+            result = self.pipe.finish(plan, [part.path for part in parts], temp_out, parts,
+                                      progress=self._progress(job))
             os.replace(temp_out, job.output)
         except Exception as e:
             return _failure(e)
         return _success(result, started)
+
+    def _progress(self, job: Job, label: str = "") -> Progress | bool:
+        """The task's progress, as lines posted to the board under the job's line number (none without a board).
+        Posting does not wait for the driver."""
+        if self.board is None:
+            return False
+        return Progress(LogLines(lambda text: self.board.post.remote(job.line, label + text)))
 
     def close(self) -> None:
         """Remove this worker's temporary folder."""

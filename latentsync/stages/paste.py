@@ -4,12 +4,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from latentsync import video as video_mod
 from latentsync.align import FaceAligner
 from latentsync.loader import Models
 from latentsync.plan import Plan
+from latentsync.progress import SYNTHESIS, Progress
 from latentsync.stages import StageClock
 from latentsync.stages.cuda import HIGH, on_stream, own_stream, take
 from latentsync.stages.work import Work
@@ -23,9 +23,9 @@ class PasteStage:
     there, before the codec's rounding).
     """
 
-    def __init__(self, plan: Plan, models: Models, clock: StageClock, writer: video_mod.VideoWriter, bar: tqdm,
-                 tap: Callable[[int, np.ndarray], None] | None = None):
-        self.writer, self.matrices, self.clock, self.bar, self.tap = writer, plan.matrices, clock, bar, tap
+    def __init__(self, plan: Plan, models: Models, clock: StageClock, writer: video_mod.VideoWriter,
+                 progress: Progress, tap: Callable[[int, np.ndarray], None] | None = None):
+        self.writer, self.matrices, self.clock, self.progress, self.tap = writer, plan.matrices, clock, progress, tap
         self.sync_spans = plan.sync_spans
         self.aligner = FaceAligner(models.resolution)
         self.stream = own_stream(models.device, HIGH)
@@ -44,7 +44,7 @@ class PasteStage:
                 if self.tap is not None:
                     self.tap(chunk.start + k, frame)
                 self.writer.write(frame)
-        self.bar.update(len(frames))
+        self.progress.advance(SYNTHESIS, len(frames))
         work.frames, work.faces = {}, None  # only the sync crops travel on
         return work
 

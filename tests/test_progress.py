@@ -1,0 +1,147 @@
+"""Progress told once: the log lines' 10 % / 30 s rule and ETA on a fake clock, the bars, the API's ``progress``."""
+from __future__ import annotations
+
+import io
+import threading
+
+import pytest
+
+from latentsync.progress import Bars, LogLines, Progress, as_progress, clock_text
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def logged():
+    """A progress whose log lines land in a list, on a clock the test moves."""
+    clock, lines = FakeClock(), []
+    return Progress(LogLines(lines.append, clock=clock)), lines, clock
+
+
+def test_a_stage_is_named_as_it_starts_and_timed_as_it_ends(logged):
+    progress, lines, clock = logged
+    progress.start("weights")
+    clock.now += 75
+    progress.end("weights")
+    progress.start("synthesis", 400)
+    assert lines == ["weights started", "weights done in 1:15", "synthesis started (400 frames)"]
+
+
+def test_a_line_each_time_another_ten_percent_is_done(logged):
+    progress, lines, clock = logged
+    progress.start("synthesis", 400)
+    for _ in range(25):  # 16-frame chunks, one second each
+        clock.now += 1
+        progress.advance("synthesis", 16)
+    percents = [line for line in lines if "%" in line]
+    assert len(percents) == 9, lines  # 10 % … 90 %; reaching 100 % is the end line's
+    assert percents[3] == "synthesis 40 % (160/400 frames), ETA 0:15"  # 10 s for 160 frames: 15 s for 240
+    assert all("100 %" not in line for line in lines)
+    progress.end("synthesis")
+    assert lines[-1] == "synthesis done in 0:25 (400 frames)"
+
+
+def test_a_slow_stage_gets_a_line_every_30_seconds_and_no_more(logged):
+    progress, lines, clock = logged
+    progress.start("synthesis", 1000)
+    for _ in range(60):  # 1 frame every 1 s: 0.1 % a step
+        clock.now += 1
+        progress.advance("synthesis", 1)
+    assert lines[1:] == ["synthesis 3 % (30/1000 frames), ETA 16:10", "synthesis 6 % (60/1000 frames), ETA 15:40"]
+
+
+def test_percent_and_time_rules_share_one_last_line(logged):
+    progress, lines, clock = logged
+    progress.start("faces", 100)
+    clock.now += 29
+    progress.advance("faces", 10)  # 10 %: a line, which restarts the 30 s
+    clock.now += 29
+    progress.advance("faces", 1)
+    assert len(lines) == 2
+    clock.now += 1
+    progress.advance("faces", 1)  # 30 s since the 10 % line
+    assert lines[-1] == "faces 12 % (12/100 frames), ETA 7:13"  # 59 s for 12 frames: 433 s for 88
+
+
+def test_ticks_speak_after_30_seconds_without_a_frame(logged):
+    progress, lines, clock = logged
+    progress.start("encoding")
+    clock.now += 29
+    progress.tick()
+    assert lines == ["encoding started"]
+    clock.now += 1
+    progress.tick()
+    progress.tick()
+    assert lines == ["encoding started", "encoding 0:30 so far"]
+    progress.start("synthesis", 160)
+    clock.now += 3600
+    progress.advance("synthesis", 16)
+    clock.now += 30
+    progress.tick()  # no new frame: the ETA grows with the wait
+    assert lines[-3] == "synthesis 10 % (16/160 frames), ETA 9:00:00"
+    assert lines[-2:] == ["encoding 1:01:00 so far", "synthesis 10 % (16/160 frames), ETA 9:04:30"]
+
+
+def test_a_failed_stage_is_not_reported_done(logged):
+    progress, lines, _ = logged
+    with pytest.raises(RuntimeError):
+        with progress.stage("scoring"):
+            raise RuntimeError("boom")
+    assert lines == ["scoring started"]
+    progress.end("scoring")  # again: nothing
+    progress.advance("scoring", 5)  # a stage no longer open: nothing
+    assert lines == ["scoring started"]
+
+
+def test_thresholds_are_parameters(logged):
+    clock, lines = FakeClock(), []
+    progress = Progress(LogLines(lines.append, every_percent=1, every_s=1e9, clock=clock))
+    progress.start("faces", 200)
+    for _ in range(199):
+        progress.advance("faces", 1)
+    assert len(lines) == 1 + 99  # a line each 1 % (2 frames), none at 100 %
+
+
+def test_progress_from_several_threads_counts_every_frame():
+    lines = []
+    progress = Progress(LogLines(lines.append, every_percent=100, every_s=1e9))
+    progress.start("synthesis", 8000)
+    threads = [threading.Thread(target=lambda: [progress.advance("synthesis") for _ in range(1000)])
+               for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    progress.end("synthesis")
+    assert lines[-1].endswith("(8000 frames)")
+
+
+@pytest.mark.parametrize("seconds, text", [(0, "0:00"), (42.4, "0:42"), (59.6, "1:00"), (723, "12:03"),
+                                           (3723, "1:02:03"), (-5, "0:00")])
+def test_clock_text(seconds, text):
+    assert clock_text(seconds) == text
+
+
+def test_bars_draw_each_counted_stage_and_close_it():
+    out = io.StringIO()
+    progress = Progress(Bars(file=out, mininterval=0))
+    progress.start("weights")  # counts no frames: no bar
+    progress.start("synthesis", 32)
+    progress.advance("synthesis", 16)
+    progress.advance("synthesis", 16)
+    progress.end("synthesis")
+    text = out.getvalue()
+    assert "synthesis" in text and "32/32" in text and "frame" in text and "weights" not in text
+
+
+def test_the_api_takes_true_false_or_a_progress():
+    assert [type(listener) for listener in as_progress(True).listeners] == [Bars]
+    assert as_progress(False).listeners == () and as_progress(None).listeners == ()
+    mine = Progress()
+    assert as_progress(mine) is mine
