@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import signal
 
 import numpy as np
@@ -45,12 +47,12 @@ def batch(cluster, weights, monkeypatch, tmp_path):
     folder, cfg, manifest = weights
     monkeypatch.setenv("LATENTSYNC_MANIFEST", str(manifest))  # the entry point reads it, as the CLI does
 
-    def run(jobs: list[dict], *flags: str, on_dispatch=None) -> tuple[int, list[dict]]:
+    def run(jobs: list[dict], *flags: str, on_dispatch=None, quiet: bool = True) -> tuple[int, list[dict]]:
         jobs_file, results = tmp_path / "jobs.jsonl", tmp_path / "results.jsonl"
         jobs_file.write_text("".join(json.dumps(j) + "\n" for j in jobs))
         status = main([str(jobs_file), "--results", str(results), "--weights-dir", str(folder), "--unet-config",
-                       str(cfg), "--syncnet-config", str(folder / "syncnet.yaml"), "--device", "cpu", "-q",
-                       *flags], on_dispatch=on_dispatch)
+                       str(cfg), "--syncnet-config", str(folder / "syncnet.yaml"), "--device", "cpu",
+                       *(["-q"] if quiet else []), *flags], on_dispatch=on_dispatch)
         return status, [json.loads(line) for line in results.read_text().splitlines()]
 
     return run
@@ -139,6 +141,20 @@ def _blocks(frames: np.ndarray, k: int = 8) -> np.ndarray:
     """Means of k×k pixel blocks: what the encoder's rounding leaves alone while a different mouth still shows."""
     n, h, w, c = frames.shape
     return frames[:, : h // k * k, : w // k * k].reshape(n, h // k, k, w // k, k, c).mean(axis=(2, 4))
+
+
+def test_the_driver_logs_each_jobs_progress_under_its_line(batch, media, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    common = {"video": str(media["clip25"]), "audio": str(media["speech_1s"]), "seed": 5, **FAST}
+    jobs = [{**common, "output": str(tmp_path / "whole.mp4")},
+            {**common, "output": str(tmp_path / "parts.mp4"), "segments": 2}]
+    status, _ = batch(jobs, "--workers", "2", quiet=False)
+    assert status == 0
+    text = "\n".join(r.getMessage() for r in caplog.records if r.name == "latentsync.batch.driver")
+    for line in ("line 1: faces started (25 frames)", "line 1: synthesis started (25 frames)",
+                 "line 2: faces started (25 frames)", "line 2: part 2: synthesis started (9 frames)"):
+        assert line in text.splitlines(), text
+    assert re.search(r"^line 1: faces \d+ % \(\d+/25 frames\), ETA \d+:\d\d$", text, re.M), text
 
 
 def test_a_killed_worker_loses_only_its_task_which_is_retried(batch, media, tmp_path):

@@ -237,7 +237,7 @@ def test_options_reach_the_pipeline_as_one_run_options(env, weights, media, tmp_
     seen = {}
 
     def record(self, video, audio, output, options=None, *, cancel=None, progress=False, **overrides):
-        seen.update(options=options, overrides=overrides, cancel=cancel)
+        seen.update(options=options, overrides=overrides, cancel=cancel, progress=progress)
         raise InputError("stop here")
 
     monkeypatch.setattr(LipSync, "lipsync", record)
@@ -247,6 +247,10 @@ def test_options_reach_the_pipeline_as_one_run_options(env, weights, media, tmp_
     assert status == 2
     assert seen["options"] == RunOptions(seed=5, face_point=(10.0, 20.0)) and seen["overrides"] == {}
     assert seen["cancel"] is not None and not seen["cancel"].is_set()
+    assert seen["progress"] is False  # -q: no bars
+    run_cli(capsys, media["video"], media["audio"], "-o", tmp_path / "o.mp4", "--weights-dir", folder,
+            "--unet-config", cfg, "--device", "cpu")
+    assert seen["progress"] is True
 
 
 def test_the_api_checks_paths_before_reading_a_frame(weights, media, tmp_path):
@@ -283,7 +287,7 @@ def test_a_signal_stops_the_run_and_leaves_nothing(env, weights, media, tmp_path
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**env, "TMPDIR": str(tmp)})
     # Wait until the synthesis stage has started: its progress bar appears once the encoder is running.
     seen = b""
-    while b"lip-sync" not in seen:
+    while b"synthesis" not in seen:
         chunk = proc.stderr.read1(65536)
         if not chunk:
             break
@@ -293,7 +297,7 @@ def test_a_signal_stops_the_run_and_leaves_nothing(env, weights, media, tmp_path
     proc.send_signal(signum)
     _, rest = proc.communicate(timeout=120)
     stderr = (seen + rest).decode(errors="replace")
-    assert b"lip-sync" in seen, f"the run never reached the synthesis stage: {stderr[-2000:]}"
+    assert b"synthesis" in seen, f"the run never reached the synthesis stage: {stderr[-2000:]}"
     assert proc.returncode == status, stderr[-2000:]
     assert "Traceback" not in stderr and "Exception ignored" not in stderr
     last = stderr.strip().splitlines()[-1]
