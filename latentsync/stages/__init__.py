@@ -121,8 +121,10 @@ def run_stages(items: Iterable[Any], stages: list[Callable[[Any], Any]], *, conc
         for t in threads:
             t.start()
         for t in threads:
-            t.join()
-        wait(queued)
+            while t.is_alive():  # in slices: an exception raised in this thread from outside (Cog's cancel) lands
+                t.join(_POLL_S)  # within one, not once the stage ends
+        while wait(queued, timeout=_POLL_S).not_done:
+            pass
     except BaseException:  # KeyboardInterrupt (or a CLI signal) in the caller: stop the stages before leaving
         failed.set()
         for t in threads:
