@@ -67,16 +67,46 @@ class Predictor(BasePredictor):
 
     def predict(
         self,
-        video: Path = Input(description="Video with a visible, roughly frontal face (mp4, mov, webm, mkv, and other formats ffmpeg reads).", accept="video/*"),  # noqa: E501
-        audio: Path = Input(description="Speech to lip-sync to (wav, mp3, m4a, flac, or a video whose soundtrack is used).", accept="audio/*,video/*"),  # noqa: E501
-        guidance_scale: float = Input(description="Classifier-free guidance on the audio: higher follows the speech more closely; 1.0 turns guidance off.", ge=1.0, le=3.0, default=1.5),  # noqa: E501
-        inference_steps: int = Input(description="Denoising steps: more is slower and slightly sharper; 20 to 50 for final results, fewer for previews.", ge=1, le=100, default=20),  # noqa: E501
-        seed: Optional[int] = Input(description="Random seed: the same seed and inputs give the same video. Leave empty for a random seed (the seed used is reported in the metrics); 0 is an ordinary seed, not random.", ge=0, le=4294967295, default=None),  # noqa: E501
-        loop_mode: str = Input(description="When the audio is longer than the video: bounce (play the video forwards and backwards), loop (restart it), cut_off (stop at the end of the shorter one), silence (keep the whole video, closing the mouth after the audio ends).", choices=LOOP_MODES, default="bounce"),  # noqa: E501
-        enable_deepcache: bool = Input(description="Reuse deep U-Net features between steps: about twice as fast, with a small quality cost.", default=True),  # noqa: E501
-        keep_fps: bool = Input(description="Keep the input frame rate instead of converting to 25 fps, the rate LatentSync was trained at.", default=False),  # noqa: E501
-        face_select: str = Input(description="Which face to lip-sync when several are visible: the largest, or the one whose mouth moves with the audio.", choices=FACE_SELECTS, default="largest"),  # noqa: E501
-        ranges: str = Input(description="Lip-sync only these times of the output and pass every other frame through, e.g. 12.5-18,1:40-1:42.2 (seconds, MM:SS.s or HH:MM:SS.s). Leave empty for the whole video.", default=""),  # noqa: E501
+        video: Path = Input(
+            description="Video with a visible, roughly frontal face (mp4, mov, webm, mkv or any format ffmpeg reads).",
+            accept="video/*",
+        ),
+        audio: Path = Input(
+            description="Speech to lip-sync to (wav, mp3, m4a, flac, or a video whose soundtrack is used).",
+            accept="audio/*,video/*",
+        ),
+        guidance_scale: float = Input(
+            description="Classifier-free guidance on the audio: higher follows the speech more closely; 1.0 is off.",
+            ge=1.0, le=3.0, default=1.5,
+        ),
+        inference_steps: int = Input(
+            description="Denoising steps: more is slower and a little sharper; 20-50 for results, fewer to preview.",
+            ge=1, le=100, default=20,
+        ),
+        seed: Optional[int] = Input(
+            description="Random seed: empty for a random one (see the metrics); 0 is an ordinary seed, not random.",
+            ge=0, le=4294967295, default=None,
+        ),
+        loop_mode: str = Input(
+            description="If lengths differ: bounce (to and fro), loop, cut_off (the shorter), silence (mouth shut).",
+            choices=LOOP_MODES, default="bounce",
+        ),
+        enable_deepcache: bool = Input(
+            description="Reuse deep U-Net features between steps: about twice as fast, with a small quality cost.",
+            default=True,
+        ),
+        keep_fps: bool = Input(
+            description="Keep the input frame rate instead of 25 fps, the rate LatentSync was trained at.",
+            default=False,
+        ),
+        face_select: str = Input(
+            description="Which face to edit when several show: the largest, or the one whose mouth follows the audio.",
+            choices=FACE_SELECTS, default="largest",
+        ),
+        ranges: str = Input(
+            description="Times to lip-sync, e.g. 12.5-18,1:40-1:42.2 (s, MM:SS.s, HH:MM:SS.s); empty: the whole video.",
+            default="",
+        ),
     ) -> Path:
         run = self._fresh_folder()
         output = run / f"lipsync-{run.name}.mp4"

@@ -82,8 +82,8 @@ def run_once(clip: Path, audio: Path, out: Path, weights: Path, cfg: Path, steps
 
 
 def child(args) -> None:
-    figures = run_once(Path(args.clip), Path(args.audio), Path(args.out), Path(args.weights), Path(args.cfg), args.steps,
-                       args.serial)
+    figures = run_once(Path(args.clip), Path(args.audio), Path(args.out), Path(args.weights), Path(args.cfg),
+                       args.steps, args.serial)
     print("RESULT " + json.dumps(figures))
 
 
@@ -131,7 +131,8 @@ def main() -> None:
             for serial in (False, True):
                 r = in_subprocess(clip, audio, tmp / "overlap_out.mp4", weights, cfg, 2, serial)
                 busy = sum(v for k, v in r["seconds"].items() if k != "wall")
-                print(f"720p {args.overlap:g} s, {'serial' if serial else 'concurrent'}: wall {r['seconds']['wall']:.1f} s,"
+                mode = "serial" if serial else "concurrent"
+                print(f"720p {args.overlap:g} s, {mode}: wall {r['seconds']['wall']:.1f} s,"
                       f" busy {busy:.1f} s = {busy / r['seconds']['wall']:.2f}x the wall; {r['seconds']}")
         peaks = {}
         for seconds in args.memory:
@@ -139,7 +140,8 @@ def main() -> None:
             audio = make_speech(tmp / f"mem{seconds:g}.wav", seconds)
             r = in_subprocess(clip, audio, tmp / f"mem{seconds:g}_out.mp4", weights, cfg, 2)
             peaks[seconds] = r["peak_rss_mb"]
-            print(f"720p {seconds:g} s: {r['frames']} frames, peak RSS {r['peak_rss_mb']:.0f} MB, wall {r['wall']:.1f} s")
+            print(f"720p {seconds:g} s: {r['frames']} frames, peak RSS {r['peak_rss_mb']:.0f} MB, "
+                  f"wall {r['wall']:.1f} s")
         if len(peaks) > 1:
             first = peaks[min(peaks)]
             for seconds, peak in sorted(peaks.items()):

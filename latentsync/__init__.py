@@ -1,11 +1,12 @@
 """LatentSync lip-sync: audio-conditioned latent diffusion on aligned face crops.
 
-A run is ``pipeline.LipSync``: ``plan`` (probe, ``audio`` features, the face track of ``tracking``/``face``, the
-``timeline``) → ``render`` (the ``stages`` package: align → generate (VAE, ``sampling`` with ``models``) → paste →
-score, joined by bounded queues) → ``finish`` (join, mux, sync score). ``loader`` builds the frozen ``Models`` from
-``weights`` (strict checkpoint readers); ``manifest``/``download`` verify or fill the weights folder; ``video`` reads
-and writes media through one pinned ffmpeg. The front doors (``cli``, ``batch``, the Cog ``predict.py``) share
-``settings`` (environment + flags), ``options`` (every run option, once), ``errors`` and ``signals``.
+A run is ``pipeline.LipSync``: ``plan`` (probe, ``audio`` features, the face track of ``tracking``/``face``,
+the ``timeline``) → ``render`` (the ``stages`` package: align → generate (VAE, ``sampling`` with ``models``) →
+paste → score, joined by bounded queues) → ``finish`` (join, mux, sync score). ``loader`` builds the frozen
+``Models`` from ``weights`` (strict checkpoint readers); ``manifest``/``download`` verify or fill the weights
+folder; ``video`` reads and writes media through one pinned ffmpeg. The front doors (``cli``, ``batch``, the Cog
+``predict.py``) share ``settings`` (environment + flags), ``options`` (every run option, once), ``errors``,
+``signals`` and ``progress``.
 """
 from latentsync.errors import InputError, LatentSyncError, ResourceError
 

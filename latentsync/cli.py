@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("audio", type=Path, help="speech to lip-sync to (any audio or video file ffmpeg reads)")
     # A string, not a Path: Path("dir/") drops the slash that says the user named a folder.
     p.add_argument("-o", "--output", required=True, help="output video (.mp4, .mov or .mkv)")
-    p.add_argument("--guidance-scale", type=float, default=GUIDANCE_SCALE, help="classifier-free guidance; 1.0 disables it")
+    p.add_argument("--guidance-scale", type=float, default=GUIDANCE_SCALE,
+                   help="classifier-free guidance; 1.0 disables it")
     p.add_argument("--inference-steps", type=int, default=INFERENCE_STEPS, help="DDIM steps")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, printed)")
     p.add_argument("--loop-mode", choices=LOOP_MODES, default=LOOP_MODE,
@@ -84,7 +85,8 @@ def _run(args: argparse.Namespace, stop: Stop) -> int:
     with stop.deferred() as cancel:
         result = pipe.lipsync(args.video, args.audio, args.output, options=options, cancel=cancel,
                               progress=not args.quiet)
-    print(f"wrote {result.output}: {result.frames} frames at {result.fps:g} fps, {result.frames_with_face} with a face, "
+    print(f"wrote {result.output}: {result.frames} frames at {result.fps:g} fps, "
+          f"{result.frames_with_face} with a face, "
           f"seed {result.seed}")
     if result.ranges:
         listed = ", ".join(f"{a:.2f}-{b:.2f}" for a, b in result.ranges)

@@ -190,7 +190,8 @@ class FaceLandmarker:
             faces = self._faces(frame, self._tiled_detections(frame))
         return faces
 
-    def _faces(self, frame: np.ndarray, detections: list[tuple[tuple[float, float, float, float], float]]) -> list[Face]:
+    def _faces(self, frame: np.ndarray,
+               detections: list[tuple[tuple[float, float, float, float], float]]) -> list[Face]:
         """The meshed faces of ``detections``, largest first (a detection the mesh does not confirm is dropped)."""
         faces = []
         for box, score in detections:

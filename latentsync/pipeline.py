@@ -72,7 +72,7 @@ class LipSync:
     def lipsync(self, video: str | Path, audio: str | Path, output: str | Path,
                 options: RunOptions | dict[str, object] | None = None, *, cancel: object = None,
                 progress: object = False, **overrides: object) -> LipSyncResult:
-        """Lip-sync ``video`` to ``audio`` and write an H.264/AAC mp4 to ``output``: ``plan`` → ``render`` → ``finish``.
+        """Lip-sync ``video`` to ``audio`` and write an H.264/AAC mp4 to ``output``: plan → render → finish.
 
         ``options`` is a :class:`RunOptions` (or a dict of its fields); keyword ``overrides`` name the same fields
         (``guidance_scale=``, ``seed=``, …). ``cancel`` is any object with ``is_set()`` (a ``threading.Event``);

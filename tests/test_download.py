@@ -372,7 +372,8 @@ def test_a_wrong_file_in_the_default_folder_is_reported_and_never_deleted(tmp_pa
     same_size = bytearray(FILES["mask.png"])
     same_size[0] ^= 0xFF
     (folder / "mask.png").write_bytes(bytes(same_size))
-    with pytest.raises(InputError, match=rf"mask\.png: sha256 {sha(bytes(same_size))}, expected {sha(FILES['mask.png'])}"):
+    expected = rf"mask\.png: sha256 {sha(bytes(same_size))}, expected {sha(FILES['mask.png'])}"
+    with pytest.raises(InputError, match=expected):
         fill(manifest, tmp_path)
     assert (folder / "mask.png").read_bytes() == bytes(same_size)
 
@@ -530,7 +531,7 @@ def test_verify_refuses_a_sha256_mismatch_in_a_prefilled_folder(tmp_path, server
     assert server.requests == []
 
 
-# --- Hugging Face mirrors (HF_ENDPOINT) --------------------------------------------------------------------------------
+# --- Hugging Face mirrors (HF_ENDPOINT) -------------------------------------------------------------------------
 
 def test_hugging_face_urls_follow_the_endpoint_given(tmp_path, server):
     manifest = write_manifest(tmp_path, "https://huggingface.co")
@@ -599,7 +600,7 @@ def test_an_archive_is_unpacked_by_pget_x_when_pget_is_installed(tmp_path, serve
     assert not Path(call["argv"][2]).parent.exists()
 
 
-# --- the same rule through the CLI (the entry point reads the environment) ---------------------------------------------
+# --- the same rule through the CLI (the entry point reads the environment) -----------------------------------------
 
 SAMPLES = REPO / "samples"
 

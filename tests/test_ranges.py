@@ -212,8 +212,9 @@ def test_whisper_encodes_only_the_windows_the_ranges_read(pipe):
     calls = []
     real = encoder.features_from_log_mel
     whole = real(mel)
-    encoder_calls = type("Counting", (), {"num_states": encoder.num_states, "hidden_size": encoder.hidden_size,
-                                          "features_from_log_mel": lambda self, m: calls.append(m.shape[1]) or real(m)})()
+    counting = {"num_states": encoder.num_states, "hidden_size": encoder.hidden_size,
+                "features_from_log_mel": lambda self, m: calls.append(m.shape[1]) or real(m)}
+    encoder_calls = type("Counting", (), counting)()
     part = _features(encoder_calls, mel, [(1600, 1800)])  # feature rows: mel frames / 2
     assert calls == [3000]  # the middle window only
     assert torch.equal(part[1500:3000], whole[1500:3000]) and not part[:1500].any()

@@ -28,7 +28,8 @@ UNET_MODEL = {
     "resnet_time_scale_shift": "default", "use_motion_module": True, "motion_module_resolutions": [1, 2, 4, 8],
     "motion_module_mid_block": False, "motion_module_decoder_only": False, "motion_module_type": "Vanilla",
     "motion_module_kwargs": {
-        "num_attention_heads": 8, "num_transformer_block": 1, "attention_block_types": ["Temporal_Self", "Temporal_Self"],
+        "num_attention_heads": 8, "num_transformer_block": 1,
+        "attention_block_types": ["Temporal_Self", "Temporal_Self"],
         "temporal_position_encoding": True, "temporal_position_encoding_max_len": 24, "temporal_attention_dim_div": 1,
         "zero_initialize": True,
     },

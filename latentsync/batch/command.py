@@ -30,7 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The batch command's flags; the model flags are the CLI's own (same help, same environment defaults)."""
     p = argparse.ArgumentParser(prog="python -m latentsync.batch",
                                 description="Lip-sync every job of a JSON-lines file on a Ray cluster.")
-    p.add_argument("jobs", type=Path, help='JSON lines: {"video": …, "audio": …, "output": …, option: value, …}')
+    p.add_argument("jobs", type=Path,
+                   help='JSON lines: {"video": …, "audio": …, "output": …, option: value, …}')
     p.add_argument("--results", required=True, help="JSON lines written here, one per job")
     p.add_argument("--address", default=None,
                    help="Ray cluster to use (ray://host:10001, or auto); default: start a local one")

@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 
 class Worker:
     """One worker: ``settings`` say how to load the models; its temporary files go to ``TEMP_NAME-RANK`` in its
-    node's temporary folder (``temp_name`` None: the pipeline's default temporary folders); ``board``: the driver's status board (an
-    actor with ``post(line, text)``) that hears each task's progress lines, or None."""
+    node's temporary folder (``temp_name`` None: the pipeline's default temporary folders); ``board``: the driver's
+    status board (an actor with ``post(line, text)``) that hears each task's progress lines, or None."""
 
     def __init__(self, settings: Settings, rank: int, temp_name: str | None = None, board: Any = None):
         self.error: tuple[str, str] | None = None

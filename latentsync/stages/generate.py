@@ -101,7 +101,8 @@ class GenerateStage:
         with self.clock("denoise"):
             latents = denoise(
                 models.unet, models.scheduler, self.noise.expand(-1, -1, n, -1, -1).clone(),
-                _to_5d(mask_lat), _to_5d(masked_lat), _to_5d(ref_lat), upload(audio_embeds.to(models.dtype), models.device),
+                _to_5d(mask_lat), _to_5d(masked_lat), _to_5d(ref_lat),
+                upload(audio_embeds.to(models.dtype), models.device),
                 guidance_scale=opts.guidance_scale, num_inference_steps=opts.inference_steps,
                 deepcache_interval=DEEPCACHE_INTERVAL if opts.deepcache else 0,
                 step_callback=lambda _: check_cancel(self.cancel))

@@ -56,8 +56,9 @@ class PasteStage:
         for k, frame in zip(keep, restored):
             w = chunk.share(k)
             # In a range's fade the pasted face is mixed into the source frame: no jump at the range's edge.
-            frames[k] = frame if w == 1 else np.rint(w * frame.astype(np.float32) + (1 - w) * frames[k].astype(np.float32)).astype(
-                np.uint8)
+            if w != 1:
+                frame = np.rint(w * frame.astype(np.float32) + (1 - w) * frames[k].astype(np.float32)).astype(np.uint8)
+            frames[k] = frame
 
     def _sync_crops(self, work: Work) -> None:
         """SyncNet's crops of the generated faces of this chunk's frames that lie in a sampled span."""

@@ -175,7 +175,8 @@ def _stream(cmd: list[str], path: Path, width: int, height: int, *, start: int, 
             if returncode < 0:  # killed by a signal: ffmpeg crashed, which is not the file's fault
                 raise RuntimeError(f"ffmpeg crashed (signal {-returncode}) decoding {path.name!r}")
             if returncode != 0:
-                raise InputError(f"video {path.name!r} could not be decoded ({_last_line(stderr, f'exit status {returncode}')})")
+                reason = _last_line(stderr, f"exit status {returncode}")
+                raise InputError(f"video {path.name!r} could not be decoded ({reason})")
             if produced == 0 and start == 0:
                 raise InputError(f"video {path.name!r} contains no decodable video frames")
             if count is None or produced < count:  # the decoder reached the end of what it could read
