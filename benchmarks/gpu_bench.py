@@ -351,7 +351,7 @@ def checks(pipe, version: str, compiled: bool, clips: dict[str, Path], speech: P
 
 
 def table(results: dict) -> str:
-    """The issue's rows, one column per run."""
+    """Seconds per output second, GPU busy %, peak VRAM and the checks: one column per run."""
     runs = [(k, v) for k, v in results.items() if isinstance(v, dict) and "s_per_output_s" in v]
     rows = [("", [k for k, _ in runs]),
             ("s per output s", [v["s_per_output_s"] for _, v in runs]),

@@ -2,12 +2,12 @@
 
     .venv/bin/python benchmarks/pipeline_bench.py             # 1080p 30 s speed + 720p 10 s / 60 s peak RSS
     .venv/bin/python benchmarks/pipeline_bench.py --memory 10 60 120
-    .venv/bin/python benchmarks/pipeline_bench.py --skip-speed --memory --overlap 10   # issue 11's CPU figure
+    .venv/bin/python benchmarks/pipeline_bench.py --skip-speed --memory --overlap 10   # the overlap figure
 
 Prints busy seconds per stage, the total divided by a plain ffmpeg decode + x264 encode of the same clip, and the peak
 resident memory of a fresh process per clip length (the memory rule: 60 s within 1.15× of 10 s). ``--overlap S``
-runs S seconds of 720p with the stages concurrent and serial: wall, and busy seconds summed over the wall (≥ 1.3
-concurrently is issue 11's target on a CPU).
+runs S seconds of 720p with the stages concurrent and serial: wall, and busy seconds summed over the wall (the
+concurrent stages aim at ≥ 1.3 on a CPU).
 """
 from __future__ import annotations
 

@@ -154,7 +154,7 @@ def pipe_options(**kw):
 
 
 def test_stages_overlap_on_a_720p_clip(pipe, tmp_path):
-    """The issue's CPU figure: busy seconds of all stages add up to ≥ 1.3× the wall time (serial: 1.0×)."""
+    """The CPU overlap figure: busy seconds of all stages add up to ≥ 1.3× the wall time (serial: 1.0×)."""
     import sys
     from pathlib import Path
 
