@@ -15,25 +15,11 @@ from latentsync import InputError
 from latentsync.config import config_path, load_config
 from latentsync.models.unet import DeepCache, UNet3DConditionModel, UNetConfig
 from latentsync.weights import load_unet, load_vae, remap_unet_keys, unet_config_for
+from tiny_weights import UNET_MODEL
 
-# A few-MB U-Net with every feature of the real one (audio cross-attention, motion modules, skip layout).
-TINY = {
-    "act_fn": "silu", "add_audio_layer": True, "attention_head_dim": 8, "block_out_channels": [32, 32, 64, 64],
-    "center_input_sample": False, "cross_attention_dim": 16,
-    "down_block_types": ["CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "CrossAttnDownBlock3D", "DownBlock3D"],
-    "mid_block_type": "UNetMidBlock3DCrossAttn",
-    "up_block_types": ["UpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D"],
-    "downsample_padding": 1, "flip_sin_to_cos": True, "freq_shift": 0, "in_channels": 13, "layers_per_block": 1,
-    "mid_block_scale_factor": 1, "norm_eps": "1e-5", "norm_num_groups": 16, "out_channels": 4, "sample_size": 8,
-    "resnet_time_scale_shift": "default", "use_motion_module": True, "motion_module_resolutions": [1, 2, 4, 8],
-    "motion_module_mid_block": False, "motion_module_decoder_only": False, "motion_module_type": "Vanilla",
-    "motion_module_kwargs": {
-        "num_attention_heads": 8, "num_transformer_block": 1,
-        "attention_block_types": ["Temporal_Self", "Temporal_Self"],
-        "temporal_position_encoding": True, "temporal_position_encoding_max_len": 24, "temporal_attention_dim_div": 1,
-        "zero_initialize": True,
-    },
-}
+# A few-MB U-Net with every feature of the real one (audio cross-attention, motion modules, skip layout): the tiny
+# test U-Net with a narrower audio width, and norm_eps written as a string as upstream's YAML configs do.
+TINY = {**UNET_MODEL, "cross_attention_dim": 16, "norm_eps": "1e-5"}
 
 
 def random_state_dict(model: torch.nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
