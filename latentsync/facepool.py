@@ -101,17 +101,18 @@ class FacePool:
         return self._procs is not None
 
     def detect(self, video: Path, fps: float, info: video_mod.VideoInfo, limit: int | None,
-               check: Callable[[], None] = lambda: None) -> Iterator[list[Face]]:
-        """The faces of frames 0 … ``limit``−1 (all when None), in order; ``check()`` runs while waiting.
+               check: Callable[[], None] = lambda: None, start: int = 0) -> Iterator[list[Face]]:
+        """The faces of frames ``start`` … ``limit``−1 (to the end when None), in order; ``check()`` runs while
+        waiting.
 
         At most two ranges per worker are in flight, so memory does not grow with the video's length.
         """
         if self._procs is None:
             raise RuntimeError("the face pool was terminated")
-        total = limit if limit is not None else math.ceil(info.duration * fps) + 1
+        total = (limit if limit is not None else math.ceil(info.duration * fps) + 1) - start
         block = min(max(math.ceil(total / (4 * self.workers)), 16), 128)
         pending: deque[tuple[subprocess.Popen, int]] = deque()
-        nxt, k = 0, 0
+        nxt, k = start, 0
         try:
             while True:
                 while len(pending) < 2 * self.workers and (limit is None or nxt < limit):

@@ -138,7 +138,8 @@ def make_plan(video: Path, audio: Path, opts: RunOptions, models: Models, caps: 
     if stream:
         features = encode(mel)
     track = FaceTrack(video, fps, info, limit, face_point, models.resolution, clock=clock, pool=pool,
-                      landmarker=landmarker, cancel=cancel, progress=progress)
+                      landmarker=landmarker, cancel=cancel, progress=progress,
+                      horizon=_face_horizon(opts.ranges, fps, models.num_frames))
     if stream:
         num_out, order = output_length(opts.loop_mode, audio_frames, audio_frames)
         matrices, has_face = track.matrices, track.has_face
@@ -183,6 +184,18 @@ def _edits(video: Path, ranges: tuple[tuple[float, float], ...], fps: float, num
     if not ranges or spans == [(0, num_out)]:
         return None, (), [(0, num_out)]
     return edit_weights(spans, num_out), tuple((a / fps, b / fps) for a, b in spans), spans
+
+
+def _face_horizon(ranges: tuple[tuple[float, float], ...], fps: float, size: int) -> int | None:
+    """Source frames the face pass must detect in (None: all): up to the end of the last chunk the ranges touch.
+
+    Those chunks and every chunk before them (whose random draws depend on whether it shows the face) read
+    frames below it only: before the horizon an output frame is its own source frame, and each chunk aligns and
+    pastes with its own frames' matrices. Ranges covering the whole output reach past its end, so track all."""
+    if not ranges:
+        return None
+    end = 2**40  # the output's length is not known yet
+    return (touched_chunks(range_frames(ranges, fps, end), size, end)[-1] + 1) * size
 
 
 def _feature_rows(ranges: tuple[tuple[float, float], ...], fps: float, size: int) -> list[tuple[int, int]] | None:

@@ -7,6 +7,7 @@ a stream (``FaceTrack``): synthesis may start on the first chunks while later fr
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,14 +41,17 @@ class FaceTrack:
     face followed is the largest, or the one nearest ``point``. With ``pool`` the detection runs in its worker
     processes (same results), else here on ``landmarker`` (one is made when None). ``finish()`` tracks to the
     end and checks; used as a context manager, an error or a cancel terminates the pool on the way out, so no
-    worker or ffmpeg process outlives it. ``progress`` counts the frames tracked (True: a bar on stderr).
+    worker or ffmpeg process outlives it. ``progress`` counts the frames tracked (True: a bar on stderr). With
+    ``horizon``, once that many frames are tracked and the face was seen, later frames are only counted (no face, NaN
+    matrix): a run that edits nothing past them needs no more.
     """
 
     def __init__(self, video: Path, fps: float, info: video_mod.VideoInfo, limit: int | None,
                  point: tuple[float, float] | None, resolution: int, *, clock: StageClock,
                  pool: FacePool | None = None, landmarker: FaceLandmarker | None = None, cancel: Any = None,
-                 progress: bool | Progress = False):
+                 progress: bool | Progress = False, horizon: int | None = None):
         self.video, self.info, self.clock, self.pool, self.cancel = video, info, clock, pool, cancel
+        self.horizon, self._seen = horizon, False
         self.matrices: list[np.ndarray] = []
         self.has_face: list[bool] = []
         self.ended = self._closed = False
@@ -58,9 +62,12 @@ class FaceTrack:
                 with clock("faces"):
                     landmarker = self._own = FaceLandmarker()
             self._frames = video_mod.read_frames(video, fps, count=limit, info=info)
-            faces = (landmarker.detect(frame) for frame in self._frames)
-        else:
+            faces = (landmarker.detect(frame) for frame in self._frames) if horizon is None else (
+                [] if self._past(i) else landmarker.detect(frame) for i, frame in enumerate(self._frames))
+        elif horizon is None or (limit is not None and limit <= horizon):
             faces = pool.detect(video, fps, info, limit, check=lambda: check_cancel(cancel))
+        else:
+            faces = self._pooled(pool, fps, limit, horizon)
         self._faces = faces
         self._tracker = FaceTracker(landmarker=_Detected(faces), point=point)
         self.progress = as_progress(progress)
@@ -85,7 +92,29 @@ class FaceTrack:
                 else:
                     self.matrices.append(self._aligner.matrix(face.anchors))
                     self.has_face.append(True)
+                    self._seen = True
             self.progress.advance(FACES)
+
+    def _past(self, i: int) -> bool:
+        """Whether frame ``i`` (asked for once frames 0 … i−1 are tracked) is only counted, not detected."""
+        return self.horizon is not None and i >= self.horizon and self._seen
+
+    def _pooled(self, pool: FacePool, fps: float, limit: int | None, horizon: int) -> Iterator[list[Face]]:
+        """The pool's faces up to ``horizon``, then (the face seen) frames read here only to be counted."""
+        def check() -> None:
+            check_cancel(self.cancel)
+
+        yield from pool.detect(self.video, fps, self.info, horizon, check=check)
+        if len(self.has_face) < horizon:  # the video ended before the horizon
+            return
+        if not self._seen:  # no face yet: detect on, so a face found later is followed as in a whole run
+            yield from pool.detect(self.video, fps, self.info, limit, check=check, start=horizon)
+            return
+        count = None if limit is None else limit - horizon
+        with contextlib.closing(video_mod.read_frames(self.video, fps, start=horizon, count=count,
+                                                      info=self.info)) as frames:
+            for _ in frames:
+                yield []
 
     def check(self) -> None:
         """Once the video has ended: an ``InputError`` when no frame could be read or none shows the face."""

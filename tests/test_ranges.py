@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 
 import numpy as np
 import pytest
@@ -11,10 +12,14 @@ import torch
 
 from latentsync import InputError
 from latentsync import video as video_mod
+from latentsync.face import FaceLandmarker
+from latentsync.facepool import FacePool
 from latentsync.options import RunOptions, parse_ranges
 from latentsync.pipeline import LipSync
-from latentsync.plan import _features
+from latentsync.plan import _face_horizon, _features
+from latentsync.stages import StageClock
 from latentsync.timeline import FADE_FRAMES, edit_weights, range_frames, source_index, touched_chunks
+from latentsync.tracking import FaceTrack
 from media_utils import decode_video, face_clip, speech
 from tiny_weights import make_tiny_weights
 
@@ -218,3 +223,62 @@ def test_whisper_encodes_only_the_windows_the_ranges_read(pipe):
     part = _features(encoder_calls, mel, [(1600, 1800)])  # feature rows: mel frames / 2
     assert calls == [3000]  # the middle window only
     assert torch.equal(part[1500:3000], whole[1500:3000]) and not part[:1500].any()
+
+
+class _Counting:
+    """A landmarker that counts the frames it is asked about."""
+
+    def __init__(self, real: FaceLandmarker):
+        self.real, self.calls = real, 0
+
+    def detect(self, frame):
+        self.calls += 1
+        return self.real.detect(frame)
+
+
+def _track(clip, horizon, **kw):
+    with FaceTrack(clip, 25.0, video_mod.probe(clip), None, None, 64, clock=StageClock(), horizon=horizon,
+                   **kw) as track:
+        track.ensure(math.inf)
+    return track.arrays()
+
+
+def test_the_face_pass_detects_only_up_to_the_last_edited_chunk(media, tmp_path):
+    horizon = _face_horizon(((0.2, 0.6),), 25.0, 16)  # frames 5 … 14 and their fades: chunks 0 and 1
+    assert horizon == 32 and _face_horizon((), 25.0, 16) is None
+    late = face_clip(tmp_path / "late.mp4", 40, hide=range(0, 20))  # the face shows only after the horizon
+    real = FaceLandmarker()
+    pool = FacePool(2)
+    try:
+        counting = _Counting(real)
+        whole, has_whole = _track(media["clip"], None, landmarker=counting)
+        assert counting.calls == 100
+        counting.calls = 0
+        part, has_part = _track(media["clip"], horizon, landmarker=counting)
+        assert counting.calls == horizon  # a third of the frames: the rest are only counted
+        pooled, has_pooled = _track(media["clip"], horizon, pool=pool)
+        late_whole, late_has = _track(late, None, landmarker=real)
+        late_part, late_has_part = _track(late, 16, pool=pool)
+    finally:
+        pool.close()
+        real.close()
+    assert len(part) == len(pooled) == 100 and has_whole.all()
+    assert np.array_equal(part[:horizon], whole[:horizon]) and np.array_equal(pooled[:horizon], whole[:horizon])
+    assert not has_part[horizon:].any() and np.isnan(part[horizon:]).all()
+    assert np.array_equal(has_part, has_pooled) and np.array_equal(part[has_part], pooled[has_pooled])
+    # No face before the horizon: detection goes on, so the face is found and followed as in a whole run.
+    assert late_has[20:].all() and np.array_equal(late_has, late_has_part)
+    assert np.array_equal(late_whole[late_has], late_part[late_has_part])
+
+
+def test_a_ranged_plan_detects_faces_only_where_needed(pipe, media, monkeypatch):
+    calls = []
+    real = FaceLandmarker.detect
+    monkeypatch.setattr(FaceLandmarker, "detect", lambda self, frame: calls.append(1) or real(self, frame))
+    monkeypatch.setattr(pipe, "face_workers", 0)  # detection here, where it is counted
+    whole = pipe.plan(media["clip"], media["speech"], RunOptions(**FAST))
+    assert len(calls) == 100
+    calls.clear()
+    ranged = pipe.plan(media["clip"], media["speech"], RunOptions(ranges="0.2-0.6", **FAST))
+    assert len(calls) == 32 and len(ranged.has_face) == len(whole.has_face) == 100
+    assert np.array_equal(ranged.matrices[:32], whole.matrices[:32]) and ranged.frames_with_face == 10
