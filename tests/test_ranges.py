@@ -127,17 +127,24 @@ def test_inside_the_ranges_the_whole_runs_frames_outside_the_source(runs, media)
 def test_outside_the_ranges_the_file_is_a_plain_reencode(runs, media, tmp_path):
     """Decoded, the frames outside the ranges are as close to the source as a run that changes nothing: the source
     frames written by the same encoder."""
-    source = list(video_mod.read_frames(media["clip"], 25.0))
-    shown = np.stack([source[source_index(j, 100, "bounce")] for j in range(102)])
-    with video_mod.VideoWriter(tmp_path / "plain.mp4", 25.0, 320, 240) as writer:
-        for frame in shown:
-            writer.write(frame)
-    ranged, plain = (decode_video(p).astype(np.int16) for p in (runs["ranged"][0].output, tmp_path / "plain.mp4"))
+    shown, plain = plain_reencode(media["clip"], "bounce", 102, tmp_path)
+    ranged = decode_video(runs["ranged"][0].output).astype(np.int16)
     outside = [j for j in range(102) if not 50 - FADE_FRAMES <= j < 65 + FADE_FRAMES]
     err_ranged = np.abs(ranged[outside] - shown[outside]).mean()
     err_plain = np.abs(plain[outside] - shown[outside]).mean()
     assert err_ranged <= 1.1 * err_plain + 0.1, (err_ranged, err_plain)  # the encoder's rounding only
     assert np.abs(ranged[outside] - plain[outside]).mean() <= 1.5
+
+
+def plain_reencode(clip, order: str, frames: int, folder) -> tuple[np.ndarray, np.ndarray]:
+    """What a run that changes nothing shows in ``frames`` output frames (``clip``'s frames looped in ``order``), and
+    those frames written by the same encoder and decoded again (both int16)."""
+    source = list(video_mod.read_frames(clip, 25.0))
+    shown = np.stack([source[source_index(j, len(source), order)] for j in range(frames)])
+    with video_mod.VideoWriter(folder / "plain.mp4", 25.0, shown.shape[2], shown.shape[1]) as writer:
+        for frame in shown:
+            writer.write(frame)
+    return shown.astype(np.int16), decode_video(folder / "plain.mp4").astype(np.int16)
 
 
 def _face_box(a: np.ndarray, b: np.ndarray) -> tuple[slice, slice]:

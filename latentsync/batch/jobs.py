@@ -133,11 +133,12 @@ def _job(number: int, entry: dict[str, Any], segments: int) -> Job:
 
 
 def result_line(line: int, video: Any, output: Any, status: str, error: str | None = None, **fields: Any) -> dict:
-    """One RESULTS line: where, what happened, and (on success) seed, frames, wall seconds and sync score."""
+    """One RESULTS line: where, what happened, and (on success) seed, frames, wall seconds, sync score and the time
+    ranges lip-synced (empty: the whole video)."""
     return {"line": line, "video": None if video is None else str(video),
             "output": None if output is None else str(output), "status": status, "error": error,
             "seed": fields.get("seed"), "frames": fields.get("frames"), "seconds": fields.get("seconds"),
-            "sync": fields.get("sync")}
+            "sync": fields.get("sync"), "ranges": fields.get("ranges")}
 
 
 class Results:

@@ -131,4 +131,5 @@ def _success(result: Any, started: float) -> dict[str, Any]:
         "offset0_cosine": round(float(result.sync.offset0_cosine), 4), "best_offset": int(result.sync.best_offset),
         "confidence": round(float(result.sync.confidence), 4), "windows": int(result.sync.windows)}
     return {"pid": os.getpid(), "error": None, "seed": result.seed, "frames": result.frames,
-            "seconds": round(time.perf_counter() - started, 3), "sync": sync}
+            "seconds": round(time.perf_counter() - started, 3), "sync": sync,
+            "ranges": [[round(a, 3), round(b, 3)] for a, b in result.ranges]}  # milliseconds: finer than a frame
