@@ -27,6 +27,10 @@ _TEMPLATE_UNITS = ((17.0, 20.0), (58.0, 20.0), (37.5, 40.0))  # left eyebrow, ri
 _CROP_UNITS_WH = (75, 100)
 _FILL = 127.0  # grey that upstream's warps write where the source is outside the image
 _SMOOTH_KEEP = 0.2  # weight of the previous frame's bias in upstream's p_bias smoothing
+# Largest |bias| per coordinate: the bias is a difference of two points normalised by the std of their three
+# centred points' six coordinates, each at most √5 of that std. Smoothing keeps the state within it too (a mean
+# of biases); the margin covers rounding.
+BIAS_BOUND = 2 * math.sqrt(5) + 0.03
 
 
 def face_geometry(resolution: int) -> tuple[tuple[int, int], np.ndarray]:
@@ -333,3 +337,25 @@ def load_mask(path: str | Path, resolution: int) -> torch.Tensor:
     rgb = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     resized = cv2.resize(rgb, (resolution, resolution), interpolation=cv2.INTER_LANCZOS4)
     return torch.from_numpy(resized[:, :, 0].astype(np.float32) / 255.0).unsqueeze(0)
+
+
+class SmoothingBounds:
+    """Upstream's p_bias smoothing started from its lowest and from its highest possible state, over the same frames.
+
+    Each step (0.2·p + 0.8·b, correctly rounded, then added to the matrix and rounded to float32) is monotone in the
+    state p, so smoothing started in any state, after any earlier frames, gives a matrix between those of the two
+    bounds: where they are equal, it is theirs.
+    """
+
+    def __init__(self, resolution: int):
+        self.low, self.high = FaceAligner(resolution), FaceAligner(resolution)
+        self.low._p_bias, self.high._p_bias = np.full(2, -BIAS_BOUND), np.full(2, BIAS_BOUND)
+
+    def agree(self, anchors: np.ndarray | None) -> bool:
+        """Step both bounds over one frame (None: the face missing, a reset); whether every start gives it one
+        matrix."""
+        if anchors is None:
+            self.low.reset()
+            self.high.reset()
+            return True
+        return bool(np.array_equal(self.low.matrix(anchors), self.high.matrix(anchors)))

@@ -305,16 +305,22 @@ class FaceTracker:
     it gives None (never an exception), and after a gap the same face is picked up again by proximity to where it
     was last seen — another person farther away is ignored.
 
+    With ``repick_after``, a face that cannot be followed once the target has been unseen for that many frames is
+    picked afresh (largest, or nearest ``point``): after a cut that moves or resizes the face, it is edited again.
+    The choice then depends on the last ``repick_after`` + 1 frames only, whatever came before, when each of them
+    shows at most one face (``tracking.forgets_history`` relies on it).
+
     Anchors are returned raw: the only temporal smoothing is the aligner's (upstream's p_bias rule). Contract with
     the pipeline: whenever ``track`` returns None between frames with a face, call ``FaceAligner.reset()`` before
     aligning the next face, exactly as after ``FaceTracker.reset()``.
     """
 
     def __init__(self, landmarker: FaceLandmarker | None = None, point: tuple[float, float] | None = None,
-                 max_step: float = 0.5):
+                 max_step: float = 0.5, repick_after: int | None = None):
         self.landmarker = landmarker if landmarker is not None else FaceLandmarker()
         self.point = None if point is None else (float(point[0]), float(point[1]))
         self.max_step = max_step  # largest centre move per frame, in face sizes
+        self.repick_after = repick_after
         self._last: Face | None = None
         self._gap = 0
 
@@ -332,6 +338,8 @@ class FaceTracker:
         """The tracked face in this frame, or None when it is not visible."""
         faces = self.landmarker.detect(frame_rgb)
         face = self._pick_first(faces) if self._last is None else self._follow(faces)
+        if face is None and self.repick_after is not None and self._gap >= self.repick_after:
+            face = self._pick_first(faces)
         if face is None:
             self._gap += 1
             return None

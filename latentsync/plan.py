@@ -70,6 +70,7 @@ class Plan:
     # Per output frame, the lip-synced face's share (1 in the ranges, fading to 0 beyond); None: 1 everywhere.
     weights: np.ndarray | None = None
     ranges: tuple[tuple[float, float], ...] = ()  # the options' ranges cut to the output (empty: the whole video)
+    face_start: int = 0  # source frames before it were not tracked: a ranged run edits none that shows them
 
     @property
     def num_chunks(self) -> int:
@@ -139,7 +140,7 @@ def make_plan(video: Path, audio: Path, opts: RunOptions, models: Models, caps: 
         features = encode(mel)
     track = FaceTrack(video, fps, info, limit, face_point, models.resolution, clock=clock, pool=pool,
                       landmarker=landmarker, cancel=cancel, progress=progress,
-                      horizon=_face_horizon(opts.ranges, fps, models.num_frames))
+                      **_face_window(opts.ranges, fps, models.num_frames))
     if stream:
         num_out, order = output_length(opts.loop_mode, audio_frames, audio_frames)
         matrices, has_face = track.matrices, track.has_face
@@ -162,7 +163,7 @@ def make_plan(video: Path, audio: Path, opts: RunOptions, models: Models, caps: 
     plan = Plan(video=video, audio=audio, options=opts, info=info, fps=fps, wav=wav,
                 features=features.float().cpu().numpy(), matrices=matrices, has_face=has_face, num_out=num_out,
                 order=order, chunk_size=models.num_frames, sync_spans=scored if models.syncnet is not None else [],
-                seconds=clock.seconds, weights=weights, ranges=ranges)
+                seconds=clock.seconds, weights=weights, ranges=ranges, face_start=track.start)
     return plan, track
 
 
@@ -186,16 +187,18 @@ def _edits(video: Path, ranges: tuple[tuple[float, float], ...], fps: float, num
     return edit_weights(spans, num_out), tuple((a / fps, b / fps) for a, b in spans), spans
 
 
-def _face_horizon(ranges: tuple[tuple[float, float], ...], fps: float, size: int) -> int | None:
-    """Source frames the face pass must detect in (None: all): up to the end of the last chunk the ranges touch.
+def _face_window(ranges: tuple[tuple[float, float], ...], fps: float, size: int) -> dict[str, int | None]:
+    """The source frames the face pass must track (``FaceTrack``'s ``first`` and ``horizon``; all without ranges):
+    from the start of the first chunk the ranges touch to the end of the last.
 
-    Those chunks and every chunk before them (whose random draws depend on whether it shows the face) read
-    frames below it only: before the horizon an output frame is its own source frame, and each chunk aligns and
-    pastes with its own frames' matrices. Ranges covering the whole output reach past its end, so track all."""
+    Before the horizon an output frame is its own source frame, and each chunk aligns and pastes with its own
+    frames' matrices; a chunk's random draws do not depend on other chunks' frames. Ranges covering the whole
+    output reach past its end, so track all."""
     if not ranges:
-        return None
+        return {"first": 0, "horizon": None}
     end = 2**40  # the output's length is not known yet
-    return (touched_chunks(range_frames(ranges, fps, end), size, end)[-1] + 1) * size
+    chunks = touched_chunks(range_frames(ranges, fps, end), size, end)
+    return {"first": chunks[0] * size, "horizon": (chunks[-1] + 1) * size}
 
 
 def _feature_rows(ranges: tuple[tuple[float, float], ...], fps: float, size: int) -> list[tuple[int, int]] | None:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from latentsync import video as video_mod
+from latentsync.errors import InputError
 from latentsync.join import join_parts
 from latentsync.loader import Models
 from latentsync.models.syncnet import VIDEO_FPS, WINDOW_FRAMES
@@ -55,7 +56,11 @@ def render_part(plan: Plan, models: Models, out_path: Path, chunks: range | None
                 track.ensure((c + 1) * size)  # the track's clock is the plan's: its seconds count there
                 track.check()
             # Past the frames tracked so far, chunk_at's count of source frames is the video's (track ended).
-            yield chunk_at(c, size, plan.num_out, plan.order, plan.has_face, plan.weights)
+            chunk = chunk_at(c, size, plan.num_out, plan.order, plan.has_face, plan.weights)
+            if plan.edited(c) and min(chunk.src) < plan.face_start:
+                raise InputError(f"{plan.video} has fewer frames than its container says, so the ranges reach "
+                                 "frames repeated from its start; re-encode the video, or run without ranges")
+            yield chunk
 
     with torch.inference_mode():
         generate = GenerateStage(plan, models, clock, cancel=cancel)

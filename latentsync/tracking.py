@@ -8,6 +8,8 @@ a stream (``FaceTrack``): synthesis may start on the first chunks while later fr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import itertools
 import math
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from latentsync import video as video_mod
-from latentsync.align import FaceAligner
+from latentsync.align import FaceAligner, SmoothingBounds
 from latentsync.errors import InputError
 from latentsync.face import Face, FaceLandmarker, FaceTracker, no_face_message
 from latentsync.facepool import FacePool
@@ -34,6 +36,11 @@ class _Detected:
         return next(self._faces)
 
 
+REPICK_SECONDS = 1.0  # how long the followed face may be lost before any face is picked afresh (a cut)
+CONTEXT_FRAMES = 96  # frames before the first edited one that a late pass 1 tries first, doubled until they suffice
+_NO_LANDMARKS = np.zeros((0, 2))
+
+
 class FaceTrack:
     """Pass 1 over the first ``limit`` frames (all when None) at ``fps``, tracked on demand: ``ensure(n)``.
 
@@ -41,43 +48,117 @@ class FaceTrack:
     face followed is the largest, or the one nearest ``point``. With ``pool`` the detection runs in its worker
     processes (same results), else here on ``landmarker`` (one is made when None). ``finish()`` tracks to the
     end and checks; used as a context manager, an error or a cancel terminates the pool on the way out, so no
-    worker or ffmpeg process outlives it. ``progress`` counts the frames tracked (True: a bar on stderr). With
-    ``horizon``, once that many frames are tracked and the face was seen, later frames are only counted (no face, NaN
-    matrix): a run that edits nothing past them needs no more.
+    worker or ffmpeg process outlives it. ``progress`` counts the frames tracked (True: a bar on stderr).
+
+    A run that edits only frames ``first`` … ``horizon``−1 needs no more. Once ``horizon`` frames are tracked and
+    the face was seen, later frames are only counted (no face, NaN matrix). And tracking starts late, at
+    ``start``: a few seconds before ``first``, where the face followed from there on is provably the one a pass
+    from frame 0 follows (``forgotten_from``); the frames before are not read. The smoothing's state is not known
+    there, so from then on ``SmoothingBounds`` check that every state it could be in gives each edited frame the
+    same matrix; if one ever would not (a rounding tie), the pass replays from frame 0 to know it.
     """
 
     def __init__(self, video: Path, fps: float, info: video_mod.VideoInfo, limit: int | None,
                  point: tuple[float, float] | None, resolution: int, *, clock: StageClock,
                  pool: FacePool | None = None, landmarker: FaceLandmarker | None = None, cancel: Any = None,
-                 progress: bool | Progress = False, horizon: int | None = None):
-        self.video, self.info, self.clock, self.pool, self.cancel = video, info, clock, pool, cancel
-        self.horizon, self._seen = horizon, False
-        self.matrices: list[np.ndarray] = []
-        self.has_face: list[bool] = []
-        self.ended = self._closed = False
+                 progress: bool | Progress = False, horizon: int | None = None, first: int = 0):
+        self.video, self.fps, self.info, self.clock, self.pool, self.cancel = video, fps, info, clock, pool, cancel
+        self.limit, self.horizon, self.first, self.resolution, self.point = limit, horizon, first, resolution, point
+        self.ended = self._closed = self._seen = False
         self._aligner = FaceAligner(resolution)
-        self._own = self._frames = None
-        if pool is None:
-            if landmarker is None:
-                with clock("faces"):
-                    landmarker = self._own = FaceLandmarker()
-            self._frames = video_mod.read_frames(video, fps, count=limit, info=info)
-            faces = (landmarker.detect(frame) for frame in self._frames) if horizon is None else (
-                [] if self._past(i) else landmarker.detect(frame) for i, frame in enumerate(self._frames))
-        elif horizon is None or (limit is not None and limit <= horizon):
-            faces = pool.detect(video, fps, info, limit, check=lambda: check_cancel(cancel))
-        else:
-            faces = self._pooled(pool, fps, limit, horizon)
-        self._faces = faces
-        self._tracker = FaceTracker(landmarker=_Detected(faces), point=point)
+        self._own = None
+        if pool is None and landmarker is None:
+            with clock("faces"):
+                landmarker = self._own = FaceLandmarker()
+        self._landmarker = landmarker
         self.progress = as_progress(progress)
         frames = video_mod.expected_frames(info, fps)
         self.progress.start(FACES, frames if limit is None else min(limit, frames))
+        # Where the late pass's face is the whole pass's; from there, bounds on the smoothing; the faces since
+        # ``start`` (a replay's input), kept while edited frames are still to come.
+        self.start, self._sync, context = 0, None, []
+        self._bounds: SmoothingBounds | None = None
+        self._log: list[list[Face]] | None = None
+        # Frames past the video's end repeat earlier ones (loop modes), which a late start would not have tracked:
+        # start late only for edits that end a second before the video does.
+        if first > 0 and horizon is not None and horizon + round(fps) <= min(frames, limit or frames):
+            with clock("faces"):
+                self.start, self._sync, context = self._context(first)
+        if self.start:
+            self._log = []
+        self.matrices: list[np.ndarray] = [np.full((2, 3), np.nan, np.float32)] * self.start
+        self.has_face: list[bool] = [False] * self.start
+        self.progress.advance(FACES, self.start)
+        self._faces = self._all(context, first if context else 0)
+        self._tracker = make_tracker(_Detected(self._faces), point, fps)
+
+    def _context(self, first: int) -> tuple[int, int | None, list[list[Face]]]:
+        """The latest start, ``CONTEXT_FRAMES`` back from ``first`` and doubling, from which a pass follows the face
+        a whole pass follows (its first such frame; None from frame 0); and the faces of the frames up to ``first``."""
+        faces: list[list[Face]] = []
+        start, step = first, CONTEXT_FRAMES
+        while start > 0:
+            earlier = max(start - step, 0)
+            got = list(self._detect(earlier, start))
+            if len(got) < start - earlier:  # the video is shorter than its container says: track it all
+                return 0, None, []
+            faces, start, step = got + faces, earlier, 2 * step
+            sync = None if start == 0 else forgotten_from(faces, self.point, self.fps, self.resolution)
+            if start == 0 or sync is not None:
+                return start, None if sync is None else start + sync, faces
+        return 0, None, faces
+
+    def _all(self, context: list[list[Face]], first: int) -> Iterator[list[Face]]:
+        """Every frame's faces from ``start`` on, logged (without their mesh) while a replay may need them."""
+        with contextlib.closing(self._stream(first)) as stream:
+            for faces in itertools.chain(context, stream):
+                if self._log is not None:
+                    self._log.append([dataclasses.replace(f, landmarks=_NO_LANDMARKS) for f in faces])
+                yield faces
+
+    def _detect(self, start: int, stop: int | None, landmarker: FaceLandmarker | None = None
+                ) -> Iterator[list[Face]]:
+        """The faces of frames ``start`` … ``stop``−1 (to the end when None), on the pool or on ``landmarker``
+        (default: the track's own)."""
+        def check() -> None:
+            check_cancel(self.cancel)
+
+        if landmarker is None and self.pool is not None:
+            yield from self.pool.detect(self.video, self.fps, self.info, stop, check=check, start=start)
+            return
+        landmarker = landmarker or self._landmarker
+        count = None if stop is None else stop - start
+        with contextlib.closing(video_mod.read_frames(self.video, self.fps, start=start, count=count,
+                                                      info=self.info)) as frames:
+            for i, frame in enumerate(frames):
+                if i % 16 == 0:
+                    check()
+                yield landmarker.detect(frame)
+
+    def _stream(self, first: int) -> Iterator[list[Face]]:
+        """The faces of frames ``first`` … to the end: detected up to the horizon, then (the face seen) empty lists
+        for frames read only to be counted."""
+        limit, horizon = self.limit, self.horizon
+        if horizon is None or (limit is not None and limit <= horizon):
+            yield from self._detect(first, limit)
+            return
+        yield from self._detect(first, horizon)
+        if len(self.has_face) < horizon:  # the video ended before the horizon
+            return
+        if not self._seen:  # no face yet: detect on, so a face found later is followed as in a whole run
+            yield from self._detect(horizon, limit)
+            return
+        count = None if limit is None else limit - horizon
+        with contextlib.closing(video_mod.read_frames(self.video, self.fps, start=horizon, count=count,
+                                                      info=self.info)) as frames:
+            for _ in frames:
+                yield []
 
     def ensure(self, n: float) -> None:
         """Track until ``n`` frames are known or the video has ended."""
         while not self.ended and len(self.matrices) < n:
-            if len(self.matrices) % 16 == 0:
+            i = len(self.matrices)
+            if i % 16 == 0:
                 check_cancel(self.cancel)
             with self.clock("faces"):
                 try:
@@ -85,36 +166,38 @@ class FaceTrack:
                 except StopIteration:
                     self.ended = True
                     break
-                if face is None:
-                    self._aligner.reset()  # upstream's p_bias smoothing restarts after a gap
-                    self.matrices.append(np.full((2, 3), np.nan, np.float32))
-                    self.has_face.append(False)
+                if i == self._sync:
+                    self._bounds = SmoothingBounds(self.resolution)
+                if self._bounds is not None and not self._bounds.agree(None if face is None else face.anchors) \
+                        and i >= self.first:
+                    face, matrix = self._replay(i)
                 else:
-                    self.matrices.append(self._aligner.matrix(face.anchors))
-                    self.has_face.append(True)
-                    self._seen = True
+                    matrix = _smooth(self._aligner, face)
+                if self.horizon is not None and i + 1 >= self.horizon:
+                    self._bounds = self._log = None  # no edited frame is left: the state no longer matters
+                self.matrices.append(matrix)
+                self.has_face.append(face is not None)
+                self._seen = self._seen or face is not None
             self.progress.advance(FACES)
 
-    def _past(self, i: int) -> bool:
-        """Whether frame ``i`` (asked for once frames 0 … i−1 are tracked) is only counted, not detected."""
-        return self.horizon is not None and i >= self.horizon and self._seen
-
-    def _pooled(self, pool: FacePool, fps: float, limit: int | None, horizon: int) -> Iterator[list[Face]]:
-        """The pool's faces up to ``horizon``, then (the face seen) frames read here only to be counted."""
-        def check() -> None:
-            check_cancel(self.cancel)
-
-        yield from pool.detect(self.video, fps, self.info, horizon, check=check)
-        if len(self.has_face) < horizon:  # the video ended before the horizon
-            return
-        if not self._seen:  # no face yet: detect on, so a face found later is followed as in a whole run
-            yield from pool.detect(self.video, fps, self.info, limit, check=check, start=horizon)
-            return
-        count = None if limit is None else limit - horizon
-        with contextlib.closing(video_mod.read_frames(self.video, fps, start=horizon, count=count,
-                                                      info=self.info)) as frames:
-            for _ in frames:
-                yield []
+    def _replay(self, i: int) -> tuple[Face | None, np.ndarray]:
+        """Pass 1 from frame 0 up to frame ``i`` (the frames before ``start`` detected now, the later ones logged),
+        to know the state a late start cannot; it goes on from there. Frame ``i``'s face and matrix."""
+        log, self._log, self._bounds = self._log, None, None
+        # The pool is busy with the frames ahead: the frames before detect here (the same faces).
+        landmarker = self._landmarker or FaceLandmarker()
+        earlier = self._detect(0, self.start, landmarker)
+        try:
+            self._tracker = make_tracker(_Detected(itertools.chain(earlier, log, self._faces)), self.point, self.fps)
+            self._aligner = FaceAligner(self.resolution)
+            for _ in range(i + 1):
+                face = self._tracker.track(None)
+                matrix = _smooth(self._aligner, face)
+        finally:
+            earlier.close()
+            if landmarker is not self._landmarker:
+                landmarker.close()
+        return face, matrix
 
     def check(self) -> None:
         """Once the video has ended: an ``InputError`` when no frame could be read or none shows the face."""
@@ -153,7 +236,38 @@ class FaceTrack:
             self.pool.terminate()
         self.progress.end(FACES, failed=failed)
         self._faces.close()
-        if self._frames is not None:
-            self._frames.close()
         if self._own is not None:
             self._own.close()
+
+
+def make_tracker(landmarker: Any, point: tuple[float, float] | None, fps: float) -> FaceTracker:
+    """Pass 1's tracker: follows one face, picking afresh after ``REPICK_SECONDS`` without it."""
+    return FaceTracker(landmarker=landmarker, point=point, repick_after=max(1, round(REPICK_SECONDS * fps)))
+
+
+def forgotten_from(faces: list[list[Face]], point: tuple[float, float] | None, fps: float, resolution: int
+                   ) -> int | None:
+    """The first of these frames from which pass 1 started afresh on them follows the very face a pass from any
+    earlier frame follows, whatever those frames showed; None when there is none, or when the smoothing's bounds
+    (``SmoothingBounds``) from there still differ at the last frame (a late start would likely need a replay).
+
+    The trackers meet at a frame with a face that ends ``repick_after`` + 1 frames which each show at most one face,
+    every one of them followed here: a pass from earlier either followed one of those faces too (and from there
+    both go alike) or lost the face for all of them and so picks this one afresh."""
+    tracker = make_tracker(_Detected(iter(faces)), point, fps)
+    picked = [tracker.track(None) for _ in faces]
+    run = 0  # frames so far, up to this one, that show at most one face and whose face (if any) is followed
+    for i, (seen, face) in enumerate(zip(faces, picked)):
+        run = run + 1 if len(seen) <= 1 and (face is not None or not seen) else 0
+        if run > tracker.repick_after and face is not None:
+            bounds = SmoothingBounds(resolution)
+            return i if all([bounds.agree(None if f is None else f.anchors) for f in picked[i:]][-1:]) else None
+    return None
+
+
+def _smooth(aligner: FaceAligner, face: Face | None) -> np.ndarray:
+    """The frame's smoothed matrix (NaN without the face, and the smoothing restarts, as upstream's after a gap)."""
+    if face is None:
+        aligner.reset()
+        return np.full((2, 3), np.nan, np.float32)
+    return aligner.matrix(face.anchors)

@@ -125,6 +125,16 @@ def test_skip_replays_the_draws_of_a_chunk():
     assert torch.equal(whole._posterior_noise(16), part._posterior_noise(16))
 
 
+def test_a_chunk_without_the_face_still_takes_its_place_in_the_random_stream():
+    """So a chunk's draws do not depend on what earlier frames show: a ranged run need not look at them."""
+    from latentsync.timeline import Chunk
+
+    faceless, with_face = _stage("cpu"), _stage("cpu")
+    faceless.skip(Chunk(index=0, start=0, src=tuple(range(16)), has_face=(False,) * 16))
+    with_face.skip(Chunk(index=0, start=0, src=tuple(range(16)), has_face=(True,) * 16))
+    assert torch.equal(faceless._posterior_noise(16), with_face._posterior_noise(16))
+
+
 # ------------------------------------------------------------------------------------------- denoising loop
 class MetaUNet:
     """A U-Net stand-in on the meta device: any read of a device value (``.item()``, ``bool``, indexing the

@@ -16,7 +16,7 @@ from latentsync.face import FaceLandmarker
 from latentsync.facepool import FacePool
 from latentsync.options import RunOptions, parse_ranges
 from latentsync.pipeline import LipSync
-from latentsync.plan import _face_horizon, _features
+from latentsync.plan import _face_window, _features
 from latentsync.stages import StageClock
 from latentsync.timeline import FADE_FRAMES, edit_weights, range_frames, source_index, touched_chunks
 from latentsync.tracking import FaceTrack
@@ -251,8 +251,9 @@ def _track(clip, horizon, **kw):
 
 
 def test_the_face_pass_detects_only_up_to_the_last_edited_chunk(media, tmp_path):
-    horizon = _face_horizon(((0.2, 0.6),), 25.0, 16)  # frames 5 … 14 and their fades: chunks 0 and 1
-    assert horizon == 32 and _face_horizon((), 25.0, 16) is None
+    window = _face_window(((0.2, 0.6),), 25.0, 16)  # frames 5 … 14 and their fades: chunks 0 and 1
+    assert window == {"first": 0, "horizon": 32} and _face_window((), 25.0, 16) == {"first": 0, "horizon": None}
+    horizon = window["horizon"]
     late = face_clip(tmp_path / "late.mp4", 40, hide=range(0, 20))  # the face shows only after the horizon
     real = FaceLandmarker()
     pool = FacePool(2)

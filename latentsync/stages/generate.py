@@ -1,9 +1,10 @@
 """Synthesis stage 2, the GPU work of a chunk: VAE encode → denoise → VAE decode, with the run's random draws.
 
 One generator, seeded once per run, serves every draw in a fixed order: the noise shared by all frames (one draw
-for the whole video, as upstream), then two VAE posterior samples (masked face, reference face) per chunk that
-has a face. ``skip`` makes the same draws for a chunk without running the VAE, so rendering chunks ``[a, b)``
-alone gives exactly the frames those chunks get in a whole run. The generator is a CPU one whatever the device:
+for the whole video, as upstream), then two VAE posterior samples (masked face, reference face) per chunk, drawn
+whether or not the chunk shows the face, so each chunk's draws have a fixed place in the stream. ``skip`` makes
+the same draws for a chunk without running the VAE, so rendering chunks ``[a, b)`` alone, or only the chunks of
+some time ranges, gives exactly the frames those chunks get in a whole run, whatever the frames before show. The generator is a CPU one whatever the device:
 CUDA's draws depend on the launch grid (the GPU's SM count), so the same seed would draw differently on an H100
 and an A100; drawn on the CPU and copied (about 1 MB a chunk), they are the same everywhere.
 
@@ -64,8 +65,7 @@ class GenerateStage:
 
     def skip(self, chunk: Chunk) -> None:
         """Advance the generator exactly as generating ``chunk`` would (the VAE's two posterior samples)."""
-        if chunk.any_face:
-            self._posterior_noise(len(chunk.src), keep=False)
+        self._posterior_noise(len(chunk.src), keep=False)
 
     def _posterior_noise(self, n: int, *, keep: bool = True) -> torch.Tensor | None:
         """The two posterior draws of an ``n``-frame chunk (masked face's, then reference face's), as one batch."""
