@@ -10,6 +10,7 @@ import pytest
 from latentsync import video as video_mod
 from latentsync.align import BIAS_BOUND, FaceAligner, SmoothingBounds
 from latentsync.face import Face, FaceTracker
+from latentsync.facepool import FacePool
 from latentsync.options import RunOptions
 from latentsync.pipeline import LipSync
 from latentsync.stages import StageClock
@@ -191,9 +192,9 @@ def clip(tmp_path_factory):
     return face_clip(tmp_path_factory.mktemp("history") / "clip200.mp4", 200)
 
 
-def _face_pass(clip, landmarker, **window):
+def _face_pass(clip, landmarker, **kw):
     info = video_mod.probe(clip)
-    with FaceTrack(clip, FPS, info, None, None, RES, clock=StageClock(), landmarker=landmarker, **window) as t:
+    with FaceTrack(clip, FPS, info, None, None, RES, clock=StageClock(), landmarker=landmarker, **kw) as t:
         t.ensure(math.inf)
     return t.start, *t.arrays()
 
@@ -235,3 +236,36 @@ def test_a_ranged_run_late_in_the_video_detects_near_the_range_only_and_keeps_th
     assert np.array_equal(ranged.matrices[112:144], whole.matrices[112:144])
     for j in range(125, 135):  # inside the range: the whole run's frames
         assert np.array_equal(frames["ranged"][j], frames["whole"][j]), f"frame {j}"
+
+
+def test_a_tie_in_the_smoothing_replays_the_pass_from_frame_0(clip, monkeypatch):
+    """Were the smoothing's bounds ever to give an edited frame two matrices, the pass detects the frames it
+    skipped and replays from frame 0: the edited frames still get a whole pass's matrices."""
+    _, whole, _ = _face_pass(clip, _Stamped(0))
+    landmarker = _Stamped(0)
+    info = video_mod.probe(clip)
+    with FaceTrack(clip, FPS, info, None, None, RES, clock=StageClock(), landmarker=landmarker, first=112,
+                   horizon=144) as t:
+        monkeypatch.setattr(SmoothingBounds, "agree", lambda self, anchors: False)  # once the start is chosen
+        t.ensure(math.inf)
+    late, has_late = t.arrays()
+    assert t.start == 16 and sorted(landmarker.asked) == list(range(144))  # every frame up to the horizon, once
+    assert np.array_equal(late[112:144], whole[112:144]) and has_late[112:144].all()
+
+
+def test_a_late_start_and_its_replay_on_worker_processes(clip, monkeypatch):
+    """Real faces, detected by a worker: the late start's edited matrices equal a whole in-process pass's, also
+    after a replay (its skipped frames detected here while the worker reads ahead)."""
+    _, whole, _ = _face_pass(clip, None)
+    pool = FacePool(1)
+    try:
+        _, late, _ = _face_pass(clip, None, pool=pool, first=112, horizon=144)
+        with FaceTrack(clip, FPS, video_mod.probe(clip), None, None, RES, clock=StageClock(), pool=pool, first=112,
+                       horizon=144) as t:
+            monkeypatch.setattr(SmoothingBounds, "agree", lambda self, anchors: False)
+            t.ensure(math.inf)
+    finally:
+        pool.close()
+    replayed, _ = t.arrays()
+    assert t.start == 16
+    assert np.array_equal(late[112:144], whole[112:144]) and np.array_equal(replayed[112:144], whole[112:144])
