@@ -81,9 +81,14 @@ class FaceTrack:
         self._log: list[list[Face]] | None = None
         # Frames past the video's end repeat earlier ones (loop modes), which a late start would not have tracked:
         # start late only for edits that end a second before the video does.
+        self._faces = _no_faces()
         if first > 0 and horizon is not None and horizon + round(fps) <= min(frames, limit or frames):
-            with clock("faces"):
-                self.start, self._sync, context = self._context(first)
+            try:
+                with clock("faces"):
+                    self.start, self._sync, context = self._context(first)
+            except BaseException:  # a cancel or an error: stop the workers and the bar, as a context manager does
+                self.close(failed=True)
+                raise
         if self.start:
             self._log = []
         self.matrices: list[np.ndarray] = [np.full((2, 3), np.nan, np.float32)] * self.start
@@ -238,6 +243,10 @@ class FaceTrack:
         self._faces.close()
         if self._own is not None:
             self._own.close()
+
+
+def _no_faces() -> Iterator[list[Face]]:
+    yield from ()
 
 
 def make_tracker(landmarker: Any, point: tuple[float, float] | None, fps: float) -> FaceTracker:

@@ -269,3 +269,21 @@ def test_a_late_start_and_its_replay_on_worker_processes(clip, monkeypatch):
     replayed, _ = t.arrays()
     assert t.start == 16
     assert np.array_equal(late[112:144], whole[112:144]) and np.array_equal(replayed[112:144], whole[112:144])
+
+
+def test_a_cancel_while_the_late_start_is_chosen_stops_the_workers(clip):
+    from latentsync.errors import Cancelled
+
+    class Soon:
+        def __init__(self):
+            self.asked = 0
+
+        def is_set(self):
+            self.asked += 1
+            return self.asked > 1
+
+    pool = FacePool(1)
+    with pytest.raises(Cancelled):
+        FaceTrack(clip, FPS, video_mod.probe(clip), None, None, RES, clock=StageClock(), pool=pool, first=112,
+                  horizon=144, cancel=Soon())
+    assert not pool.alive  # terminated: no worker or ffmpeg left behind
