@@ -57,7 +57,7 @@ def same(a: list[np.ndarray | None], b: list[np.ndarray | None]) -> bool:
                                                                   np.array_equal(x, y)) for x, y in zip(a, b))
 
 
-# --- the tracker -------------------------------------------------------------------------------------------------------
+# --- the tracker ------------------------------------------------------------------------------------------------------
 
 def test_a_face_lost_for_a_second_is_picked_afresh_after_a_cut():
     """A cut moves the face three face sizes and doubles it: followed no more, it is picked again after a second;
@@ -77,7 +77,7 @@ def test_a_face_lost_for_a_second_is_picked_afresh_after_a_cut():
     assert all(p.box == before[0].box for p in picked[:5] + picked[-5:])
 
 
-# --- the proof ---------------------------------------------------------------------------------------------------------
+# --- the proof --------------------------------------------------------------------------------------------------------
 
 def test_smoothing_from_any_start_gives_the_bounds_matrix_where_they_agree():
     rng = np.random.default_rng(0)
@@ -171,7 +171,7 @@ def test_one_face_in_view_for_a_second_is_enough_and_two_faces_are_not():
     assert forgotten_from([[next(a), next(b)] for _ in range(CONTEXT_FRAMES)], None, FPS, RES) is None
 
 
-# --- the ranged face pass ----------------------------------------------------------------------------------------------
+# --- the ranged face pass ---------------------------------------------------------------------------------------------
 
 class _Stamped:
     """A landmarker that reads each frame's stamp and answers with synthetic faces: a second person before

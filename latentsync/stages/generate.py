@@ -4,9 +4,10 @@ One generator, seeded once per run, serves every draw in a fixed order: the nois
 for the whole video, as upstream), then two VAE posterior samples (masked face, reference face) per chunk, drawn
 whether or not the chunk shows the face, so each chunk's draws have a fixed place in the stream. ``skip`` makes
 the same draws for a chunk without running the VAE, so rendering chunks ``[a, b)`` alone, or only the chunks of
-some time ranges, gives exactly the frames those chunks get in a whole run, whatever the frames before show. The generator is a CPU one whatever the device:
-CUDA's draws depend on the launch grid (the GPU's SM count), so the same seed would draw differently on an H100
-and an A100; drawn on the CPU and copied (about 1 MB a chunk), they are the same everywhere.
+some time ranges, gives exactly the frames those chunks get in a whole run, whatever the frames before show.
+The generator is a CPU one whatever the device: CUDA's draws depend on the launch grid (the GPU's SM count), so
+the same seed would draw differently on an H100 and an A100; drawn on the CPU and copied (about 1 MB a chunk),
+they are the same everywhere.
 
 The VAE encodes the masked and the reference crops in one call and decodes in slices of ``vae_slice`` frames,
 fixed per device and resolution, so a part renders the same wherever it runs; the slices bound the decode's
