@@ -122,8 +122,7 @@ class Predictor(BasePredictor):
                                  loop_mode=loop_mode, deepcache=enable_deepcache, keep_fps=keep_fps,
                                  face_select=face_select, ranges=ranges)
             progress = Progress(LogLines(log.info, every_percent=PROGRESS_EVERY_PERCENT, every_s=PROGRESS_EVERY_S))
-            result = self.pipe.lipsync(video, audio, output, options=options, cancel=_Ticks(progress),
-                                       progress=progress)
+            result = self.pipe.lipsync(video, audio, output, options=options, progress=progress)
         except BaseException as e:  # noqa: BLE001 — out-of-memory and cancellation need cleanup, then re-raise
             # The library kills its own ffmpeg processes when interrupted (readers and writers close in `finally`).
             shutil.rmtree(run, ignore_errors=True)
@@ -168,21 +167,6 @@ class Predictor(BasePredictor):
             for key, value in fields.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.record_metric(f"sync.{key}", float(value))
-
-
-class _Ticks:
-    """Passed as the pipeline's ``cancel`` (checked between chunks and denoising steps): never cancels; lets the
-    progress lines say that a stretch without a finished frame (a chunk's denoising steps) is still running.
-
-    Cog cancels by raising in the predict thread, so nothing is lost by never returning True here.
-    """
-
-    def __init__(self, progress: Progress) -> None:
-        self.progress = progress
-
-    def is_set(self) -> bool:
-        self.progress.tick()
-        return False
 
 
 class _PathScrubber(logging.Filter):

@@ -24,7 +24,7 @@ from latentsync.errors import InputError
 from latentsync.facepool import Detectors
 from latentsync.loader import Models
 from latentsync.options import OUTPUT_FPS, RunOptions
-from latentsync.progress import Progress
+from latentsync.progress import Progress, Watched, as_progress
 from latentsync.speaker import active_speaker_point
 from latentsync.stages import StageClock
 from latentsync.syncscore import sync_spans, syncnet_on
@@ -109,6 +109,8 @@ def make_plan(video: Path, audio: Path, opts: RunOptions, models: Models, caps: 
     With ``stream`` (output length = the audio's) pass 1 is left running: the plan's matrices are the open
     track's growing lists, for the render to advance. Otherwise the track has ended and been checked.
     """
+    progress = as_progress(progress)
+    cancel = Watched(cancel, progress)  # each cancel check lets timed progress lines speak
     clock = StageClock()
     with clock("probe"):
         info = video_mod.probe(video, max_side=caps.max_side, max_duration=caps.max_duration)

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -91,6 +92,19 @@ class Progress:
         with self._lock:
             for listener in self.listeners:
                 listener.tick()
+
+
+class Watched:
+    """A run's ``cancel`` (anything with ``is_set()``, or None: never) that lets ``progress`` speak on its timer each
+    time the run checks it (between chunks and denoising steps), so a long stretch without a finished frame still
+    gets its "still running" line."""
+
+    def __init__(self, cancel: Any, progress: Progress):
+        self.cancel, self.progress = cancel, progress
+
+    def is_set(self) -> bool:
+        self.progress.tick()
+        return self.cancel is not None and bool(self.cancel.is_set())
 
 
 def as_progress(progress: bool | Progress | None) -> Progress:

@@ -24,7 +24,7 @@ from latentsync.join import join_parts
 from latentsync.loader import Models
 from latentsync.models.syncnet import VIDEO_FPS, WINDOW_FRAMES
 from latentsync.plan import LipSyncResult, Plan, RenderPart
-from latentsync.progress import ENCODING, SCORING, SYNTHESIS, Progress, as_progress
+from latentsync.progress import ENCODING, SCORING, SYNTHESIS, Progress, Watched, as_progress
 from latentsync.stages import StageClock, run_stages
 from latentsync.stages.align import AlignStage
 from latentsync.stages.generate import GenerateStage
@@ -44,6 +44,8 @@ def render_part(plan: Plan, models: Models, out_path: Path, chunks: range | None
     ``track`` (a streaming plan's pass 1) each chunk first tracks the frames it shows. ``progress`` counts the
     frames written (True: a bar on stderr)."""
     chunks = range(plan.num_chunks) if chunks is None else chunks
+    progress = as_progress(progress)
+    cancel = Watched(cancel, progress)  # each cancel check lets timed progress lines speak
     if chunks.step != 1 or not 0 <= chunks.start < chunks.stop <= plan.num_chunks:
         raise ValueError(f"chunks must be a non-empty range within 0..{plan.num_chunks}, got {chunks}")
     clock = StageClock()
@@ -67,7 +69,6 @@ def render_part(plan: Plan, models: Models, out_path: Path, chunks: range | None
         for c in range(chunks.start):
             generate.skip(chunk_at(c, size, plan.num_out, plan.order, plan.has_face))
     align = AlignStage(plan, models, clock)
-    progress = as_progress(progress)
     writer = None
     try:  # everything that starts a process or a bar is made inside: an interrupt at any line cleans up
         writer = video_mod.VideoWriter(out_path, plan.fps, plan.info.width, plan.info.height)

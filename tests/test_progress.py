@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from latentsync.progress import Bars, LogLines, Progress, as_progress, clock_text
+from latentsync.progress import Bars, LogLines, Progress, Watched, as_progress, clock_text
 
 
 class FakeClock:
@@ -145,3 +145,16 @@ def test_the_api_takes_true_false_or_a_progress():
     assert as_progress(False).listeners == () and as_progress(None).listeners == ()
     mine = Progress()
     assert as_progress(mine) is mine
+
+
+def test_every_cancel_check_of_a_run_lets_timed_lines_speak(logged):
+    """The library wraps a run's ``cancel`` so, whoever calls it (Cog, the CLI, a batch worker, the API), a stretch
+    of denoising steps without a finished frame still gets its 30 s line; the caller's cancel still decides."""
+    progress, lines, clock = logged
+    progress.start("synthesis", 100)
+    event = threading.Event()
+    watched, never = Watched(event, progress), Watched(None, progress)
+    clock.now += 31
+    assert watched.is_set() is False and lines[-1] == "synthesis 0 % (0/100 frames), ETA unknown"
+    event.set()
+    assert watched.is_set() is True and never.is_set() is False
