@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import tempfile
 import threading
+import time
 
 import numpy as np
 import psutil
@@ -203,3 +204,38 @@ def test_generation_and_whisper_run_on_one_long_lived_gpu_thread(pipe, media, tm
     assert len({ident for _, ident, _ in seen}) == 1 and seen[0][2].startswith("latentsync-gpu")
     pipe.close()  # stops the thread; a later run starts another
     assert not any(t.ident == seen[0][1] for t in threading.enumerate())
+
+
+def test_a_cancel_raised_into_the_caller_waits_for_every_stage_to_stop():
+    """Cog cancels by raising in the predict thread, often while it waits for the stages. ``run_stages`` must not
+    return before every stage thread has left what it was doing: the caller then closes what they read from (a
+    Thread.join that such an exception interrupts can mark a running thread stopped)."""
+    import ctypes
+
+    inside = threading.Event()
+
+    def items():
+        for i in range(100):
+            inside.set()
+            time.sleep(0.2)  # making an item: the caller's cleanup must wait for this to end
+            inside.clear()
+            yield i
+
+    class Stop(BaseException):
+        pass
+
+    outcome = []
+
+    def caller():
+        try:
+            run_stages(items(), [lambda x: x, lambda x: x], concurrent=True)
+        except Stop:
+            outcome.append(inside.is_set())
+
+    t = threading.Thread(target=caller)
+    t.start()
+    time.sleep(0.5)
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(t.ident), ctypes.py_object(Stop))
+    t.join()
+    assert outcome == [False], "run_stages returned while a stage was still making an item"
+    assert not [th for th in threading.enumerate() if th.name.startswith("latentsync-stage-")]

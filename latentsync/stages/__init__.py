@@ -82,8 +82,13 @@ def run_stages(items: Iterable[Any], stages: list[Callable[[Any], Any]], *, conc
         return False
 
     def source() -> Iterable[Any]:
-        for item in items:
-            if failed.is_set():  # a stage failed, or the caller was interrupted (maybe before this thread began)
+        it = iter(items)
+        # Looked at before each item is made: a stage failed, or the caller was interrupted (maybe before this
+        # thread began), and the caller's cleanup may be closing what the items are made from.
+        while not failed.is_set():
+            try:
+                item = next(it)
+            except StopIteration:
                 return
             check_cancel(cancel)
             yield item
@@ -100,6 +105,12 @@ def run_stages(items: Iterable[Any], stages: list[Callable[[Any], Any]], *, conc
 
     def worker(k: int) -> None:
         try:
+            work(k)
+        finally:
+            done[k].set()
+
+    def work(k: int) -> None:
+        try:
             with torch.inference_mode():
                 for item in source() if k == 0 else inbox(queues[k - 1]):
                     out = stages[k](item)
@@ -112,26 +123,27 @@ def run_stages(items: Iterable[Any], stages: list[Callable[[Any], Any]], *, conc
                 errors.append(exc)
             failed.set()
 
-    threads = [threading.Thread(target=worker, args=(k,), name=f"latentsync-stage-{k}", daemon=True)
-               for k in range(len(stages)) if k not in homes]
+    threads = {k: threading.Thread(target=worker, args=(k,), name=f"latentsync-stage-{k}", daemon=True)
+               for k in range(len(stages)) if k not in homes}
+    # Each stage's own "ended" flag, not Thread.join: a join that an exception interrupts (Cog's cancel) may mark a
+    # thread that is still running as stopped (CPython 3.11's bpo-45274 fix), and a later join then returns at once.
+    done = {k: threading.Event() for k in range(len(stages))}
     queued: list[Future] = []
     try:
         # Started inside the try: a signal raised in this thread between two starts still stops the started ones.
         queued.extend(homes[k].submit(worker, k) for k in sorted(homes))
-        for t in threads:
+        for t in threads.values():
             t.start()
-        for t in threads:
-            while t.is_alive():  # in slices: an exception raised in this thread from outside (Cog's cancel) lands
-                t.join(_POLL_S)  # within one, not once the stage ends
+        for k in done:
+            while not done[k].wait(_POLL_S):  # in slices: an exception raised in this thread from outside (Cog's
+                pass  # cancel) lands within one, not once the stage ends
         while wait(queued, timeout=_POLL_S).not_done:
             pass
     except BaseException:  # KeyboardInterrupt (or a CLI signal) in the caller: stop the stages before leaving
         failed.set()
-        for t in threads:
-            try:
-                t.join()
-            except RuntimeError:  # never started; with `failed` set it does nothing should it start now
-                pass
+        for k, t in threads.items():
+            if t.ident is not None:  # started; one never started does nothing should it start now
+                done[k].wait()
         wait(queued)
         raise
     if errors:
