@@ -308,7 +308,7 @@ class FaceTracker:
     With ``repick_after``, a face that cannot be followed once the target has been unseen for that many frames is
     picked afresh (largest, or nearest ``point``): after a cut that moves or resizes the face, it is edited again.
     The choice then depends on the last ``repick_after`` + 1 frames only, whatever came before, when each of them
-    shows at most one face (``tracking.forgets_history`` relies on it).
+    shows at most one face (``tracking.forgotten_from`` relies on it).
 
     Anchors are returned raw: the only temporal smoothing is the aligner's (upstream's p_bias rule). Contract with
     the pipeline: whenever ``track`` returns None between frames with a face, call ``FaceAligner.reset()`` before

@@ -79,9 +79,9 @@ class FaceTrack:
         self.start, self._sync, context = 0, None, []
         self._bounds: SmoothingBounds | None = None
         self._log: list[list[Face]] | None = None
+        self._faces = _no_faces()
         # Frames past the video's end repeat earlier ones (loop modes), which a late start would not have tracked:
         # start late only for edits that end a second before the video does.
-        self._faces = _no_faces()
         if first > 0 and horizon is not None and horizon + round(fps) <= min(frames, limit or frames):
             try:
                 with clock("faces"):
@@ -132,13 +132,18 @@ class FaceTrack:
             yield from self.pool.detect(self.video, self.fps, self.info, stop, check=check, start=start)
             return
         landmarker = landmarker or self._landmarker
-        count = None if stop is None else stop - start
-        with contextlib.closing(video_mod.read_frames(self.video, self.fps, start=start, count=count,
-                                                      info=self.info)) as frames:
+        with contextlib.closing(self._frames(start, stop)) as frames:
             for i, frame in enumerate(frames):
                 if i % 16 == 0:
                     check()
                 yield landmarker.detect(frame)
+
+    def _frames(self, start: int, stop: int | None) -> Iterator[np.ndarray]:
+        """Frames ``start`` … ``stop``−1 (to the end when None); close it to stop the reader's ffmpeg."""
+        count = None if stop is None else stop - start
+        with contextlib.closing(video_mod.read_frames(self.video, self.fps, start=start, count=count,
+                                                      info=self.info)) as frames:
+            yield from frames
 
     def _stream(self, first: int) -> Iterator[list[Face]]:
         """The faces of frames ``first`` … to the end: detected up to the horizon, then (the face seen) empty lists
@@ -153,9 +158,7 @@ class FaceTrack:
         if not self._seen:  # no face yet: detect on, so a face found later is followed as in a whole run
             yield from self._detect(horizon, limit)
             return
-        count = None if limit is None else limit - horizon
-        with contextlib.closing(video_mod.read_frames(self.video, self.fps, start=horizon, count=count,
-                                                      info=self.info)) as frames:
+        with contextlib.closing(self._frames(horizon, limit)) as frames:
             for _ in frames:
                 yield []
 
@@ -270,7 +273,8 @@ def forgotten_from(faces: list[list[Face]], point: tuple[float, float] | None, f
         run = run + 1 if len(seen) <= 1 and (face is not None or not seen) else 0
         if run > tracker.repick_after and face is not None:
             bounds = SmoothingBounds(resolution)
-            return i if all([bounds.agree(None if f is None else f.anchors) for f in picked[i:]][-1:]) else None
+            agree = [bounds.agree(None if f is None else f.anchors) for f in picked[i:]]
+            return i if agree[-1] else None
     return None
 
 
