@@ -4,18 +4,25 @@ that only a GPU can make.
     python3 benchmarks/gpu_bench.py                # on the GPU: full-size random weights, 10.3 s of 720p
     python3 benchmarks/gpu_bench.py --dry          # anywhere, in minutes: tiny models on the CPU, 2 s clip
 
+It runs what users run: the library's default loop mode (``bounce``, ``latentsync.options``; the speech is a
+little longer than each clip, so every run bounces), the device left out (``devices.pick_device(None)`` picks it,
+as for every Cog prediction) and the CUDA allocator's expandable segments, set as the front doors set them.
+
 For each version (1.6 @ 512, 1.5 @ 256) and each mode (eager, ``compile=True``) it loads the pipeline (setup and
 compile seconds), warms it on a short clip, then lip-syncs the clip once and records: wall, seconds per output
-second, busy seconds per stage, GPU seconds per stage from CUDA events recorded on each stage's stream around its
-work (the stage clocks time kernel launches, not kernels), the first chunk apart from the rest, peak VRAM
-allocated and reserved, and GPU utilisation sampled by nvidia-smi every 100 ms. Then the checks:
+second, busy seconds per stage, GPU seconds per stage from CUDA events (the stage clocks time kernel launches, not
+kernels), the first chunk apart from the rest, peak VRAM allocated and reserved, and GPU utilisation and used
+memory sampled by nvidia-smi every 100 ms. The events of a timed block go on the stream of the stage that runs it
+(the stage's ``stream``; the thread's current stream of the device for a stage without one), so a stage that
+queues its kernels on a stream of its own is timed there, not on the default stream. Then the checks:
 
 * ``serial_equals_concurrent``: the stages one after another and concurrently give the same frames, byte for byte;
 * ``compiled_vs_eager``: compiled frames within 2 grey levels of the eager ones (same clip, seed, version);
 * ``sync_free_loop``: ``torch.cuda.set_sync_debug_mode("error")`` inside the denoising loop (from the first U-Net
   call of a chunk to its last step) finds no device→host sync (a serial run, so no other stage's syncs count);
-* ``capped``: a run with ``torch.cuda.set_per_process_memory_fraction`` capping torch's memory at 8 GB (1.5) or
-  12 GB (1.6) finishes (the cap leaves out the CUDA context's own ~0.5 GB).
+* ``capped``: a run finishes with ``torch.cuda.set_per_process_memory_fraction`` capping torch at the memory of an
+  8 GB card (1.5) or a 12 GB card (1.6) less 1 GiB for the CUDA context, which the cap does not count: 7 and
+  11 GiB; nvidia-smi's peak (the context included) is reported beside torch's peak reserved.
 
 Weights are random in upstream's formats and shapes, so only speed, memory and plumbing mean anything, never the
 faces. Results go to ``$OUT/gpu_bench.json`` (or ``--out``) part by part, so a run cut short still reports; a
@@ -28,7 +35,8 @@ project's root, then one device call carrying ``.gpu`` (see ``../shared/gpu/READ
     timeout 560 python3 benchmarks/gpu_bench.py 2>&1 | tail -60
 
 In ``--dry`` mode ``compile`` uses dynamo's ``eager`` backend (inductor takes minutes on a CPU): it checks the
-plumbing, not the speed; the CUDA-only measurements and checks are skipped with a note.
+plumbing, not the speed; the CUDA-only measurements and checks are skipped with a note. Importing this file runs
+nothing (``device_run.py`` reuses its helpers); ``main`` does the work.
 """
 from __future__ import annotations
 
@@ -36,12 +44,13 @@ import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import threading
 import time
 import traceback
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -50,11 +59,20 @@ sys.path[:0] = [str(HERE.parent), str(HERE), str(HERE.parent / "tests")]
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from latentsync import devices  # noqa: E402
+from latentsync.options import LOOP_MODE  # noqa: E402
 from latentsync.stages import StageClock  # noqa: E402
 
 RESULTS: dict = {}
 CAP_GB = {"1.5": 8, "1.6": 12}  # the cards each version must fit: upstream's 8 GB minimum, a 12 GB card for 1.6
+# What a card loses to the CUDA context and the cuDNN/cuBLAS modules before torch allocates anything; the allocator
+# cap does not count it (pytorch#58466), so a cap of the whole card would pass runs that the card cannot hold.
+CONTEXT_GIB = 1
 GREY_LEVELS = 2  # compiled frames may differ from eager ones by this much
+WARM_S = 1.5  # the warm-up clip, which the checks run too
+# Speech past each clip's end: ``bounce`` (the default) plays the clip backwards there, so every run goes through
+# the mode users get. Short, because the checks run the warm clip several times.
+BOUNCE_S = {"warm": 0.5, "main": 1.0}
 
 
 def skipped(what: str) -> dict:
@@ -63,11 +81,29 @@ def skipped(what: str) -> dict:
     return {"skipped": "needs a CUDA GPU"}
 
 
+def memory_cap(card_gib: float, total_bytes: int) -> float:
+    """The ``set_per_process_memory_fraction`` of a GPU of ``total_bytes`` that leaves torch what a card of
+    ``card_gib`` GiB has once its CUDA context is made: (card − ``CONTEXT_GIB``) GiB."""
+    return min(1.0, (card_gib - CONTEXT_GIB) * 2**30 / total_bytes)
+
+
+# The stream of the stage whose call this thread is running (set by ``_OnItsStream``); unset outside the stages.
+_STAGE = threading.local()
+
+
 class EventClock(StageClock):
-    """A stage clock that also records a CUDA event pair on the current stream around each timed block, so each
-    stage's GPU seconds can be read once the run is done; every clock made is kept in ``made``."""
+    """A stage clock that also records a CUDA event pair around each timed block, so each stage's GPU seconds can be
+    read once the run is done; every clock made is kept in ``made``.
+
+    Both events go on the stream of the stage calling the clock (its ``stream``), whatever stream is current when
+    the clock is entered: a stage may enter its clock before switching to its stream (align and score did), and
+    events on the default stream then time the default stream, not the stage's kernels. In a stage without a stream
+    of its own, or outside the stages, they go on this thread's current stream of ``device`` (the run's device;
+    None: the current device).
+    """
 
     made: list[EventClock] = []
+    device: torch.device | None = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -76,24 +112,78 @@ class EventClock(StageClock):
 
     @contextmanager
     def __call__(self, stage: str):
+        stream = getattr(_STAGE, "stream", None)
+        if stream is None:
+            stream = torch.cuda.current_stream(EventClock.device)
         start = torch.cuda.Event(enable_timing=True)
-        start.record()
+        start.record(stream)
         try:
             with StageClock.__call__(self, stage):
                 yield
         finally:
             end = torch.cuda.Event(enable_timing=True)
-            end.record()
+            end.record(stream)  # the start's stream, even if the block changed the current one
             with self._lock:
                 self.events.append((stage, start, end))
 
 
+class _OnItsStream:
+    """A synthesis stage whose calls let this thread's ``EventClock`` blocks know the stage's stream. The stream is
+    read from the stage at each call, by name (``stream``), so stages that gain, lose or re-make streams need no
+    change here; every other attribute is the stage's own."""
+
+    # Stage class → ("own", priority) of its stream, or ("current", priority) of the thread's current stream of
+    # the device, which its events go on when it has none: what each stage was timed on, for the report.
+    streams: dict[str, tuple[str, int]] = {}
+
+    def __init__(self, stage):
+        self._stage = stage
+
+    def __call__(self, item):
+        stream = getattr(self._stage, "stream", None)
+        if stream is not None:
+            _OnItsStream.streams[type(self._stage).__name__] = ("own", stream.priority)
+        else:
+            _OnItsStream.streams[type(self._stage).__name__] = ("current",
+                                                                torch.cuda.current_stream(EventClock.device).priority)
+        outer = getattr(_STAGE, "stream", None)  # restored after: a serial run may call every stage from one thread
+        _STAGE.stream = stream
+        try:
+            return self._stage(item)
+        finally:
+            _STAGE.stream = outer
+
+    def __getattr__(self, name: str):
+        return getattr(self._stage, name)
+
+
+@contextmanager
+def stage_events(device: torch.device):
+    """Inside, every render's stage clocks are ``EventClock``s (yielded: the list they are kept in) and each stage
+    the renderer runs records its events on its own stream (``_OnItsStream``)."""
+    import latentsync.render as render_mod
+
+    if not hasattr(render_mod, "run_stages"):  # the renderer changed: say so, rather than time the wrong streams
+        raise RuntimeError("latentsync.render.run_stages is gone: adapt stage_events to how stages are run now")
+    clock, run = render_mod.StageClock, render_mod.run_stages
+
+    def run_on_their_streams(items, stages, *args, **kwargs):
+        return run(items, [_OnItsStream(s) for s in stages], *args, **kwargs)
+
+    EventClock.made, EventClock.device, _OnItsStream.streams = [], device, {}
+    render_mod.StageClock, render_mod.run_stages = EventClock, run_on_their_streams
+    try:
+        yield EventClock.made
+    finally:
+        render_mod.StageClock, render_mod.run_stages = clock, run
+
+
 def gpu_seconds(clocks: list[EventClock]) -> dict:
     """GPU seconds per stage over these clocks: the first block (the first chunk) and all the others."""
-    torch.cuda.synchronize()
     times: dict[str, list[float]] = {}
     for clock in clocks:
         for stage, start, end in clock.events:
+            end.synchronize()  # on whichever device and stream the block ran
             times.setdefault(stage, []).append(start.elapsed_time(end) / 1000)
     return {k: {"first_chunk": round(v[0], 3), "rest": round(sum(v[1:]), 3), "calls": len(v)}
             for k, v in times.items()}
@@ -153,31 +243,49 @@ def save(out: Path) -> None:
     (out / "gpu_bench.json").write_text(json.dumps(RESULTS, indent=1, default=str))
 
 
+def smi_id(device: torch.device) -> str:
+    """``device`` as nvidia-smi's ``-i`` names it: by UUID where torch reports one (torch's indices count only the
+    devices CUDA_VISIBLE_DEVICES leaves, nvidia-smi's count them all), else by torch's index."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    uuid = str(getattr(torch.cuda.get_device_properties(index), "uuid", "")).removeprefix("GPU-")
+    return f"GPU-{uuid}" if re.fullmatch(r"[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}", uuid) else str(index)
+
+
 class GpuSampler:
-    """nvidia-smi's utilisation and memory every 100 ms while a block runs (nothing on a machine without it)."""
+    """nvidia-smi's utilisation and used memory of ``device`` every 100 ms while a block runs, read by a background
+    thread; no samples off CUDA or without nvidia-smi (its figures then read "n/a")."""
 
     def __init__(self, device: torch.device):
-        self.device, self.rows, self.proc = device, [], None
+        self.device, self.rows, self.proc, self.reader = torch.device(device), [], None, None
+
+    def command(self) -> list[str]:
+        """One nvidia-smi that prints a row per 100 ms until stopped (an argument list: no shell in between)."""
+        return ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits",
+                "-i", smi_id(self.device), "-lms", "100"]
 
     def __enter__(self) -> GpuSampler:
         if self.device.type == "cuda":
-            self.proc = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu,memory.used",
-                                          "--format=csv,noheader,nounits", "-lms", "100"],
-                                         stdout=subprocess.PIPE, text=True)
-            threading.Thread(target=self._read, daemon=True).start()
+            try:
+                self.proc = subprocess.Popen(self.command(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                             text=True)
+            except OSError:  # not installed (or not runnable): the run goes on, unsampled
+                return self
+            self.reader = threading.Thread(target=self._read, daemon=True)
+            self.reader.start()
         return self
 
     def _read(self) -> None:
         for line in self.proc.stdout:
             try:
                 self.rows.append(tuple(float(x) for x in line.split(",")))
-            except ValueError:
+            except ValueError:  # "[N/A]" or a message instead of figures
                 continue
 
     def __exit__(self, *exc) -> None:
         if self.proc is not None:
             self.proc.terminate()
             self.proc.wait()
+            self.reader.join(timeout=5)  # its last rows are in before anyone reads them
 
     def summary(self) -> dict | None:
         if not self.rows:
@@ -185,6 +293,10 @@ class GpuSampler:
         util = sorted(u for u, _ in self.rows)
         return {"samples": len(util), "util_mean": round(sum(util) / len(util), 1), "util_p50": util[len(util) // 2],
                 "mem_used_max_mib": max(m for _, m in self.rows)}
+
+    def peak_gib(self) -> float | str:
+        """nvidia-smi's peak used memory in GiB, the CUDA context included; "n/a" without samples."""
+        return round(max(m for _, m in self.rows) / 1024, 2) if self.rows else "n/a"
 
 
 def full_size_weights(folder: Path, device: torch.device) -> Path:
@@ -235,52 +347,53 @@ def _mkdir(path: Path) -> Path:
     return path
 
 
-def run_case(version: str, compiled: bool, weights: Path, clips: dict[str, Path], speech: Path, args) -> dict:
+def run_case(version: str, compiled: bool, weights: Path, clips: dict[str, Path], speech: dict[str, Path],
+             args) -> dict:
     """Setup, a warm-up run and one measured run of one version in one mode, then that mode's checks."""
     import gc
 
-    import latentsync.render as render_mod
     from latentsync.pipeline import LipSync
 
-    device = torch.device("cpu" if args.dry else "cuda")
-    cuda = device.type == "cuda"
+    # The device is left out, as users leave it: pick_device(None) then picks it (the current CUDA device). Only a
+    # dry run on a machine with a GPU names the CPU, where --dry promises to run.
+    spec = "cpu" if args.dry and torch.cuda.is_available() else None
+    cuda = devices.pick_device(spec).type == "cuda"
     extra = {"unet_config": weights / "unet.yaml", "syncnet_config": weights / "syncnet.yaml"} if args.dry else {}
     torch._dynamo.reset()  # compiled code of an earlier case holds its model: let it go before measuring memory
     gc.collect()
-    if cuda:
+    if cuda:  # the current device: the one pick_device(None) picks
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    pipe = LipSync.from_pretrained(weights, version=version, device=device, compile=compiled,
+    pipe = LipSync.from_pretrained(weights, version=version, device=spec, compile=compiled,
                                    face_workers=args.face_workers, **extra)
-    fig = {"setup_s": round(time.perf_counter() - t0, 1), "resolution": pipe.models.resolution,
+    device = pipe.models.device
+    fig = {"setup_s": round(time.perf_counter() - t0, 1), "device": str(device), "resolution": pipe.models.resolution,
            "dtype": str(pipe.models.dtype), "face_workers": pipe.face_workers,
            "syncnet_on": str(next(pipe.models.syncnet.parameters()).device) if pipe.models.syncnet else None}
     steps = 2 if args.dry else 20
-    opts = {"seed": 0, "loop_mode": "cut_off", "inference_steps": steps, "guidance_scale": 1.5}
+    opts = {"seed": 0, "inference_steps": steps, "guidance_scale": 1.5}  # loop mode: the library's default
     t0 = time.perf_counter()
-    pipe.lipsync(clips["warm"], speech, args.tmp / "warm.mp4", **opts)
+    pipe.lipsync(clips["warm"], speech["warm"], args.tmp / "warm.mp4", **opts)
     fig["warm_up_run_s"] = round(time.perf_counter() - t0, 1)
     if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        render_mod.StageClock, EventClock.made = EventClock, []
-    try:
-        with GpuSampler(device) as gpu:
-            r = pipe.lipsync(clips["main"], speech, args.tmp / f"out_{version}.mp4", **opts)
-    finally:
-        render_mod.StageClock = StageClock
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    with stage_events(device) if cuda else nullcontext() as clocks, GpuSampler(device) as gpu:
+        r = pipe.lipsync(clips["main"], speech["main"], args.tmp / f"out_{version}.mp4", **opts)
     out_s = r.frames / r.fps
     busy = {k: v for k, v in r.seconds.items() if k != "wall"}
     fig.update(frames=r.frames, output_s=round(out_s, 2), wall_s=r.seconds["wall"],
                s_per_output_s=round(r.seconds["wall"] / out_s, 3),
                busy_over_wall=round(sum(busy.values()) / r.seconds["wall"], 2), stages_s=busy,
-               stages_s_per_output_s={k: round(v / out_s, 3) for k, v in busy.items()}, gpu=gpu.summary())
+               stages_s_per_output_s={k: round(v / out_s, 3) for k, v in busy.items()}, gpu=gpu.summary(),
+               nvidia_smi_peak_gib=gpu.peak_gib())
     if cuda:
-        fig["gpu_s"] = gpu_seconds(EventClock.made)
-        fig["peak_vram_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        fig["peak_vram_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
-        fig["allocated_after_run_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
+        fig["gpu_s"] = gpu_seconds(clocks)
+        fig["event_streams"] = dict(_OnItsStream.streams)
+        fig["peak_vram_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        fig["peak_vram_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 2)
+        fig["allocated_after_run_gib"] = round(torch.cuda.memory_allocated(device) / 2**30, 2)
     else:
         fig["gpu_s"] = skipped(f"{version} {('eager', 'compiled')[compiled]}: GPU seconds per stage, VRAM")
     fig["checks"] = checks(pipe, version, compiled, clips, speech, opts, args)
@@ -291,9 +404,11 @@ def run_case(version: str, compiled: bool, weights: Path, clips: dict[str, Path]
 EAGER_FRAMES: dict[str, dict[int, np.ndarray]] = {}  # version → the eager run's frames of the warm-up clip
 
 
-def checks(pipe, version: str, compiled: bool, clips: dict[str, Path], speech: Path, opts: dict, args) -> dict:
+def checks(pipe, version: str, compiled: bool, clips: dict[str, Path], speech: dict[str, Path], opts: dict,
+           args) -> dict:
     """The GPU checks of one case; each records its error instead of stopping the others."""
-    cuda = pipe.models.device.type == "cuda"
+    device = pipe.models.device
+    cuda = device.type == "cuda"
     out: dict = {}
 
     def check(name: str, fn) -> None:
@@ -304,8 +419,8 @@ def checks(pipe, version: str, compiled: bool, clips: dict[str, Path], speech: P
         print(f"-- {version} {('eager', 'compiled')[compiled]} {name}: {out[name]}", flush=True)
 
     def concurrent_vs_serial() -> dict:
-        concurrent = frames_of(pipe, clips["warm"], speech, args.tmp / "c.mp4", serial=False, **opts)
-        serial = frames_of(pipe, clips["warm"], speech, args.tmp / "s.mp4", serial=True, **opts)
+        concurrent = frames_of(pipe, clips["warm"], speech["warm"], args.tmp / "c.mp4", serial=False, **opts)
+        serial = frames_of(pipe, clips["warm"], speech["warm"], args.tmp / "s.mp4", serial=True, **opts)
         if not compiled:
             EAGER_FRAMES[version] = concurrent
         same = sorted(serial) == sorted(concurrent) and all(np.array_equal(serial[j], concurrent[j]) for j in serial)
@@ -314,27 +429,30 @@ def checks(pipe, version: str, compiled: bool, clips: dict[str, Path], speech: P
     def compiled_vs_eager() -> dict:
         if version not in EAGER_FRAMES:
             return {"skipped": "no eager run of this version before"}
-        frames = frames_of(pipe, clips["warm"], speech, args.tmp / "k.mp4", serial=False, **opts)
+        frames = frames_of(pipe, clips["warm"], speech["warm"], args.tmp / "k.mp4", serial=False, **opts)
         return grey_levels(frames, EAGER_FRAMES[version])
 
     def sync_free_loop() -> dict:
         with sync_debug_in_denoise_loop():
-            frames_of(pipe, clips["warm"], speech, args.tmp / "d.mp4", serial=True, **opts)
+            frames_of(pipe, clips["warm"], speech["warm"], args.tmp / "d.mp4", serial=True, **opts)
         return {"ok": True}
 
     def capped() -> dict:
-        total = torch.cuda.get_device_properties(0).total_memory
-        cap = CAP_GB[version] * 10**9
+        total = torch.cuda.get_device_properties(device).total_memory
+        fraction = memory_cap(CAP_GB[version], total)
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total))
+        torch.cuda.reset_peak_memory_stats(device)
+        torch.cuda.set_per_process_memory_fraction(fraction, device)
         try:
-            frames_of(pipe, clips["main"], speech, args.tmp / "m.mp4", serial=False, **opts)
+            with GpuSampler(device) as smi:
+                frames_of(pipe, clips["main"], speech["main"], args.tmp / "m.mp4", serial=False, **opts)
         finally:
-            torch.cuda.set_per_process_memory_fraction(1.0)
-        return {"ok": True, "cap_gb": CAP_GB[version],
-                "peak_allocated_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2)}
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
+        return {"ok": True, "card_gb": CAP_GB[version], "cap_gib": round(fraction * total / 2**30, 2),
+                "peak_allocated_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2),
+                "peak_reserved_gib": round(torch.cuda.max_memory_reserved(device) / 2**30, 2),
+                "nvidia_smi_peak_gib": smi.peak_gib(),
+                "alloc_retries": torch.cuda.memory_stats(device).get("num_alloc_retries")}
 
     check("serial_equals_concurrent", concurrent_vs_serial)
     if compiled:
@@ -346,13 +464,14 @@ def checks(pipe, version: str, compiled: bool, clips: dict[str, Path], speech: P
     else:
         out["sync_free_loop"] = skipped(f"{version}: set_sync_debug_mode('error') in the denoising loop")
         if not compiled:
-            out["capped"] = skipped(f"{version}: run capped at {CAP_GB[version]} GB")
+            out["capped"] = skipped(f"{version}: run capped at {CAP_GB[version]} GB less {CONTEXT_GIB} GiB")
     return out
 
 
 def table(results: dict) -> str:
     """Seconds per output second, GPU busy %, peak VRAM and the checks: one column per run."""
     runs = [(k, v) for k, v in results.items() if isinstance(v, dict) and "s_per_output_s" in v]
+    gpu_stages = ("align", "vae_encode", "denoise", "vae_decode", "restore", "sync")
     rows = [("", [k for k, _ in runs]),
             ("s per output s", [v["s_per_output_s"] for _, v in runs]),
             ("denoise / rest (s)", [f"{v['stages_s'].get('denoise', 0):.1f} / "
@@ -361,16 +480,22 @@ def table(results: dict) -> str:
              [", ".join(f"{v['stages_s'].get(s, 0):.1f}" for s in ("faces", "align", "restore", "encode", "read"))
               for _, v in runs]),
             ("busy / wall", [v["busy_over_wall"] for _, v in runs]),
-            ("GPU util mean %", [(v.get("gpu") or {}).get("util_mean") for _, v in runs]),
-            ("GPU s: align, vae_encode, denoise, vae_decode, restore (rest / first chunk)",
-             [", ".join(f"{g[s]['rest']:.2f}/{g[s]['first_chunk']:.2f}" if s in g else "-"
-                        for s in ("align", "vae_encode", "denoise", "vae_decode", "restore"))
+            ("GPU util mean %", [(v.get("gpu") or {}).get("util_mean", "n/a") for _, v in runs]),
+            (f"GPU s: {', '.join(gpu_stages)} (rest / first chunk)",
+             [", ".join(f"{g[s]['rest']:.2f}/{g[s]['first_chunk']:.2f}" if s in g else "-" for s in gpu_stages)
               if "skipped" not in (g := v.get("gpu_s", {})) else "skipped" for _, v in runs]),
-            ("peak VRAM GiB allocated / reserved", [f"{v.get('peak_vram_allocated_gib')} / "
-                                                    f"{v.get('peak_vram_reserved_gib')}" for _, v in runs]),
+            ("events on: stage's own / thread's current stream (priority)",
+             [" ".join(f"{k.removesuffix('Stage')}:{kind}{p}" for k, (kind, p) in e.items())
+              if (e := v.get("event_streams")) else "-" for _, v in runs]),
+            ("peak GiB: allocated / reserved / nvidia-smi",
+             [f"{v.get('peak_vram_allocated_gib', 'n/a')} / {v.get('peak_vram_reserved_gib', 'n/a')} / "
+              f"{v.get('nvidia_smi_peak_gib', 'n/a')}" for _, v in runs]),
             ("setup s (compile)", [v["setup_s"] for _, v in runs]),
             *((f"check: {name}", [_verdict(v.get("checks", {}).get(name)) for _, v in runs])
-              for name in ("serial_equals_concurrent", "compiled_vs_eager", "sync_free_loop", "capped"))]
+              for name in ("serial_equals_concurrent", "compiled_vs_eager", "sync_free_loop", "capped")),
+            ("capped GiB: cap / reserved / nvidia-smi",
+             [f"{c['cap_gib']} / {c['peak_reserved_gib']} / {c['nvidia_smi_peak_gib']}" if "cap_gib" in c else "-"
+              for c in (v.get("checks", {}).get("capped") or {} for _, v in runs)])]
     return "\n".join(f"| {name} | " + " | ".join(str(c) for c in cells) + " |" for name, cells in rows)
 
 
@@ -385,6 +510,7 @@ def _verdict(result: dict | None) -> str:
 
 
 def main() -> None:
+    devices.use_expandable_segments()  # as every front door does, before torch first touches CUDA (just below)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dry", action="store_true", help="tiny models on the CPU: checks the script, not the speed")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or "/tmp/gpu_bench"))
@@ -405,18 +531,20 @@ def main() -> None:
 
     seconds = args.seconds or (2.0 if args.dry else 10.3)
     size = (320, 240) if args.dry else (1280, 720)
-    RESULTS["env"] = {"torch": torch.__version__, "dry": args.dry, "cores": os.cpu_count(),
-                      "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.dry else None}
+    gpu = None if args.dry else devices.pick_device(None)  # what every case loads on (device left out)
+    RESULTS["env"] = {"torch": torch.__version__, "dry": args.dry, "cores": os.cpu_count(), "loop_mode": LOOP_MODE,
+                      "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), "device": str(gpu or "cpu"),
+                      "gpu": torch.cuda.get_device_name(gpu) if gpu is not None else None}
     t0 = time.perf_counter()
     if args.dry:
         from tiny_weights import make_tiny_weights
 
         weights, _ = make_tiny_weights(args.tmp / "tiny")
     else:
-        weights = full_size_weights(args.tmp / "weights", torch.device("cuda"))
-    clips = {"warm": make_clip(args.tmp / "clip_warm.mp4", 1.5, *size),
-             "main": make_clip(args.tmp / "clip_main.mp4", seconds, *size)}
-    speech = make_speech(args.tmp / "speech.wav", seconds + 1)
+        weights = full_size_weights(args.tmp / "weights", gpu)
+    lengths = {"warm": WARM_S, "main": seconds}
+    clips = {k: make_clip(args.tmp / f"clip_{k}.mp4", s, *size) for k, s in lengths.items()}
+    speech = {k: make_speech(args.tmp / f"speech_{k}.wav", s + BOUNCE_S[k]) for k, s in lengths.items()}
     RESULTS["prepare_s"] = round(time.perf_counter() - t0, 1)
     save(args.out)
     for version in args.versions:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from latentsync.devices import Staging, pick_rows
 from latentsync.errors import InputError
 
 # Upstream's template, in units of a 256-px model's crop divided by 2.8; everything else derives from resolution.
@@ -63,26 +64,28 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, 
     return matrix, b[2] - a[2]
 
 
-def _as_chw_float(frame: np.ndarray | torch.Tensor, device: torch.device, rows: slice, cols: slice) -> torch.Tensor:
-    """A window of an (H, W, 3) uint8 frame as a float32 (1, 3, h, w) tensor on ``device``: uploaded as uint8
-    (a quarter of float32's bytes), converted there."""
-    if isinstance(frame, np.ndarray):
-        window = torch.from_numpy(np.ascontiguousarray(frame[rows, cols]))
-    else:
-        window = frame[rows, cols]
-    return window.to(device).to(torch.float32).permute(2, 0, 1).unsqueeze(0)
+def _chw_float(window: torch.Tensor) -> torch.Tensor:
+    """An (h, w, 3) uint8 window (on its device) as a float32 (1, 3, h, w) tensor: windows go up as uint8 (a
+    quarter of float32's bytes) and are converted there."""
+    return window.to(torch.float32).permute(2, 0, 1).unsqueeze(0)
 
 
-def _upload_matrices(matrices: list[np.ndarray], devices: list[torch.device]) -> list[torch.Tensor]:
-    """The (2, 3) matrices as float32 tensors, each on its device: one (n, 2, 3) upload per device, not one per
-    frame (each small copy is a transfer and a pageable-memory wait of its own)."""
-    out: list[torch.Tensor | None] = [None] * len(matrices)
-    for device in dict.fromkeys(devices):
-        ks = [k for k, d in enumerate(devices) if d == device]
-        stacked = torch.as_tensor(np.stack([matrices[k] for k in ks]), dtype=torch.float32).to(device)
-        for k, m in zip(ks, stacked):
-            out[k] = m
-    return out
+def _upload_windows(frames: list[np.ndarray | torch.Tensor], bounds: list[tuple[int, int, int, int] | None],
+                    matrices: list[np.ndarray], device: torch.device, staging: Staging
+                    ) -> tuple[list[torch.Tensor | None], list[torch.Tensor]]:
+    """The frames' windows (rows r0:r1, columns c0:c1; None: no window) as float32 (1, 3, h, w) tensors on
+    ``device``, and the (2, 3) matrices as float32 tensors there: the host frames' windows and the matrices go up
+    in one copy per batch (each small copy would be a transfer and a wait of its own)."""
+    host = [k for k, (f, b) in enumerate(zip(frames, bounds)) if b is not None and isinstance(f, np.ndarray)]
+    arrays = [frames[k][bounds[k][0]:bounds[k][1], bounds[k][2]:bounds[k][3]] for k in host]
+    *up, stacked = staging.upload([*arrays, np.stack(matrices).astype(np.float32)])
+    windows: list[torch.Tensor | None] = [None] * len(frames)
+    for k, window in zip(host, up):
+        windows[k] = _chw_float(window)
+    for k, (frame, b) in enumerate(zip(frames, bounds)):
+        if b is not None and isinstance(frame, torch.Tensor):  # already on its device
+            windows[k] = _chw_float(frame[b[0]:b[1], b[2]:b[3]].to(device))
+    return windows, list(stacked)
 
 
 def _sample_grid(matrix: torch.Tensor, out_rows: torch.Tensor, out_cols: torch.Tensor, src_hw: tuple[int, int],
@@ -133,15 +136,34 @@ def _erode_torch(mask: torch.Tensor, size: int, anchor: int) -> torch.Tensor:
 
 
 def _gaussian_blur(mask: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur with reflect borders (kornia's ``gaussian_blur2d``)."""
+    """Separable Gaussian blur with reflect borders (kornia's ``gaussian_blur2d``).
+
+    On the CPU two 1-D convolutions, as always. On a GPU each pass is a product with a banded matrix that holds
+    the kernel and the reflection: a convolution there would make cuDNN plan again for every window shape and
+    kernel width (every face size), a matrix product needs no plan.
+    """
     if size <= 1:
         return mask
     x = torch.arange(size, dtype=torch.float32, device=mask.device) - size // 2
     kernel = torch.exp(-(x**2) / (2.0 * sigma**2))
     kernel = kernel / kernel.sum()
     r = size // 2
+    if mask.device.type == "cuda":
+        h, w = mask.shape[-2:]
+        return _blur_matrix(kernel, h) @ mask @ _blur_matrix(kernel, w).T
     out = F.conv2d(F.pad(mask, (r, r, 0, 0), mode="reflect"), kernel.view(1, 1, 1, size))
     return F.conv2d(F.pad(out, (0, 0, r, r), mode="reflect"), kernel.view(1, 1, size, 1))
+
+
+def _blur_matrix(kernel: torch.Tensor, n: int) -> torch.Tensor:
+    """(n, n) matrix B with ``B @ v`` = ``kernel`` convolved with ``v`` padded by reflection (edge not repeated)."""
+    r = len(kernel) // 2
+    if r >= n:
+        raise ValueError(f"reflect padding of {r} needs more than {n} pixels")
+    taps = torch.arange(n, device=kernel.device)[:, None] + torch.arange(-r, r + 1, device=kernel.device)
+    taps = torch.where(taps < 0, -taps, taps)
+    taps = torch.where(taps >= n, 2 * (n - 1) - taps, taps)
+    return torch.zeros((n, n), device=kernel.device).scatter_add_(1, taps, kernel.expand(n, -1).contiguous())
 
 
 class FaceAligner:
@@ -156,6 +178,10 @@ class FaceAligner:
         self.device = torch.device(device)
         self.face_size, self.template = face_geometry(self.resolution)  # face_size = (w, h)
         self._p_bias: np.ndarray | None = None
+        self._staging: dict[torch.device, Staging] = {}  # one per device the aligner's batches go up to
+
+    def _staging_for(self, device: torch.device) -> Staging:
+        return self._staging.setdefault(device, Staging(device))
 
     def reset(self) -> None:
         """Forget the smoothing state; the next ``align`` starts afresh, as upstream does per video."""
@@ -199,9 +225,12 @@ class FaceAligner:
         """(n, h, w, 3) uint8 crops on the device; every frame window is uploaded before any warp is queued."""
         crop_w, crop_h = self.face_size
         corners = np.array([[0, 0, 1], [crop_w - 1, 0, 1], [0, crop_h - 1, 1], [crop_w - 1, crop_h - 1, 1]], float)
-        jobs = []
+        devices = {frame.device if isinstance(frame, torch.Tensor) else self.device for frame in frames}
+        if len(devices) != 1:
+            raise ValueError(f"the frames of one batch must be on one device, got {sorted(map(str, devices))}")
+        device = devices.pop()
+        inverses, bounds = [], []
         for frame, matrix in zip(frames, matrices):
-            device = frame.device if isinstance(frame, torch.Tensor) else self.device
             height, width = frame.shape[:2]
             inv = _invert(matrix)
             src_pts = corners @ inv.T
@@ -209,16 +238,16 @@ class FaceAligner:
             # a sample touches, and pixels beyond the frame still read as zero, so the result equals a full warp.
             r0, r1 = _span(src_pts[:, 1], height)
             c0, c1 = _span(src_pts[:, 0], width)
-            window = None
-            if r0 < r1 and c0 < c1:  # else the crop lies wholly outside the frame: all fill
-                window = _as_chw_float(frame, device, slice(r0, r1), slice(c0, c1))
-            jobs.append((device, inv, (r0, r1, c0, c1), window))
+            inverses.append(inv)
+            # None: the crop lies wholly outside the frame, all fill
+            bounds.append((r0, r1, c0, c1) if r0 < r1 and c0 < c1 else None)
+        windows, inverses_t = _upload_windows(frames, bounds, inverses, device, self._staging_for(device))
         crops = []
-        inverses = _upload_matrices([inv for _, inv, _, _ in jobs], [device for device, *_ in jobs])
-        for (device, _, (r0, r1, c0, c1), window), inv_t in zip(jobs, inverses):
+        for window, b, inv_t in zip(windows, bounds, inverses_t):
             if window is None:
                 crops.append(torch.full((crop_h, crop_w, 3), int(_FILL), dtype=torch.uint8, device=device))
                 continue
+            r0, r1, c0, c1 = b
             rows = torch.arange(crop_h, dtype=torch.float32, device=device)
             cols = torch.arange(crop_w, dtype=torch.float32, device=device)
             grid = _sample_grid(inv_t, rows, cols, (r1 - r0, c1 - c0), (r0, c0))
@@ -242,7 +271,7 @@ class FaceAligner:
         windows come back in one more — no host sync per frame."""
         device = faces.device
         crop_w, crop_h = self.face_size
-        jobs = []  # (k, matrix, window bounds, frame window on the device)
+        picked, bounds = [], []  # the frames a face goes into, with their matrix and window bounds
         for k, (frame, matrix) in enumerate(zip(frames, matrices)):
             height, width = frame.shape[:2]
             m = np.asarray(matrix, dtype=np.float64).reshape(2, 3)
@@ -256,14 +285,17 @@ class FaceAligner:
             r0, r1 = _clip_span(corners[:, 1], margin, height)
             c0, c1 = _clip_span(corners[:, 0], margin, width)
             if r0 < r1 and c0 < c1:
-                jobs.append((k, m, (r0, r1, c0, c1), _as_chw_float(frame, device, slice(r0, r1), slice(c0, c1))))
+                picked.append((k, m))
+                bounds.append((r0, r1, c0, c1))
         out = list(frames)
-        if not jobs:
+        if not picked:
             return out
-        face_crops = F.interpolate(faces[[k for k, *_ in jobs]].to(torch.float32), size=(crop_h, crop_w),
+        windows, forwards = _upload_windows([frames[k] for k, _ in picked], bounds, [m for _, m in picked], device,
+                                            self._staging_for(device))
+        jobs = [(k, m, b, w) for (k, m), b, w in zip(picked, bounds, windows)]
+        face_crops = F.interpolate(pick_rows(faces, [k for k, *_ in jobs]).to(torch.float32), size=(crop_h, crop_w),
                                    mode="bicubic", align_corners=False, antialias=True)
         pasted, masks = [], []
-        forwards = _upload_matrices([m for _, m, _, _ in jobs], [device] * len(jobs))
         for crop, (_, m, (r0, r1, c0, c1), _), m_t in zip(face_crops, jobs, forwards):
             rows = torch.arange(r0, r1, dtype=torch.float32, device=device)
             cols = torch.arange(c0, c1, dtype=torch.float32, device=device)

@@ -6,8 +6,10 @@ import os
 import threading
 from collections.abc import Callable, MutableMapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from latentsync.errors import InputError
@@ -23,7 +25,7 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     """CUDA when present, else CPU, unless the caller names one; a name torch does not know, or a CUDA/MPS device
     this machine lacks, is an ``InputError`` (one line) rather than torch's traceback at the first tensor."""
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if isinstance(device, torch.device):
         dev = device
     else:
@@ -40,6 +42,8 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
         if dev.index is not None and dev.index >= count:
             raise InputError(f"device {str(device)!r} asked for, but this machine has {count} CUDA GPU(s): "
                              f"cuda:0 … cuda:{count - 1}")
+        if dev.index is None:  # what a CUDA tensor's .device says, and what torch.cuda.set_device accepts
+            dev = torch.device("cuda", torch.cuda.current_device())
     elif dev.type == "mps":
         if not torch.backends.mps.is_available():
             raise InputError(f"device {str(device)!r} asked for, but Apple's MPS is not available on this machine; "
@@ -91,30 +95,101 @@ def upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
+def pick_rows(tensor: torch.Tensor, rows: list[int]) -> torch.Tensor:
+    """``tensor[rows]`` for a list of row numbers, without the index upload: indexing a device tensor with a Python
+    list first copies the list to the device, blocking; the rows as views, stacked, need no copy at all."""
+    if not rows:
+        return tensor[:0]
+    if rows == list(range(rows[0], rows[-1] + 1)):  # consecutive: a plain slice
+        return tensor[rows[0]:rows[-1] + 1]
+    return torch.stack([tensor[k] for k in rows])
+
+
+class Staging:
+    """Host→device copies of one thread through two reused pinned buffers: several arrays go up in one copy that
+    does not block, and a buffer is refilled only once the copy out of it is done (its event).
+
+    Pinned memory is slow to allocate and a copy from pageable memory waits for the stream, so a chunk's windows,
+    matrices or draws are packed into a buffer made once and grown as needed. Off CUDA each array is a CPU tensor
+    as it was (no copy, the same bytes).
+    """
+
+    _ALIGN = 64  # bytes: every array starts where any dtype's view may start
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._buffers: list[torch.Tensor] = []
+        self._done: list[Any] = []  # per buffer, the event after the last copy out of it (None: free)
+        self._next = 0
+
+    def upload(self, arrays: list[np.ndarray | torch.Tensor]) -> list[torch.Tensor]:
+        """Each array (numpy or CPU tensor) as a tensor on the device, all in one copy; same shapes and dtypes."""
+        tensors = [torch.from_numpy(np.ascontiguousarray(a)) if isinstance(a, np.ndarray) else a for a in arrays]
+        if self.device.type != "cuda":
+            return [t.to(self.device) for t in tensors]
+        spans, total = [], 0
+        for t in tensors:
+            size = t.numel() * t.element_size()
+            spans.append((total, size))
+            total += -(-size // self._ALIGN) * self._ALIGN
+        k = self._next
+        self._next = (k + 1) % 2
+        if len(self._buffers) < 2:
+            self._buffers.append(torch.empty(0, dtype=torch.uint8))
+            self._done.append(None)
+        if self._done[k] is not None:
+            self._done[k].synchronize()  # the copy out of this buffer two calls ago has finished
+        if self._buffers[k].numel() < total:
+            self._buffers[k] = torch.empty(max(total, 2 * self._buffers[k].numel()), dtype=torch.uint8).pin_memory()
+        host = self._buffers[k]
+        for t, (start, size) in zip(tensors, spans):
+            host[start:start + size].view(t.dtype).view(t.shape).copy_(t)
+        dev = torch.empty(total, dtype=torch.uint8, device=self.device)
+        dev.copy_(host[:total], non_blocking=True)
+        self._done[k] = torch.cuda.Event()
+        self._done[k].record(torch.cuda.current_stream(self.device))
+        return [dev[start:start + size].view(t.dtype).view(t.shape) for t, (start, size) in zip(tensors, spans)]
+
+
 def use_expandable_segments(environ: MutableMapping[str, str] = os.environ) -> None:
     """Let CUDA's caching allocator grow segments in place (less fragmentation across videos of different lengths),
     unless the user set the allocator up; front doors call this before torch first touches CUDA."""
     environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 
+# CUDA stream priorities (lower numbers are served first; torch keeps pools for 0, -1, -2 and -3): align and paste
+# above the U-Net, so their few small kernels start between its steps and frames keep flowing; scoring, needed
+# only at the end, below it on the lowest priority.
+HIGH, MID, LOW = -2, -1, 0
+
+
 class GpuThread:
-    """One long-lived thread (per ``LipSync``) that queues the GPU work: warm-up, Whisper and the generate stage.
+    """One long-lived thread (per ``LipSync`` and stage) that queues a stage's device work on a stream of its own.
 
     cuDNN keeps its convolution plans per thread, so a fresh thread per video would plan again every run. The
-    thread makes ``device`` current once and runs everything in inference mode. ``close()`` stops it; a later
-    ``submit`` starts a new one.
+    thread makes ``device`` current once, makes its stream (``priority``) current, and runs everything in
+    inference mode. ``close()`` stops it; a later ``submit`` starts a new one.
     """
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, device: torch.device, name: str = "gpu", priority: int = MID):
+        self.device, self.name, self.priority = device, name, priority
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._ident: int | None = None
+        self._stream: Any = None
+
+    @property
+    def stream(self) -> Any:
+        """The thread's CUDA stream (None off CUDA), made on first use."""
+        if self.device.type == "cuda" and self._stream is None:
+            self._stream = torch.cuda.Stream(self.device, priority=self.priority)
+        return self._stream
 
     def _start(self) -> None:
         self._ident = threading.get_ident()
         if self.device.type == "cuda":  # without this the thread's current device is cuda:0 whatever ``device`` is
             torch.cuda.set_device(self.device)
+            torch.cuda.set_stream(self.stream)  # per thread: every kernel this thread queues goes there
 
     def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future:
         """Queue ``fn(*args, **kwargs)`` on the thread, under inference mode."""
@@ -124,7 +199,8 @@ class GpuThread:
 
         with self._lock:
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(1, thread_name_prefix="latentsync-gpu", initializer=self._start)
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"latentsync-{self.name}",
+                                                initializer=self._start)
             return self._pool.submit(call)
 
     def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -140,3 +216,33 @@ class GpuThread:
             pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True)
+
+
+@dataclass(frozen=True)
+class StageThreads:
+    """The long-lived threads of a ``LipSync``'s stages: align and paste at high priority, generate (and Whisper,
+    warm-up) in the middle, scoring at the lowest."""
+
+    align: GpuThread
+    generate: GpuThread
+    paste: GpuThread
+    score: GpuThread
+
+    @classmethod
+    def on(cls, device: torch.device) -> StageThreads:
+        return cls(GpuThread(device, "align", HIGH), GpuThread(device, "gpu", MID), GpuThread(device, "paste", HIGH),
+                   GpuThread(device, "score", LOW))
+
+    def close(self) -> None:
+        """Stop every thread (a later run starts them again)."""
+        for thread in (self.align, self.generate, self.paste, self.score):
+            thread.close()
+
+
+def make_deterministic(environ: MutableMapping[str, str] = os.environ) -> None:
+    """Ask CUDA for run-to-run identical kernels where torch allows it: cuDNN's deterministic algorithms without
+    autotuning, and cuBLAS's fixed workspace (read when cuBLAS starts, so before any model loads). For parts of
+    one video rendered by different workers: with the same GPU model and software stack they then join seamlessly."""
+    environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False

@@ -4,19 +4,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from latentsync import audio as audio_mod
 from latentsync.align import load_mask
 from latentsync.config import config_path, load_config
-from latentsync.devices import GpuThread, pick_device, pick_dtype, vae_slice
+from latentsync.devices import GpuThread, StageThreads, pick_device, pick_dtype
 from latentsync.errors import InputError
 from latentsync.models.whisper import AudioEncoder
-from latentsync.options import GUIDANCE_SCALE
+from latentsync.syncscore import pin_flat
 from latentsync.weights import load_scheduler, load_unet, load_vae, unet_config_for
 
 log = logging.getLogger(__name__)
@@ -35,13 +35,18 @@ class Models:
     num_frames: int  # frames the U-Net sees at once
     device: torch.device
     dtype: torch.dtype
-    syncnet: Any = None  # StableSyncNet (on the CPU between scores), None without its checkpoint
+    syncnet: Any = None  # StableSyncNet (resident, or pinned on the CPU between scores), None without its checkpoint
     version: str | None = None
-    gpu: GpuThread = field(default=None)  # the one thread queueing the GPU work (made here when not given)
+    threads: StageThreads = field(default=None)  # the stages' long-lived threads (made here when not given)
 
     def __post_init__(self) -> None:
-        if self.gpu is None:
-            object.__setattr__(self, "gpu", GpuThread(self.device))
+        if self.threads is None:
+            object.__setattr__(self, "threads", StageThreads.on(self.device))
+
+    @property
+    def gpu(self) -> GpuThread:
+        """The thread queueing the models' own work: generation, Whisper, warm-up."""
+        return self.threads.generate
 
 
 def load_models(weights_dir: Path, version: str, device: str | torch.device | None, dtype: str | torch.dtype | None,
@@ -96,8 +101,8 @@ def syncnet_fits(free_bytes: int, syncnet_bytes: int, resolution: int) -> bool:
 
 
 def place_syncnet(syncnet: Any, device: torch.device, resolution: int) -> Any:
-    """SyncNet in fp16, resident on ``device`` when :func:`syncnet_fits`, else in pinned CPU memory (one fast copy
-    up per scoring, none back). Crossing the bus twice per video in fp32 cost 1.6 GB each way."""
+    """SyncNet in fp16, resident on ``device`` when :func:`syncnet_fits`, else in one pinned CPU buffer (one fast
+    copy up per scoring, none back). Crossing the bus twice per video in fp32 cost 1.6 GB each way."""
     syncnet = syncnet.half()
     size = sum(t.numel() * t.element_size() for t in [*syncnet.parameters(), *syncnet.buffers()])
     free, _ = torch.cuda.mem_get_info(device)
@@ -105,12 +110,13 @@ def place_syncnet(syncnet: Any, device: torch.device, resolution: int) -> Any:
         log.info("SyncNet stays on %s (fp16, %.2f GiB)", device, size / 2**30)
         return syncnet.to(device)
     log.info("SyncNet waits in pinned CPU memory: %.1f GiB free on %s", free / 2**30, device)
-    return syncnet._apply(lambda t: t.pin_memory())
+    return pin_flat(syncnet)
 
 
-def compile_models(models: Models, cache_root: Path) -> Models:
+def compile_models(models: Models, cache_root: Path, warm_up: Callable[[Models], float]) -> Models:
     """``models`` with the U-Net swapped for its compiled passes and the VAE's encoder and decoder compiled, all
-    warmed up on the GPU thread for a whole guided chunk.
+    compiled by ``warm_up(models)`` (the generate stage's: whole chunks as a run makes them, guided and not, full
+    and shallow passes; it returns its seconds).
 
     After the warm-up, dynamo's stance is ``eager_on_recompile``: an input never seen (a short last chunk, a
     last VAE slice) runs eagerly instead of compiling for minutes in the middle of a request. Compiled artefacts
@@ -119,23 +125,16 @@ def compile_models(models: Models, cache_root: Path) -> Models:
     """
     from latentsync.models.compiled import CompiledUNet, cache_folder, compile_vae, use_cache_dir
 
-    unet, encoder, device = models.unet, models.audio_encoder, models.device
     try:
-        use_cache_dir(cache_folder(cache_root, device))
+        use_cache_dir(cache_folder(cache_root, models.device))
     except OSError as exc:  # a read-only weights folder: compile anyway, with inductor's own cache
         log.warning("cannot keep compiled kernels beside the weights (%s); a later boot compiles again", exc)
-    compiled = CompiledUNet(unet)
-    f, lat = models.num_frames, models.resolution // 8
-    batch = 2 if GUIDANCE_SCALE > 1 else 1  # the default run: guidance on, unconditional and conditional at once
-    with torch.inference_mode():  # inputs made as a run makes them (inference tensors), or dynamo recompiles
-        audio = audio_mod.audio_windows(torch.zeros(4, encoder.num_states, encoder.hidden_size), 0, f)
-        audio = torch.cat([audio] * batch).to(device=device, dtype=unet.dtype)
-        x = torch.zeros((batch, unet.config.in_channels, f, lat, lat), device=device, dtype=unet.dtype)
-        t = torch.tensor(999, device=device)
+    compiled = CompiledUNet(models.unet)
+    compile_vae(models.vae)
+    models = dataclasses.replace(models, unet=compiled)
     torch.compiler.set_stance("default")  # an earlier model's warm-up may have settled it: this one compiles
-    models.gpu.run(compiled.warm_up, x, t, audio)
-    vae_frames = vae_slice(device, models.resolution)
-    models.gpu.run(compile_vae, models.vae, models.resolution, encode_frames=vae_frames or 2 * f,
-                   decode_frames=vae_frames or f)
+    with compiled.warming_up():
+        seconds = warm_up(models)
     torch.compiler.set_stance("eager_on_recompile")
-    return dataclasses.replace(models, unet=compiled)
+    log.info("compiled the U-Net and the VAE for whole %d-frame chunks in %.1f s", models.num_frames, seconds)
+    return models

@@ -6,7 +6,9 @@ A run is ``plan`` → ``render`` → ``finish``:
 2. *render* (``render.render_part``): the output's 16-frame chunks through the synthesis stages (``stages``),
    run concurrently, into a silent H.264 part;
 3. *finish* (``render.finish_run``): join the rendered parts, mux the user's own audio, score the sync.
-Rendering is split into chunk ranges so that several workers can render parts of one video.
+Rendering is split into chunk ranges so that several workers can render parts of one video. ``lipsync`` leaves
+pass 1 running into the render: each chunk waits only for the frames it shows and, where the output's length is
+the video's, for what that length decides of it.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from latentsync.loader import Models, compile_models, load_models
 from latentsync.options import RunOptions
 from latentsync.plan import LipSyncResult, Plan, RenderPart, make_plan
 from latentsync.render import finish_run, render_part
+from latentsync.stages.generate import warm_up
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +61,17 @@ class LipSync:
         face-detection processes (None: by core count).
         """
         models = load_models(Path(weights_dir), version, device, dtype, unet_config, syncnet_config)
-        if compile:
-            models = compile_models(models, Path(compile_cache or Path(weights_dir) / "compile-cache"))
+        if compile:  # compiled by a warm-up
+            models = compile_models(models, Path(compile_cache or Path(weights_dir) / "compile-cache"), warm_up)
+        elif models.device.type == "cuda":  # cuDNN plans a run's convolutions now, not in the first prediction
+            warm_up(models)
         return cls(models, face_workers=default_workers() if face_workers is None else face_workers, caps=caps)
 
     def close(self) -> None:
-        """Stop the face-detection workers, free the detector (workers are also stopped at exit), and stop the GPU
-        thread (a later run starts a new one)."""
+        """Stop the face-detection workers, free the detector (workers are also stopped at exit), and stop the
+        stages' threads (a later run starts them again)."""
         self._detectors.close()
-        self.models.gpu.close()
+        self.models.threads.close()
 
     # ------------------------------------------------------------------------------------------------ public API
     def lipsync(self, video: str | Path, audio: str | Path, output: str | Path,
@@ -84,14 +89,15 @@ class LipSync:
         preflight.check_run_paths(video, audio, output)  # before any model runs or frame is decoded: one line
         output = Path(output)
         output.parent.mkdir(parents=True, exist_ok=True)
-        # With `bounce`/`loop` the output's length is the audio's, so synthesis need not wait for pass 1 to end.
-        stream = opts.loop_mode in ("bounce", "loop")
-        plan, track = self._plan(video, audio, opts, cancel, progress, stream)
+        # Synthesis need not wait for pass 1 to end: each chunk is rendered once the frames it shows are tracked
+        # and (cut_off, silence: the output's length is the video's) once no length still possible changes it.
+        plan, track = self._plan(video, audio, opts, cancel, progress, stream=True)
         with track, tempfile.TemporaryDirectory(prefix="latentsync-") as tmp:
-            part = render_part(plan, self.models, Path(tmp) / "video.mp4", None, track=track if stream else None,
+            part = render_part(plan, self.models, Path(tmp) / "video.mp4", None, track=track,
                                serial=self.serial, tap=self.frame_tap, cancel=cancel, progress=progress)
-            if stream:
-                plan.matrices, plan.has_face = track.finish()
+            plan.matrices, plan.has_face = track.finish()
+            # A length settled during the render: the part was counted from the estimate.
+            part.chunks, part.frames = range(plan.num_chunks), plan.num_out
             result = self.finish(plan, [part.path], output, [part], progress=progress)
         result.seconds["wall"] = round(time.perf_counter() - t0, 3)
         log.info("wrote %s: %d frames, %d with a face, seed %d, %s", output, result.frames, result.frames_with_face,

@@ -20,15 +20,15 @@ import torch
 from latentsync import audio as audio_mod
 from latentsync import media
 from latentsync import video as video_mod
-from latentsync.errors import InputError
 from latentsync.facepool import Detectors
+from latentsync.length import OpenLength, edits, scored_spans
 from latentsync.loader import Models
 from latentsync.options import OUTPUT_FPS, RunOptions
 from latentsync.progress import Progress, Watched, as_progress
 from latentsync.speaker import active_speaker_point
 from latentsync.stages import StageClock
-from latentsync.syncscore import sync_spans, syncnet_on
-from latentsync.timeline import (edit_weights, output_length, pad_with_silence, range_frames, source_index,
+from latentsync.syncscore import syncnet_on
+from latentsync.timeline import (Chunk, chunk_at, output_length, pad_with_silence, range_frames, source_index,
                                  touched_chunks)
 from latentsync.tracking import FaceTrack
 
@@ -71,6 +71,9 @@ class Plan:
     weights: np.ndarray | None = None
     ranges: tuple[tuple[float, float], ...] = ()  # the options' ranges cut to the output (empty: the whole video)
     face_start: int = 0  # source frames before it were not tracked: a ranged run edits none that shows them
+    # A streamed plan whose length waits on pass 1 (``cut_off``, ``silence``): what settles it. Until then
+    # ``num_out`` is the container's estimate and the fields that follow from the length are provisional.
+    pending: OpenLength | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_chunks(self) -> int:
@@ -86,6 +89,26 @@ class Plan:
         """Whether output chunk ``chunk`` holds a frame of a range or its fade (else it passes through)."""
         size = self.chunk_size
         return self.weights is None or bool(self.weights[chunk * size:(chunk + 1) * size].any())
+
+    def streamed_chunk(self, track: FaceTrack, index: int) -> Chunk | None:
+        """Chunk ``index`` of a streamed plan once pass 1 has tracked what it shows and, while the output's length is
+        pending, once it is certain whatever that length turns out; None past the output's end."""
+        size = self.chunk_size
+        while self.pending is not None:
+            if self.pending.known(track):
+                self.pending.settle(self, track)
+                self.pending = None
+                break
+            chunk = self.pending.early(self, track, index)
+            if chunk is not None:
+                return chunk
+            track.ensure(len(track.matrices) + size)
+            track.check()
+        if index >= self.num_chunks:
+            return None
+        track.ensure((index + 1) * size)
+        track.check()
+        return chunk_at(index, size, self.num_out, self.order, self.has_face, self.weights)
 
 
 @dataclass
@@ -106,8 +129,9 @@ def make_plan(video: Path, audio: Path, opts: RunOptions, models: Models, caps: 
               stream: bool) -> tuple[Plan, FaceTrack]:
     """Probe, audio features, face pass 1, output length and order, sync spans; and the face track.
 
-    With ``stream`` (output length = the audio's) pass 1 is left running: the plan's matrices are the open
-    track's growing lists, for the render to advance. Otherwise the track has ended and been checked.
+    With ``stream`` pass 1 is left running: the plan's matrices are the open track's growing lists, for the render
+    to advance (``Plan.streamed_chunk``). Where the output's length is the video's (``cut_off``, ``silence``) it
+    is settled on the way (``plan.pending``). Otherwise the track has ended and been checked.
     """
     progress = as_progress(progress)
     cancel = Watched(cancel, progress)  # each cancel check lets timed progress lines speak
@@ -131,20 +155,27 @@ def make_plan(video: Path, audio: Path, opts: RunOptions, models: Models, caps: 
 
     rows = _feature_rows(opts.ranges, fps, models.num_frames)
 
-    def features_of(mel: torch.Tensor) -> torch.Tensor:
+    def features_of(mel: torch.Tensor) -> np.ndarray:
         with clock("audio"):
-            return _features(models.audio_encoder, mel, rows)
+            return _features(models.audio_encoder, mel, rows).float().cpu().numpy()
 
-    def encode(mel: torch.Tensor) -> torch.Tensor:  # on the models' GPU thread, like all their GPU work
+    def encode(mel: torch.Tensor) -> np.ndarray:  # on the models' GPU thread, like all their GPU work
         return models.gpu.run(features_of, mel)
 
+    pending = None
     if stream:
         features = encode(mel)
+        if opts.loop_mode in ("cut_off", "silence"):
+            pending = OpenLength(opts, video, fps, audio_frames, models.num_frames, models.syncnet is not None,
+                                 wav, mel, features, features_of, encode, clock,
+                                 estimate=video_mod.expected_frames(info, fps))
     track = FaceTrack(video, fps, info, limit, face_point, models.resolution, clock=clock, pool=pool,
                       landmarker=landmarker, cancel=cancel, progress=progress,
                       **_face_window(opts.ranges, fps, models.num_frames))
     if stream:
-        num_out, order = output_length(opts.loop_mode, audio_frames, audio_frames)
+        # A pending length starts as the container's count: the render's progress total until the pass tells.
+        sources = audio_frames if pending is None else max(video_mod.expected_frames(info, fps), 1)
+        num_out, order = output_length(opts.loop_mode, sources, audio_frames)
         matrices, has_face = track.matrices, track.has_face
     else:
         # Whisper runs beside the face pass (waited for, also on error: no work of the plan outlives it).
@@ -156,37 +187,19 @@ def make_plan(video: Path, audio: Path, opts: RunOptions, models: Models, caps: 
         features = encoding.result()
         num_out, order = output_length(opts.loop_mode, len(matrices), audio_frames)
         log.info("%s: %d source frames, %d with a face", video, len(matrices), int(has_face.sum()))
-    if num_out > audio_frames:
-        wav = pad_with_silence(wav, num_out, fps)
-        features = encode(audio_mod.log_mel(wav))
-    log.info("%s: %d output frames at %.3f fps, loop mode %s", video, num_out, fps, opts.loop_mode)
-    weights, ranges, spans = _edits(video, opts.ranges, fps, num_out)
-    scored = [(a + s, a + e) for a, b in spans for s, e in sync_spans(b - a)]
-    plan = Plan(video=video, audio=audio, options=opts, info=info, fps=fps, wav=wav,
-                features=features.float().cpu().numpy(), matrices=matrices, has_face=has_face, num_out=num_out,
-                order=order, chunk_size=models.num_frames, sync_spans=scored if models.syncnet is not None else [],
-                seconds=clock.seconds, weights=weights, ranges=ranges, face_start=track.start)
+    weights, ranges, scored = None, (), []  # a pending length's: its spans are added as they become certain
+    if pending is None:
+        if num_out > audio_frames:
+            wav = pad_with_silence(wav, num_out, fps)
+            features = encode(audio_mod.log_mel(wav))
+        log.info("%s: %d output frames at %.3f fps, loop mode %s", video, num_out, fps, opts.loop_mode)
+        weights, ranges, spans = edits(video, opts.ranges, fps, num_out)
+        scored = scored_spans(spans) if models.syncnet is not None else []
+    plan = Plan(video=video, audio=audio, options=opts, info=info, fps=fps, wav=wav, features=features,
+                matrices=matrices, has_face=has_face, num_out=num_out, order=order, chunk_size=models.num_frames,
+                sync_spans=scored, seconds=clock.seconds, weights=weights, ranges=ranges, face_start=track.start,
+                pending=pending)
     return plan, track
-
-
-def _edits(video: Path, ranges: tuple[tuple[float, float], ...], fps: float, num_out: int
-           ) -> tuple[np.ndarray | None, tuple[tuple[float, float], ...], list[tuple[int, int]]]:
-    """The frames to edit: per-frame weights (None: all), the ranges cut to the output, their frame spans.
-
-    A range past the output's end is cut there with a warning; ranges that cover the whole output are the whole
-    run (no weights), so they give its very bytes."""
-    duration = num_out / fps
-    spans = range_frames(ranges, fps, num_out)
-    for start, stop in ranges:
-        if stop > duration + 1e-6:
-            log.warning("range %g-%g runs past the end of the output (%.2f s): %s", start, stop, duration,
-                        "cut there" if start < duration else "left out")
-    if ranges and not spans:
-        listed = ", ".join(f"{a:g}-{b:g}" for a, b in ranges)
-        raise InputError(f"ranges {listed} lie past the end of the output ({duration:.2f} s); give times within it")
-    if not ranges or spans == [(0, num_out)]:
-        return None, (), [(0, num_out)]
-    return edit_weights(spans, num_out), tuple((a / fps, b / fps) for a, b in spans), spans
 
 
 def _face_window(ranges: tuple[tuple[float, float], ...], fps: float, size: int) -> dict[str, int | None]:

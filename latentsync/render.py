@@ -53,16 +53,30 @@ def render_part(plan: Plan, models: Models, out_path: Path, chunks: range | None
     covered = range(chunks.start * size, min(chunks.stop * size, plan.num_out))
 
     def source() -> Iterator[Chunk]:
-        for c in chunks:
-            if track is not None:
-                track.ensure((c + 1) * size)  # the track's clock is the plan's: its seconds count there
-                track.check()
-            # Past the frames tracked so far, chunk_at's count of source frames is the video's (track ended).
-            chunk = chunk_at(c, size, plan.num_out, plan.order, plan.has_face, plan.weights)
-            if plan.edited(c) and min(chunk.src) < plan.face_start:
+        # A pending length (cut_off, silence) ends where pass 1 says, not at ``chunks`` (counted from an estimate).
+        pending = track is not None and plan.pending is not None
+        features = plan.features
+        c = chunks.start
+        while pending or c < chunks.stop:
+            if track is None:
+                chunk = chunk_at(c, size, plan.num_out, plan.order, plan.has_face, plan.weights)
+            else:
+                # Tracks what the chunk shows (the track's clock is the plan's: its seconds count there) and, with
+                # a pending length, waits until the chunk is certain; past the frames tracked so far, chunk_at's
+                # count of source frames is the video's (track ended).
+                chunk = plan.streamed_chunk(track, c)
+                if chunk is None:
+                    return
+            if plan.features is not features:
+                # silence's padded features, made as the pass went on: the generation reads them from here on
+                # (the chunks before read only rows they share with the features it had).
+                features = plan.features
+                generate.features = torch.from_numpy(features)
+            if (not chunk.weight or any(chunk.weight)) and min(chunk.src) < plan.face_start:
                 raise InputError(f"{plan.video} has fewer frames than its container says, so the ranges reach "
                                  "frames repeated from its start; re-encode the video, or run without ranges")
             yield chunk
+            c += 1
 
     with torch.inference_mode():
         generate = GenerateStage(plan, models, clock, cancel=cancel)
@@ -76,9 +90,10 @@ def render_part(plan: Plan, models: Models, out_path: Path, chunks: range | None
         paste = PasteStage(plan, models, clock, writer, progress, tap=tap)
         # SyncNet scores while the other stages work where it lives on the run's device; else in ``finish_run``.
         score = ScoreStage(plan, models, clock, covered, score_now=scores_while_rendering(models))
-        # Generation runs on the models' long-lived GPU thread (cuDNN's plans are per thread).
+        # Every stage runs on its long-lived thread of the models (cuDNN's plans are per thread), on its stream.
+        threads = models.threads
         run_stages(source(), [align, generate, paste, score], concurrent=not serial, cancel=cancel,
-                   homes={1: models.gpu})
+                   homes=dict(enumerate([threads.align, threads.generate, threads.paste, threads.score])))
         with clock("encode"):
             writer.close()
     except BaseException:

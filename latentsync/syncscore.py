@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from latentsync.audio import SAMPLE_RATE, wav2lip_mel
+from latentsync.devices import upload
 from latentsync.models.syncnet import VIDEO_FPS, StableSyncNet
 
 log = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ class SyncScorer:
         p = next(self.model.parameters())
         frames = torch.stack([crops[s : s + self.window_frames] for s in starts])  # (b, f, R, R, 3) uint8
         b, f, r = frames.shape[:3]
-        x = frames.to(p.device, non_blocking=True).permute(0, 1, 4, 2, 3).reshape(b * f, 3, r, r).float()
+        x = upload(frames, p.device).permute(0, 1, 4, 2, 3).reshape(b * f, 3, r, r).float()
         if r != RESOLUTION:  # a 512 model's crops: SyncNet only knows 256
             # area averaging = cv2.INTER_AREA for the 512 → 256 halving; rounded as a uint8 image would be
             x = F.interpolate(x, size=(RESOLUTION, RESOLUTION), mode="area").round()
@@ -134,7 +135,7 @@ class SyncScorer:
             log.debug("clip too short for %d-frame offsets on real audio only; padding the mel with silence", k)
         left = max(0, -_mel_start(-k))
         right = max(0, _mel_start(starts[-1] + k) + self.mel_window - n_mel)
-        mel = F.pad(mel, (left, right), value=_silence_mel_value()).to(p.device)
+        mel = upload(F.pad(mel, (left, right), value=_silence_mel_value()), p.device)
 
         offsets = list(range(-k, k + 1))
         # windows overlap in audio (stride < 2k+1): embed each distinct audio frame once
@@ -154,7 +155,7 @@ class SyncScorer:
             visual.append(self.model.encode_visual(batch).float())
         visual_emb = torch.cat(visual)  # (W, C)
 
-        idx = torch.tensor([[row[s + o] for o in offsets] for s in starts], device=audio_emb.device)
+        idx = upload(torch.tensor([[row[s + o] for o in offsets] for s in starts]), audio_emb.device)
         cos = (visual_emb[:, None, :] * audio_emb[idx]).sum(-1)  # (W, offsets)
         mean = cos.mean(0).cpu().double().numpy()
         best = int(mean.argmax())
@@ -256,22 +257,47 @@ def score_span(model: StableSyncNet, span: tuple[int, int], crops: dict[int, np.
     return scorer(np.stack([crops[j] for j in range(start, stop)]), wav[a:b])
 
 
+def pin_flat(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` with every parameter and buffer a view of one pinned CPU buffer per dtype (``module.pinned_flat``):
+    one fast copy up per scoring (:func:`syncnet_on`), and pinned memory the size of the weights (pinning each
+    tensor on its own rounds every block up, up to twice the size)."""
+    state = module.state_dict(keep_vars=True)
+    module.pinned_flat = {}
+    for dtype in {t.dtype for t in state.values()}:
+        group = [t for t in state.values() if t.dtype == dtype]
+        flat = torch.empty(sum(t.numel() for t in group), dtype=dtype).pin_memory()
+        offset = 0
+        for t in group:
+            view = flat[offset:offset + t.numel()].view(t.shape)
+            view.copy_(t)
+            t.data = view  # CPU to CPU: the tensor keeps its place in the module
+            offset += t.numel()
+        module.pinned_flat[dtype] = flat
+    return module
+
+
 @contextmanager
 def syncnet_on(syncnet: StableSyncNet | None, device: torch.device) -> Iterator[StableSyncNet | None]:
     """SyncNet on ``device`` while it scores. One kept on the GPU (``loader.place_syncnet``) or used on the CPU is
-    used as it is; one waiting in (pinned) CPU memory is copied up and dropped after, its CPU copy kept: the GPU's
-    memory is the U-Net's, and nothing needs to come back."""
-    if syncnet is None or next(syncnet.parameters()).device == device or device.type != "cuda":
+    used as it is; one waiting in pinned CPU memory (:func:`pin_flat`) goes up in one copy per buffer, as a twin
+    that is dropped after, and the cache is given back: the GPU's memory is the U-Net's, nothing comes back."""
+    if syncnet is None or device.type != "cuda" or next(syncnet.parameters()).device == device:
         yield syncnet
         return
-    params = [(p, p.data) for p in syncnet.parameters()]
-    buffers = [(m, name, b) for m in syncnet.modules() for name, b in m._buffers.items() if b is not None]
-    syncnet.to(device, non_blocking=True)
+    flats = getattr(syncnet, "pinned_flat", {})
+    up = {dtype: flat.to(device, non_blocking=True) for dtype, flat in flats.items()}
+    on_device = {}
+    for key, t in syncnet.state_dict().items():
+        flat = flats.get(t.dtype)
+        if flat is not None and t.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr():
+            on_device[key] = up[t.dtype][t.storage_offset():t.storage_offset() + t.numel()].view(t.shape)
+        else:  # not one of the flat buffers' views: on its own
+            on_device[key] = t.to(device, non_blocking=True)
+    with torch.device("meta"):
+        twin = type(syncnet).from_config(syncnet.config)
+    twin.load_state_dict(on_device, strict=True, assign=True)
     try:
-        yield syncnet
+        yield twin.eval().requires_grad_(False)
     finally:
-        for p, host in params:
-            p.data = host
-        for m, name, b in buffers:
-            m._buffers[name] = b
+        del twin, on_device, up
         torch.cuda.empty_cache()

@@ -45,8 +45,13 @@ def output_length(loop_mode: str, num_source: int, audio_frames: int) -> tuple[i
 def pad_with_silence(wav: np.ndarray, num_out: int, fps: float) -> np.ndarray:
     """``wav`` (16 kHz mono) padded with silence to cover ``num_out`` frames at ``fps``: ``silence`` mode with a
     video longer than the audio, so the mouth closes over the rest of the video."""
-    pad = int(math.ceil(num_out / fps * SAMPLE_RATE)) - len(wav)
-    return np.concatenate([wav, np.zeros(max(pad, 0), dtype=np.float32)])
+    pad = silence_length(len(wav), num_out, fps) - len(wav)
+    return np.concatenate([wav, np.zeros(pad, dtype=np.float32)])
+
+
+def silence_length(samples: int, num_out: int, fps: float) -> int:
+    """How many samples ``pad_with_silence`` makes of ``samples`` for ``num_out`` frames at ``fps``."""
+    return max(int(math.ceil(num_out / fps * SAMPLE_RATE)), samples)
 
 
 @dataclass(frozen=True)

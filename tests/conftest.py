@@ -47,3 +47,23 @@ def no_system_ffmpeg(tmp_path_factory):
     os.environ["PATH"] = saved
     if trace.exists():
         pytest.fail(f"a system ffmpeg/ffprobe was run during the tests: {trace.read_text()}")
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """One H100-like CUDA device on the CPU (tests/fake_cuda.py): torch.cuda's own code over a stand-in driver."""
+    from fake_cuda import FakeCuda
+
+    fake = FakeCuda().install(monkeypatch)
+    yield fake
+    fake.uninstall()
+
+
+@pytest.fixture
+def two_fake_gpus(monkeypatch):
+    """Two CUDA devices on the CPU, as ``fake_cuda``."""
+    from fake_cuda import FakeCuda
+
+    fake = FakeCuda(2).install(monkeypatch)
+    yield fake
+    fake.uninstall()

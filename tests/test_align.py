@@ -181,6 +181,15 @@ def test_restore_torch_path_equals_opencv_path(cases, monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_equals_cpu(cases):
+    _cuda_equals_cpu(cases)
+
+
+def test_the_cuda_path_equals_the_cpu_on_the_stand_in(fake_cuda, cases):
+    """The CUDA code path (frames on the device, torch's erosion, the blur by matrix products) on tests/fake_cuda."""
+    _cuda_equals_cpu(cases)
+
+
+def _cuda_equals_cpu(cases) -> None:
     data, meta = cases
     r = resolutions(meta)[-1]
     cpu, gpu = FaceAligner(r), FaceAligner(r, device="cuda")

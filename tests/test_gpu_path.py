@@ -1,87 +1,135 @@
-"""The GPU path checked on the CPU with stand-ins: which device's stream an event marks, the one GPU thread, the
-CPU generator's draws, a denoising loop that never reads a device tensor back, one matrix upload per chunk, and
-the memory rules (VAE slices, SyncNet's place, the allocator setting)."""
+"""The GPU path checked on the CPU through a CUDA stand-in as strict as torch (tests/fake_cuda.py): the default
+device, which device's stream an event marks, the stages' long-lived threads and their stream priorities, the CPU
+generator's draws, a denoising loop that never reads a device tensor back, uploads per chunk, and the memory
+rules (VAE slices, SyncNet's place and its one pinned buffer, the allocator setting)."""
 from __future__ import annotations
 
+import ast
 import threading
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from latentsync.devices import GpuThread, use_expandable_segments, vae_slice
+from latentsync.devices import HIGH, LOW, MID, GpuThread, StageThreads, pick_device, use_expandable_segments, vae_slice
 from latentsync.loader import run_memory, syncnet_fits
 from latentsync.sampling import denoise
 from latentsync.stages import cuda as cuda_mod
 from latentsync.weights import load_scheduler
 
-
-class FakeCuda:
-    """Records what the code asks of ``torch.cuda``: streams made, events recorded (on which device's stream),
-    the current device set per thread."""
-
-    def __init__(self):
-        self.recorded: list[torch.device] = []
-        self.streams: list[tuple[torch.device, int]] = []
-        self.set_devices: list[tuple[str, torch.device]] = []
-        fake = self
-
-        class Stream:
-            def __init__(self, device=None, priority=0):
-                self.device = torch.device(device)
-                fake.streams.append((self.device, priority))
-
-        class Event:
-            def record(self, stream=None):
-                # torch's own default: the current stream of the *current* device (cuda:0 in a fresh thread)
-                fake.recorded.append(stream.device if stream is not None else torch.device("cuda", 0))
-
-        self.Stream, self.Event = Stream, Event
-
-    def current_stream(self, device=None):
-        return self.Stream(device if device is not None else "cuda:0")
-
-    def set_device(self, device):
-        self.set_devices.append((threading.current_thread().name, torch.device(device)))
+REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture
-def fake_cuda(monkeypatch):
-    fake = FakeCuda()
-    for name in ("Stream", "Event", "current_stream", "set_device"):
-        monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
-    return fake
+# ------------------------------------------------------------------------------------------- the stand-in
+def test_the_default_device_is_the_current_cuda_device_with_its_index(two_fake_gpus):
+    assert pick_device(None) == torch.device("cuda", 0) == torch.zeros(1, device="cuda").device
+    assert pick_device("cuda") == torch.device("cuda", 0)
+    torch.cuda.set_device(1)
+    assert pick_device(None) == torch.device("cuda", 1) == torch.zeros(1, device="cuda").device
+    gpu = GpuThread(pick_device(None))
+    try:  # torch.cuda.set_device refuses an index-less device: the thread would never start
+        assert gpu.run(torch.cuda.current_device) == 1
+    finally:
+        gpu.close()
 
 
-def test_events_are_recorded_on_the_stages_own_device(fake_cuda):
+# Each torch.cuda name the library calls, with a call torch itself refuses: the stand-in must refuse it too.
+_REFUSED = {
+    "set_device": lambda: torch.cuda.set_device(torch.device("cuda")),
+    "Stream": lambda: torch.cuda.Stream(torch.device("cpu")),
+    "Event": lambda: _recorded_on(torch.cuda.Event(), torch.cuda.Stream(0)).record(torch.cuda.Stream(1)),
+    "current_stream": lambda: torch.cuda.current_stream(torch.device("cpu")),
+    "set_stream": lambda: torch.cuda.set_stream(object()),
+    "stream": lambda: torch.cuda.stream(object()).__enter__(),
+    "synchronize": lambda: torch.cuda.synchronize("cpu"),
+    "mem_get_info": lambda: torch.cuda.mem_get_info("cpu"),
+    "get_device_properties": lambda: torch.cuda.get_device_properties(5),
+    "get_device_name": lambda: torch.cuda.get_device_name("cpu"),
+    "get_device_capability": lambda: torch.cuda.get_device_capability(7),
+    "device_count": None,  # takes no argument
+    "is_available": None,
+    "current_device": None,
+    "empty_cache": None,
+}
+
+
+def _recorded_on(event, stream):
+    event.record(stream)
+    return event
+
+
+def _library_cuda_names() -> set[str]:
+    """Every ``torch.cuda.X`` the library and predict.py name, read from their source."""
+    names = set()
+    for path in [*sorted((REPO / "latentsync").rglob("*.py")), REPO / "predict.py"]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
+                    and node.value.attr == "cuda" and isinstance(node.value.value, ast.Name)
+                    and node.value.value.id == "torch"):
+                names.add(node.attr)
+    return names
+
+
+def test_every_torch_cuda_name_the_library_uses_has_a_strict_stand_in(two_fake_gpus):
+    used = _library_cuda_names()
+    assert {"set_device", "Stream", "Event", "current_stream", "mem_get_info"} <= used  # the scan reads the source
+    missing = used - set(_REFUSED)
+    assert not missing, f"torch.cuda names without a strict stand-in check: {sorted(missing)}"
+    for name in used:
+        assert getattr(torch.cuda, name).__module__.startswith("torch.cuda"), f"{name} is torch's own code"
+        refused = _REFUSED[name]
+        if refused is not None:
+            with pytest.raises((ValueError, RuntimeError, AssertionError, TypeError, AttributeError)):
+                refused()
+                pytest.fail(f"torch.cuda.{name}: the stand-in accepted what torch refuses")
+
+
+def test_a_cpu_tensor_beside_a_cuda_one_fails_as_on_a_gpu(fake_cuda):
+    x = torch.ones(3, device="cuda")
+    with pytest.raises(RuntimeError, match="same device"):
+        x + torch.ones(3)
+    with pytest.raises(TypeError, match="numpy"):
+        x.numpy()
+    assert (x + torch.tensor(2.0)).device == x.device  # a 0-dim CPU scalar is fine, as on a GPU
+    x[[0, 2]]
+    assert [c.hidden for c in fake_cuda.seen.uploads][-1]  # an index list goes up behind the caller's back
+
+
+def test_events_are_recorded_on_the_stages_own_device(two_fake_gpus):
     device = torch.device("cuda", 1)
     for _ in range(3):
         cuda_mod.made(device)
-    assert fake_cuda.recorded == [device] * 3  # not cuda:0, where nothing of this run is queued
+    assert [d for d, _ in two_fake_gpus.seen.events] == [1, 1, 1]  # not cuda:0, where nothing of this run is queued
     assert cuda_mod.made(torch.device("cpu")) is None
 
 
-def test_align_and_paste_streams_run_at_high_priority_and_scoring_at_low(fake_cuda):
-    device = torch.device("cuda", 1)
-    cuda_mod.own_stream(device, cuda_mod.HIGH)
-    cuda_mod.own_stream(device, cuda_mod.LOW)
-    assert fake_cuda.streams == [(device, cuda_mod.HIGH), (device, cuda_mod.LOW)]
-    assert cuda_mod.HIGH < cuda_mod.LOW == 0  # CUDA: lower numbers are served first
-    assert cuda_mod.own_stream(torch.device("cpu")) is None
+def test_each_stage_thread_queues_on_its_own_stream_align_and_paste_above_the_unet_scoring_below(fake_cuda):
+    threads = StageThreads.on(torch.device("cuda", 0))
+    try:
+        current = {name: getattr(threads, name).run(torch.cuda.current_stream)
+                   for name in ("align", "generate", "paste", "score")}
+    finally:
+        threads.close()
+    assert len({s.stream_id for s in current.values()}) == 4  # four streams, none the default one
+    priority = {name: fake_cuda.priority_of(stream) for name, stream in current.items()}
+    assert priority == {"align": HIGH, "paste": HIGH, "generate": MID, "score": LOW}
+    assert HIGH < MID < LOW == 0  # CUDA serves lower numbers first; 0 is the default stream's and the lowest
 
 
-def test_the_gpu_thread_switches_to_its_device_once_and_lives_across_calls(fake_cuda):
+def test_the_gpu_thread_switches_to_its_device_once_and_lives_across_calls(two_fake_gpus):
     gpu = GpuThread(torch.device("cuda", 1))
     try:
         names = {gpu.run(lambda: threading.current_thread().name) for _ in range(3)}
         assert gpu.run(torch.is_inference_mode_enabled)
         assert gpu.run(lambda: gpu.run(lambda: 7)) == 7  # a call from the thread itself runs at once
+        assert gpu.run(torch.cuda.current_device) == 1
     finally:
         gpu.close()
     assert len(names) == 1 and names.pop().startswith("latentsync-gpu")
-    assert [d for _, d in fake_cuda.set_devices] == [torch.device("cuda", 1)]
-    assert fake_cuda.set_devices[0][0].startswith("latentsync-gpu")
+    assert [d for _, d in two_fake_gpus.seen.set_devices] == [1]
+    assert two_fake_gpus.seen.set_devices[0][0].startswith("latentsync-gpu")
 
 
 def test_a_closed_gpu_thread_starts_again_on_the_next_call():
@@ -279,3 +327,19 @@ def test_uploads_to_a_gpu_go_through_pinned_memory_without_blocking(monkeypatch)
     seen.clear()
     upload(torch.zeros(3), torch.device("cpu"))
     assert seen == [((torch.device("cpu"),), {})]  # the CPU: a plain copy, no pinning
+
+
+def test_segment_renders_ask_cuda_for_deterministic_kernels(monkeypatch):
+    from latentsync.devices import make_deterministic
+
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", False)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    env: dict[str, str] = {}
+    make_deterministic(env)
+    assert env == {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+    mine = {"CUBLAS_WORKSPACE_CONFIG": ":16:8"}
+    make_deterministic(mine)
+    assert mine == {"CUBLAS_WORKSPACE_CONFIG": ":16:8"}  # the user's own setting stays
+    source = (REPO / "latentsync" / "batch" / "worker.py").read_text()
+    assert source.index("make_deterministic()") < source.index("settings.load()")  # before cuBLAS starts

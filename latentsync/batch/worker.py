@@ -39,6 +39,11 @@ class Worker:
             shutil.rmtree(self.tmp, ignore_errors=True)
             self.tmp.mkdir()
             tempfile.tempdir = str(self.tmp)  # the pipeline's own TemporaryDirectory()s go there
+        # Segments of one video are rendered by several workers and joined: the same frames wherever they render
+        # (with the same GPU model and software stack; cuDNN and cuBLAS pick kernels by the GPU's SM count).
+        from latentsync.devices import make_deterministic  # here: the batch command's checks run without torch
+
+        make_deterministic()
         try:
             self.pipe = settings.load()
         except Exception as e:  # reported by ready(), so the driver can exit with the CLI's status

@@ -2,22 +2,22 @@
 of the VAE's encoder and decoder.
 
 Inductor fuses the memory-bound work that takes ~40 % of an eager step (elementwise ops, layout copies, norms):
-1.49× on a full step and 1.74× on a shallow one at 512 px on an H200. Each pass is compiled for the one input
-shape it is warmed up with (a whole chunk, with guidance); any other shape (a video's last, shorter chunk, no
-guidance) runs eagerly rather than paying a second compilation in the middle of a request.
+1.49× on a full step and 1.74× on a shallow one at 512 px on an H200. Dynamo compiles a graph for the exact sizes,
+strides and dtypes of the inputs it first sees, so the loader warms the modules up by generating a chunk as a run
+does (``loader.warm_up_compiled``), with and without guidance. Each U-Net pass is compiled only for the input
+shapes of that warm-up; any other shape (a video's last, shorter chunk) runs eagerly rather than paying a second
+compilation in the middle of a request.
 """
 from __future__ import annotations
 
-import logging
 import os
-import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from latentsync.models.unet import DeepCache, UNet3DConditionModel, UNet3DConditionOutput
-
-log = logging.getLogger(__name__)
 
 BACKEND = "inductor"  # torch.compile's default; tests swap in "eager" to check the plumbing in seconds
 
@@ -53,7 +53,9 @@ class CompiledUNet:
         self.config = unet.config
         self._full = torch.compile(self._full_pass, dynamic=False, backend=BACKEND)
         self._shallow = torch.compile(self._shallow_pass, dynamic=False, backend=BACKEND)
-        self._shapes: set[tuple[int, ...]] = set()
+        # (shallow, input shape) of every pass the warm-up ran compiled: the passes dynamo has graphs for.
+        self._compiled: set[tuple[bool, tuple[int, ...]]] = set()
+        self._warming = False
 
     @property
     def device(self) -> torch.device:
@@ -75,7 +77,10 @@ class CompiledUNet:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, audio: torch.Tensor, *, cache: DeepCache | None = None,
                  shallow: bool = False) -> UNet3DConditionOutput:
-        if tuple(x.shape) not in self._shapes:
+        key = (shallow, tuple(x.shape))
+        if self._warming:
+            self._compiled.add(key)
+        elif key not in self._compiled:  # never warmed up: eager, without asking dynamo for a new graph
             return self.unet(x, t, audio, cache=cache, shallow=shallow)
         if shallow:
             return UNet3DConditionOutput(self._shallow(x, t, audio, cache.deep))
@@ -84,38 +89,18 @@ class CompiledUNet:
             cache.deep = deep
         return UNet3DConditionOutput(noise)
 
-    @torch.inference_mode()
-    def warm_up(self, x: torch.Tensor, t: torch.Tensor, audio: torch.Tensor) -> float:
-        """Compile both passes for inputs shaped like these (and run them once); returns the seconds it took."""
-        t0 = time.perf_counter()
-        self._shapes.add(tuple(x.shape))
-        cache = DeepCache()
-        self(x, t, audio, cache=cache)
-        self(x, t, audio, cache=cache, shallow=True)
-        if x.device.type == "cuda":
-            torch.cuda.synchronize(x.device)
-        seconds = time.perf_counter() - t0
-        log.info("compiled the U-Net for %s in %.1f s", tuple(x.shape), seconds)
-        return seconds
+    @contextmanager
+    def warming_up(self) -> Iterator[CompiledUNet]:
+        """While open, every call runs (and so compiles) its pass, which later calls of that shape then run too."""
+        self._warming = True
+        try:
+            yield self
+        finally:
+            self._warming = False
 
 
-@torch.inference_mode()
-def compile_vae(vae, resolution: int, *, encode_frames: int, decode_frames: int) -> float:
-    """Compile the VAE's encoder and decoder in place for calls of these many frames and run each once; returns
-    the seconds it took. A call of another size (a video's last chunk) compiles again, or runs eagerly once the
-    stance says so."""
-    t0 = time.perf_counter()
-    p = next(vae.parameters())
+def compile_vae(vae: torch.nn.Module) -> None:
+    """Compile the VAE's encoder and decoder in place; dynamo traces each on its first call (the warm-up's). A call
+    of another size (a video's last chunk) compiles again, or runs eagerly once the stance says so."""
     vae.encoder.compile(dynamic=False, backend=BACKEND)
     vae.decoder.compile(dynamic=False, backend=BACKEND)
-    vae.encode(torch.zeros((encode_frames, vae.config.in_channels, resolution, resolution), device=p.device,
-                           dtype=p.dtype))
-    down = 2 ** (len(vae.config.block_out_channels) - 1)
-    vae.decode(torch.zeros((decode_frames, vae.config.latent_channels, resolution // down, resolution // down),
-                           device=p.device, dtype=p.dtype))
-    if p.device.type == "cuda":
-        torch.cuda.synchronize(p.device)
-    seconds = time.perf_counter() - t0
-    log.info("compiled the VAE for %d-frame encodes and %d-frame decodes in %.1f s", encode_frames, decode_frames,
-             seconds)
-    return seconds

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from latentsync.audio import N_FRAMES
+from latentsync.devices import upload
 from latentsync.weights import load_strict, read_whisper
 
 
@@ -65,7 +66,7 @@ class AudioEncoder(torch.nn.Module):
         # transformers' last hidden state has the final layer norm applied; upstream takes the block's own output
         handle = self.encoder.layers[-1].register_forward_hook(keep_output)
         try:
-            hidden = self.encoder(mel.to(self.device, self.dtype)[None], output_hidden_states=True,
+            hidden = self.encoder(upload(mel, self.device).to(self.dtype)[None], output_hidden_states=True,
                                   return_dict=True).hidden_states
         finally:
             handle.remove()

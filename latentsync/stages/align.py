@@ -5,11 +5,12 @@ import numpy as np
 import torch
 
 from latentsync.align import FaceAligner
+from latentsync.devices import Staging
 from latentsync.frames import FrameFetcher
 from latentsync.loader import Models
 from latentsync.plan import Plan
 from latentsync.stages import StageClock
-from latentsync.stages.cuda import HIGH, made, on_stream, own_stream
+from latentsync.stages.cuda import made
 from latentsync.stages.work import Work
 from latentsync.timeline import Chunk, nearest_with_face
 
@@ -19,25 +20,31 @@ class AlignStage:
 
     def __init__(self, plan: Plan, models: Models, clock: StageClock):
         self.fetcher = FrameFetcher(plan.video, plan.fps, plan.info)
+        self.staging = Staging(models.device)
         self.aligner = FaceAligner(models.resolution, device=models.device)  # warps run where the model runs
         self.matrices, self.device, self.dtype, self.clock = plan.matrices, models.device, models.dtype, clock
-        self.stream = own_stream(models.device, HIGH)
+        self.stream = models.threads.align.stream  # the stage runs on that thread, on this stream
 
     def __call__(self, chunk: Chunk) -> Work:
         with self.clock("read"):
             frames = self.fetcher.get(chunk.src)
         if not chunk.edited:  # no face, or outside the time ranges: the frames pass through
             return Work(chunk, frames)
-        with self.clock("align"), on_stream(self.stream):
+        with self.clock("align"):
             # The model sees 16 frames at once; frames without the face borrow the nearest crop that has it.
             fill = nearest_with_face(list(chunk.has_face))
             sources = sorted({chunk.src[f] for f in fill})
             crops = dict(zip(sources, self.aligner.warp_batch([frames[s] for s in sources],
                                                               [self.matrices[s] for s in sources])))
-            faces = np.stack([crops[chunk.src[f]] for f in fill])
-            pixels = torch.from_numpy(faces).to(self.device).permute(0, 3, 1, 2).float()
-            pixels = (pixels / 127.5 - 1).to(self.dtype)  # scaled in fp32, then cast, as upstream
+            pixels = crop_pixels(self.staging, np.stack([crops[chunk.src[f]] for f in fill]), self.dtype)
             return Work(chunk, frames, pixels, ready=made(self.device))
 
     def close(self) -> None:
         self.fetcher.close()
+
+
+def crop_pixels(staging: Staging, faces: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """Aligned crops (f, R, R, 3) uint8 as the model's input on the staging's device: (f, 3, R, R) in [−1, 1] in
+    ``dtype``, scaled in fp32 then cast as upstream; NHWC memory seen as NCHW (channels-last strides)."""
+    (pixels,) = staging.upload([faces])
+    return (pixels.permute(0, 3, 1, 2).float() / 127.5 - 1).to(dtype)

@@ -15,20 +15,26 @@ activations, the peak of a run's memory.
 """
 from __future__ import annotations
 
+import time
+from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from latentsync import audio as audio_mod
-from latentsync.devices import upload, vae_slice
+from latentsync.devices import Staging, upload, vae_slice
 from latentsync.loader import Models
+from latentsync.options import OUTPUT_FPS, RunOptions
 from latentsync.plan import Plan
 from latentsync.sampling import denoise
 from latentsync.stages import StageClock, check_cancel
+from latentsync.stages.align import crop_pixels
 from latentsync.stages.cuda import made, take
 from latentsync.stages.work import Work
+from latentsync.syncscore import SyncScorer
 from latentsync.timeline import Chunk
 
 DEEPCACHE_INTERVAL = 3  # upstream's DeepCacheSDHelper(cache_interval=3, cache_branch_id=0)
@@ -51,13 +57,19 @@ class GenerateStage:
         self.slice = vae_slice(models.device, R)
         self.generator = torch.Generator("cpu").manual_seed(plan.options.seed)
         # One noise draw for the whole video, shared by every frame (as upstream), drawn before any chunk.
-        self.noise = self._draw((1, 4, 1, R // 8, R // 8), models.dtype)
+        self._noise = self._draw((1, 4, 1, R // 8, R // 8), models.dtype)
+        self.staging = Staging(models.device)  # a chunk's draws and audio windows go up in one copy
 
-    def _draw(self, shape: tuple[int, ...], dtype: torch.dtype, *, keep: bool = True) -> torch.Tensor | None:
-        """The generator's next standard-normal tensor, drawn on the CPU in ``dtype``, on the model's device
-        (only drawn, without ``keep``)."""
-        noise = torch.randn(shape, generator=self.generator, dtype=dtype)
-        return upload(noise, self.models.device) if keep else None
+    @property
+    def noise(self) -> torch.Tensor:
+        """The shared noise on the device, uploaded at first use: by the thread (and stream) that uses it."""
+        if self._noise.device != self.models.device:
+            self._noise = upload(self._noise, self.models.device)
+        return self._noise
+
+    def _draw(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """The generator's next standard-normal tensor, drawn on the CPU in ``dtype`` (still on the CPU)."""
+        return torch.randn(shape, generator=self.generator, dtype=dtype)
 
     def _latent_shape(self, frames: int) -> tuple[int, ...]:
         cfg = self.models.vae.config
@@ -69,20 +81,22 @@ class GenerateStage:
         self._posterior_noise(len(chunk.src), keep=False)
 
     def _posterior_noise(self, n: int, *, keep: bool = True) -> torch.Tensor | None:
-        """The two posterior draws of an ``n``-frame chunk (masked face's, then reference face's), as one batch."""
+        """The two posterior draws of an ``n``-frame chunk (masked face's, then reference face's), as one CPU batch
+        (only drawn, without ``keep``)."""
         shape, dtype = self._latent_shape(n), self.models.vae.dtype
-        masked = self._draw(shape, dtype, keep=keep)
-        ref = self._draw(shape, dtype, keep=keep)
+        masked = self._draw(shape, dtype)
+        ref = self._draw(shape, dtype)
         return torch.cat([masked, ref]) if keep else None
 
-    def _encode(self, pixels: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Latents of the masked and of the whole crops, sampled from the VAE's posterior as diffusers does, with
-        both encodes in one batch."""
+    def _encode(self, pixels: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents of the masked and of the whole crops, sampled from the VAE's posterior with ``noise`` (the two
+        draws, on the device) as diffusers does, with both encodes in one batch."""
         vae = self.models.vae
         moments = sliced(lambda x: vae.encode(x).latent_dist.parameters, torch.cat([pixels * mask, pixels]),
                          self.slice)
         dist = DiagonalGaussianDistribution(moments)
-        latents = dist.mean + dist.std * self._posterior_noise(len(pixels))  # DiagonalGaussianDistribution.sample
+        latents = dist.mean + dist.std * noise  # DiagonalGaussianDistribution.sample
         return ((latents - vae.config.shift_factor) * vae.config.scaling_factor).chunk(2)
 
     def __call__(self, work: Work) -> Work:
@@ -95,15 +109,15 @@ class GenerateStage:
         mask = models.mask  # (1, R, R), 1 = keep
         take(work.pixels, work.ready)
         pixels = work.pixels
+        audio_embeds = audio_mod.audio_windows(self.features, chunk.start, chunk.stop, self.fps).to(models.dtype)
+        noise, audio_embeds = self.staging.upload([self._posterior_noise(n), audio_embeds])
         with self.clock("vae_encode"):
             mask_lat = F.interpolate(mask.expand(n, 1, R, R), size=(R // 8, R // 8))
-            masked_lat, ref_lat = self._encode(pixels, mask)
-        audio_embeds = audio_mod.audio_windows(self.features, chunk.start, chunk.stop, self.fps)
+            masked_lat, ref_lat = self._encode(pixels, mask, noise)
         with self.clock("denoise"):
             latents = denoise(
                 models.unet, models.scheduler, self.noise.expand(-1, -1, n, -1, -1).clone(),
-                _to_5d(mask_lat), _to_5d(masked_lat), _to_5d(ref_lat),
-                upload(audio_embeds.to(models.dtype), models.device),
+                _to_5d(mask_lat), _to_5d(masked_lat), _to_5d(ref_lat), audio_embeds,
                 guidance_scale=opts.guidance_scale, num_inference_steps=opts.inference_steps,
                 deepcache_interval=DEEPCACHE_INTERVAL if opts.deepcache else 0,
                 step_callback=lambda _: check_cancel(self.cancel))
@@ -121,3 +135,40 @@ class GenerateStage:
 def _to_5d(x: torch.Tensor) -> torch.Tensor:
     """``(f, c, h, w)`` → ``(1, c, f, h, w)``, the U-Net's layout."""
     return x.permute(1, 0, 2, 3).unsqueeze(0)
+
+
+# The guidance settings a warm-up generates with: any scale above 1 gives the U-Net a batch of 2 (unconditional and
+# conditional), 1.0 a batch of 1; both are common in requests.
+WARM_UP_GUIDANCE = (1.5, 1.0)
+
+
+def warm_up(models: Models) -> float:
+    """One whole chunk of blank faces per :data:`WARM_UP_GUIDANCE` through the VAE and the U-Net's full and
+    shallow passes on the models' GPU thread, and a SyncNet window on the scoring thread; returns the seconds.
+
+    Made as a run makes them (the crops through the align stage's upload and layout, this device's VAE slices, the
+    stage's own draws and batches), so that what is planned or compiled here is what a run calls: cuDNN plans its
+    convolutions per thread and shape at their first call, and dynamo compiles for the exact sizes, strides and
+    dtypes it sees. The loader runs it on CUDA and for ``compile=True``.
+    """
+    t0 = time.perf_counter()
+    f, size, encoder = models.num_frames, models.resolution, models.audio_encoder
+    chunk = Chunk(index=0, start=0, src=tuple(range(f)), has_face=(True,) * f)
+    features = np.zeros((2 * f, encoder.num_states, encoder.hidden_size), np.float32)  # a plan's, for 16 frames
+    faces = np.zeros((f, size, size, 3), np.uint8)
+
+    def generate() -> None:
+        for guidance in WARM_UP_GUIDANCE:  # two steps: one full pass, one shallow (DeepCache)
+            options = RunOptions(guidance_scale=guidance, inference_steps=2, seed=0, deepcache=True)
+            plan = SimpleNamespace(fps=OUTPUT_FPS, options=options, features=features)  # what the stage reads
+            pixels = crop_pixels(Staging(models.device), faces, models.dtype)
+            GenerateStage(plan, models, StageClock())(Work(chunk, {}, pixels))
+        if models.device.type == "cuda":
+            torch.cuda.synchronize(models.device)
+
+    models.gpu.run(generate)
+    if models.syncnet is not None and next(models.syncnet.parameters()).device == models.device:
+        window = f + 2 * 5 + 1  # SyncNet's 16 frames at offsets ±5
+        models.threads.score.run(SyncScorer(models.syncnet), np.zeros((window, size, size, 3), np.uint8),
+                                 np.zeros(window * audio_mod.SAMPLE_RATE // int(OUTPUT_FPS), np.float32))
+    return time.perf_counter() - t0

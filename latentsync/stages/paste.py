@@ -7,11 +7,12 @@ import numpy as np
 
 from latentsync import video as video_mod
 from latentsync.align import FaceAligner
+from latentsync.devices import pick_rows
 from latentsync.loader import Models
 from latentsync.plan import Plan
 from latentsync.progress import SYNTHESIS, Progress
 from latentsync.stages import StageClock
-from latentsync.stages.cuda import HIGH, on_stream, own_stream, take
+from latentsync.stages.cuda import take
 from latentsync.stages.work import Work
 from latentsync.syncscore import sync_crop
 
@@ -28,17 +29,16 @@ class PasteStage:
         self.writer, self.matrices, self.clock, self.progress, self.tap = writer, plan.matrices, clock, progress, tap
         self.sync_spans = plan.sync_spans
         self.aligner = FaceAligner(models.resolution)
-        self.stream = own_stream(models.device, HIGH)
+        self.stream = models.threads.paste.stream  # the stage runs on that thread, on this stream
 
     def __call__(self, work: Work) -> Work:
         chunk = work.chunk
         frames = [work.frames[s] for s in chunk.src]
         if work.faces is not None:
-            with on_stream(self.stream):
-                take(work.faces, work.ready)
-                self._sync_crops(work)
-                with self.clock("restore"):
-                    self._restore(work, frames)
+            take(work.faces, work.ready)
+            self._sync_crops(work)
+            with self.clock("restore"):
+                self._restore(work, frames)
         with self.clock("encode"):
             for k, frame in enumerate(frames):
                 if self.tap is not None:
@@ -51,7 +51,7 @@ class PasteStage:
     def _restore(self, work: Work, frames: list[np.ndarray]) -> None:
         chunk = work.chunk
         keep = [k for k, h in enumerate(chunk.has_face) if h and chunk.share(k) > 0]
-        restored = self.aligner.restore_batch([frames[k] for k in keep], work.faces[keep],
+        restored = self.aligner.restore_batch([frames[k] for k in keep], pick_rows(work.faces, keep),
                                               [self.matrices[chunk.src[k]] for k in keep])
         for k, frame in zip(keep, restored):
             w = chunk.share(k)
@@ -66,4 +66,4 @@ class PasteStage:
         wanted = [k for k in range(len(work.chunk.src)) if any(a <= start + k < b for a, b in self.sync_spans)]
         if wanted:
             with self.clock("sync"):
-                work.sync = dict(zip((start + k for k in wanted), sync_crop(work.faces[wanted])))
+                work.sync = dict(zip((start + k for k in wanted), sync_crop(pick_rows(work.faces, wanted))))

@@ -1,9 +1,9 @@
 """Synthesis stage 4, sync scoring: each sampled span is scored as soon as its generated crops are all there.
 
 Where SyncNet lives on the run's device (the CPU, or a GPU with room for it in fp16) the scoring overlaps the other
-stages, on a low-priority stream on a GPU. Where it waits in CPU memory for a GPU run, the spans are scored once
-rendering is done (``score_now=False``: crops are only collected). A span only partly inside a rendered chunk
-range is left to ``LipSync.finish``.
+stages, on its thread's low-priority stream on a GPU. Where it waits in CPU memory for a GPU run, the spans are
+scored once rendering is done (``score_now=False``: crops are only collected). A span only partly inside a
+rendered chunk range is left to ``LipSync.finish``.
 """
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import numpy as np
 from latentsync.loader import Models
 from latentsync.plan import Plan
 from latentsync.stages import StageClock
-from latentsync.stages.cuda import LOW, on_stream, own_stream
 from latentsync.stages.work import Work
 from latentsync.syncscore import SyncScore, score_span
 
@@ -27,12 +26,12 @@ class ScoreStage:
         self.todo = [s for s in self.spans if score_now and frames.start <= s[0] and s[1] <= frames.stop]
         self.scores: dict[tuple[int, int], SyncScore | None] = {}
         self.crops: dict[int, np.ndarray] = {}  # output frame → crop, for spans not scored yet
-        self.stream = own_stream(models.device, LOW) if self.todo else None
+        self.stream = models.threads.score.stream  # the stage runs on that thread, on this stream
 
     def __call__(self, work: Work) -> None:
         self.crops.update(work.sync)
         for span in [s for s in self.todo if all(j in self.crops for j in range(*s))]:
-            with self.clock("sync"), on_stream(self.stream):
+            with self.clock("sync"):
                 self.scores[span] = score_span(self.syncnet, span, self.crops, self.wav, self.fps)
             self.todo.remove(span)
             # Crops that no unscored span needs are dropped: memory stays at a span or two.
