@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 import uuid
+import warnings
 from pathlib import Path as FsPath
 from typing import Any, Optional
 
@@ -37,6 +38,12 @@ FACE_SELECTS = ["largest", "active_speaker"]
 # another PROGRESS_EVERY_PERCENT of its frames is done or PROGRESS_EVERY_S have passed, whichever comes first.
 PROGRESS_EVERY_PERCENT = 10.0
 PROGRESS_EVERY_S = 30.0
+
+# Cog 0.20 renamed BasePredictor, predict() and cog.yaml's `predict:` to BaseRunner, run() and `run:`, and still reads
+# the old names as the same contract. The container keeps the form its users and Replicate's docs know, so the SDK's
+# Python warnings about those two names, printed at every boot, are not shown (the README's Cog section says more).
+warnings.filterwarnings("ignore", message=r"(BasePredictor|Predictor\.predict\(\)) is deprecated",
+                        category=DeprecationWarning)
 
 log = logging.getLogger("predict")
 # Project-relative, so `cog predict` (which mounts the project over the container's working directory) boots the

@@ -296,7 +296,7 @@ class FaceAligner:
         face_crops = F.interpolate(pick_rows(faces, [k for k, *_ in jobs]).to(torch.float32), size=(crop_h, crop_w),
                                    mode="bicubic", align_corners=False, antialias=True)
         pasted, masks = [], []
-        for crop, (_, m, (r0, r1, c0, c1), _), m_t in zip(face_crops, jobs, forwards):
+        for crop, (_, _, (r0, r1, c0, c1), _), m_t in zip(face_crops, jobs, forwards):
             rows = torch.arange(r0, r1, dtype=torch.float32, device=device)
             cols = torch.arange(c0, c1, dtype=torch.float32, device=device)
             grid = _sample_grid(m_t, rows, cols, (crop_h, crop_w), (0, 0))

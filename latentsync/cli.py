@@ -13,8 +13,10 @@ import os
 import sys
 from pathlib import Path
 
-from latentsync.options import FACE_SELECT, FACE_SELECTS, GUIDANCE_SCALE, INFERENCE_STEPS, LOOP_MODE, LOOP_MODES, \
-    RunOptions
+from latentsync.hardware import check_device_available
+from latentsync.options import DEEPCACHE, FACE_SELECT, FACE_SELECTS, GUIDANCE_SCALE, INFERENCE_STEPS, LOOP_MODE, \
+    LOOP_MODES, OUTPUT_FPS, RunOptions
+from latentsync.progress import BarSafeHandler
 from latentsync.settings import Settings, add_model_arguments
 from latentsync.signals import Stop, exit_with, run_door
 
@@ -27,29 +29,34 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The CLI's options, with upstream's defaults (guidance 1.5, 20 steps, DeepCache on)."""
+    """The CLI's options, with upstream's defaults (guidance 1.5, 20 steps, DeepCache on); each help ends with its
+    default, taken from ``latentsync.options``."""
     p = _Parser(prog="python -m latentsync", description="Lip-sync a video to an audio track (LatentSync).")
     p.add_argument("video", type=Path, help="input video with a visible face")
     p.add_argument("audio", type=Path, help="speech to lip-sync to (any audio or video file ffmpeg reads)")
     # A string, not a Path: Path("dir/") drops the slash that says the user named a folder.
     p.add_argument("-o", "--output", required=True, help="output video (.mp4, .mov or .mkv)")
     p.add_argument("--guidance-scale", type=float, default=GUIDANCE_SCALE,
-                   help="classifier-free guidance; 1.0 disables it")
-    p.add_argument("--inference-steps", type=int, default=INFERENCE_STEPS, help="DDIM steps")
+                   help="classifier-free guidance; 1.0 disables it (default: %(default)s)")
+    p.add_argument("--inference-steps", type=int, default=INFERENCE_STEPS, help="DDIM steps (default: %(default)s)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: a random one, printed)")
     p.add_argument("--loop-mode", choices=LOOP_MODES, default=LOOP_MODE,
-                   help="when video and audio lengths differ (default %(default)s)")
-    p.add_argument("--no-deepcache", dest="deepcache", action="store_false", help="run the full U-Net at every step")
-    p.add_argument("--keep-fps", action="store_true", help="process and write at the source frame rate, not 25 fps")
+                   help="when video and audio lengths differ (default: %(default)s)")
+    p.add_argument("--no-deepcache", dest="deepcache", action="store_false",
+                   help=f"run the full U-Net at every step (default: DeepCache {'on' if DEEPCACHE else 'off'})")
+    p.add_argument("--keep-fps", action="store_true",
+                   help=f"process and write at the source frame rate (default: off, {OUTPUT_FPS:g} fps)")
     p.add_argument("--face-point", type=float, nargs=2, metavar=("X", "Y"), default=None,
-                   help="edit the face nearest to this pixel on the first frame where a face is visible")
+                   help="edit the face nearest to this pixel on the first frame where a face is visible (default: "
+                        "the face --face-select picks)")
     p.add_argument("--face-select", choices=FACE_SELECTS, default=FACE_SELECT,
-                   help="which face to edit when no --face-point is given")
+                   help="which face to edit when no --face-point is given (default: %(default)s)")
     p.add_argument("--ranges", default="", metavar="START-STOP,...",
                    help="lip-sync only these times of the output (12.5-18,1:40-1:42.2; seconds, MM:SS.s or "
-                        "HH:MM:SS.s) and pass every other frame through; default: the whole video")
+                        "HH:MM:SS.s) and pass every other frame through (default: the whole video)")
     add_model_arguments(p)
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar, warnings only")
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="no progress bars, warnings only (default: bars and progress lines on stderr)")
     return p
 
 
@@ -58,8 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # transformers warns about configs on stderr; the CLI's stderr is for our progress and our one error line.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # Log lines go out through the bars' own writer, so that a line never lands inside a bar.
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        handlers=[BarSafeHandler(sys.stderr)])
     # The run's progress bars close on the way out (before the error line).
     return run_door(lambda stop: _run(args, stop), progress=not args.quiet,
                     stopped="the run stopped and left no output or temporary files")
@@ -75,6 +84,7 @@ def _run(args: argparse.Namespace, stop: Stop) -> int:
     from latentsync.preflight import check_run_paths
 
     check_run_paths(args.video, args.audio, args.output)
+    check_device_available(settings.device)  # a device the machine lacks, told before torch is imported
     from latentsync.devices import pick_device, pick_dtype, use_expandable_segments
 
     use_expandable_segments()  # before torch first touches CUDA

@@ -2,6 +2,10 @@
 
 The repository keeps ``configs/`` and ``weights.txt`` at its top level; an installed wheel carries copies of them in
 ``latentsync/_data/`` (``setup.py`` puts them there at build time), found with ``importlib.resources``.
+
+A weights folder may carry its own model configs, ``unet.yaml`` and ``syncnet.yaml`` (and its own manifest,
+``weights.txt``, see ``latentsync.manifest``): a folder of weights other than the official ones then runs with
+nothing named but the folder. A config named by the caller still wins over the folder's.
 """
 from __future__ import annotations
 
@@ -62,6 +66,26 @@ def load_config(path: str | Path, name: str = "config file", section: str | None
     if section is not None and not isinstance(config.get(section), dict):
         raise InputError(f"{name} {path} has no {section}: section (expected an upstream configs/*/*.yaml)")
     return config
+
+
+# The model configs a weights folder may hold for itself.
+FOLDER_UNET_CONFIG, FOLDER_SYNCNET_CONFIG = "unet.yaml", "syncnet.yaml"
+
+
+def folder_file(weights_dir: str | Path | None, name: str) -> Path | None:
+    """``weights_dir/name`` when the folder holds that file (its own manifest or model config), else None."""
+    if weights_dir is None:
+        return None
+    path = Path(weights_dir) / name
+    return path if path.is_file() else None
+
+
+def folder_configs(weights_dir: str | Path, unet_config: str | Path | None = None,
+                   syncnet_config: str | Path | None = None) -> tuple[str | Path | None, str | Path | None]:
+    """The U-Net and SyncNet configs to load ``weights_dir`` with: each one given, else the folder's own
+    (``unet.yaml``, ``syncnet.yaml``), else None (the version's shipped config)."""
+    return (unet_config or folder_file(weights_dir, FOLDER_UNET_CONFIG),
+            syncnet_config or folder_file(weights_dir, FOLDER_SYNCNET_CONFIG))
 
 
 def config_path(name: str) -> Path:

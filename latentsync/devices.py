@@ -13,10 +13,11 @@ import numpy as np
 import torch
 
 from latentsync.errors import InputError
+from latentsync.hardware import NO_MPS
+from latentsync.hardware import USE_CPU as _USE_CPU
 from latentsync.options import DTYPES
+from latentsync.settings import DEVICE_HELP
 
-DEVICE_HELP = "use cpu, cuda, cuda:N or mps, or leave the device out to pick CUDA when present"
-_USE_CPU = "run on the CPU (device 'cpu') or leave the device out"
 _DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
                 "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 
@@ -46,8 +47,7 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
             dev = torch.device("cuda", torch.cuda.current_device())
     elif dev.type == "mps":
         if not torch.backends.mps.is_available():
-            raise InputError(f"device {str(device)!r} asked for, but Apple's MPS is not available on this machine; "
-                             f"{_USE_CPU}")
+            raise InputError(f"device {str(device)!r} asked for, but {NO_MPS}; {_USE_CPU}")
     elif dev.type != "cpu":
         raise InputError(f"device {str(device)!r} is not supported; {DEVICE_HELP}")
     return dev

@@ -32,9 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from latentsync.errors import InputError, ResourceError
-from latentsync.manifest import (
-    WeightFile, archives_for, default_weights_dir, files_for, mirrored, read_manifest, resolve_version,
-)
+from latentsync.manifest import WeightFile, archives_for, default_weights_dir, files_for, folder_manifest, \
+    mirrored, read_manifest, resolve_version
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +61,14 @@ def ensure_weights(manifest: str | Path | Sequence[WeightFile] | None = None, we
                    download_dir: str | Path | None = None, jobs: int = JOBS) -> Path:
     """The weights folder of ``version``, checked against the manifest; returns it.
 
-    ``weights_dir`` given: the folder is only verified (it may be read-only; nothing is written or fetched).
-    ``weights_dir`` None: :func:`default_weights_dir` is filled from the network (``endpoint`` replaces
-    huggingface.co, e.g. ``$HF_ENDPOINT``); ``download_dir`` names another folder to fill (Cog: beside predict.py).
+    ``weights_dir`` given: only verified, nothing written or fetched (it may be read-only), by default against its
+    own ``weights.txt`` if it has one. None: :func:`default_weights_dir` is filled from the network (``endpoint``
+    replaces huggingface.co, e.g. ``$HF_ENDPOINT``); ``download_dir``: another folder to fill (Cog: beside predict.py).
     Missing or mismatching files are an ``InputError`` naming each one (a mismatching file is never removed); an
     unreachable server is a ``ResourceError`` naming the file and URL.
     """
     version = resolve_version(version)
+    manifest = folder_manifest(weights_dir) if manifest is None else manifest  # None there: the shipped one
     lines = list(manifest) if isinstance(manifest, Sequence) and not isinstance(manifest, str) \
         else read_manifest(manifest)
     entries = files_for(lines, version)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from latentsync.align import load_mask
-from latentsync.config import config_path, load_config
+from latentsync.config import config_path, folder_configs, load_config
 from latentsync.devices import GpuThread, StageThreads, pick_device, pick_dtype
 from latentsync.errors import InputError
 from latentsync.models.whisper import AudioEncoder
@@ -60,6 +60,7 @@ def load_models(weights_dir: Path, version: str, device: str | torch.device | No
         raise InputError(f"weights folder not found: {weights_dir}")
     device = pick_device(device)
     dtype = pick_dtype(device, dtype)
+    unet_config, syncnet_config = folder_configs(weights_dir, unet_config, syncnet_config)  # the folder's own
     unet_config = unet_config or unet_config_for(version)
     cfg = load_config(unet_config)
     data = cfg.get("data", {})

@@ -6,7 +6,9 @@ archive provides has the URL ``-``. Fetching and verifying is ``latentsync.downl
 
 A weights folder holds the files of ONE LatentSync version under upstream's ``checkpoints/`` names
 (``latentsync_unet.pt``, ``whisper/tiny.pt``, ``stable_syncnet.pt``, ``sd-vae-ft-mse/``, ``mask.png``); the 1.5
-and 1.6 manifest lines share those names and the version asked for picks the line.
+and 1.6 manifest lines share those names and the version asked for picks the line. A folder of other weights
+may carry its own manifest, ``weights.txt`` beside the files it lists (:data:`FOLDER_MANIFEST`); a folder the
+caller names is then checked against it instead of the shipped one.
 """
 from __future__ import annotations
 
@@ -15,11 +17,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from latentsync.config import data_path
+from latentsync.config import data_path, folder_file
 from latentsync.errors import InputError
 from latentsync.options import DEFAULT_VERSION, check_version
 
 HF_HOST = "https://huggingface.co/"
+FOLDER_MANIFEST = "weights.txt"  # a weights folder's own manifest, when it has one
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,11 @@ class WeightFile:
 def manifest_path() -> Path:
     """The manifest shipped with the package (``weights.txt``)."""
     return data_path("weights.txt")
+
+
+def folder_manifest(weights_dir: str | Path | None) -> Path | None:
+    """The manifest a weights folder carries for itself (``weights.txt`` in it), None when it has none."""
+    return folder_file(weights_dir, FOLDER_MANIFEST)
 
 
 def read_manifest(path: str | Path | None = None) -> list[WeightFile]:

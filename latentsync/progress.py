@@ -3,11 +3,17 @@
 A :class:`Progress` hands each change to its listeners: :class:`Bars` draws a tqdm bar per stage that counts frames
 (the CLI's), :class:`LogLines` writes lines a person reads in a log (Cog's prediction logs, the batch command's
 per-job status). The stages, in the order a run meets them: weights (verify or download, load), faces (pass 1),
-synthesis (the output's chunks), encoding (join and mux), scoring (SyncNet, where it runs after synthesis). With
-``bounce`` and ``loop`` faces and synthesis overlap: the face pass runs just ahead of the chunks that need it.
+synthesis (the output's chunks), encoding (join and mux), scoring (SyncNet, where it runs after synthesis). Faces
+and synthesis overlap in every loop mode: the face pass runs just ahead of the chunks that need it (with
+``cut_off`` and ``silence``, further ahead, until no output length still possible changes a chunk).
+
+A stage that counts frames ends when its last frame is done, wherever the run's code ends it later (the face pass
+is closed only when the run is), so its bar and its end line give that stage's own time and rate.
+:class:`BarSafeHandler` writes log lines around the bars that are on screen instead of into them.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -58,7 +64,7 @@ class Progress:
                 listener.started(stage, total)
 
     def advance(self, stage: str, frames: int = 1) -> None:
-        """``frames`` more frames of ``stage`` are done."""
+        """``frames`` more frames of ``stage`` are done; the stage ends with its last one."""
         with self._lock:
             counts = self._open.get(stage)
             if counts is None:
@@ -66,6 +72,10 @@ class Progress:
             counts[0] += frames
             for listener in self.listeners:
                 listener.advanced(stage, counts[0], counts[1])
+            if counts[1] is not None and counts[0] >= counts[1]:
+                del self._open[stage]
+                for listener in self.listeners:
+                    listener.ended(stage, counts[0], False)
 
     def end(self, stage: str, *, failed: bool = False) -> None:
         """``stage`` ended (``failed``: by an error or a cancel); again, or for a stage never started: nothing."""
@@ -136,6 +146,18 @@ class Bars(Listener):
         bar = self._bars.pop(stage, None)
         if bar is not None:
             bar.close()
+
+
+class BarSafeHandler(logging.StreamHandler):
+    """A logging handler for a stream that bars may be drawn on: each line is written through tqdm, which clears
+    the open bars, writes the line and draws them again below it, so no line lands in the middle of a bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except Exception:  # noqa: BLE001 — logging's own rule: a failed write is reported, never raised
+            self.handleError(record)
 
 
 @dataclass

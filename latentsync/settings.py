@@ -9,20 +9,28 @@ unset: ``$XDG_CACHE_HOME/latentsync/VERSION``, filled from the network (``HF_END
 ``LATENTSYNC_VERSION`` (``--version``), ``LATENTSYNC_MANIFEST`` (another manifest than ``weights.txt``),
 ``LATENTSYNC_UNET_CONFIG`` / ``LATENTSYNC_SYNCNET_CONFIG`` (``--unet-config`` / ``--syncnet-config``),
 ``LATENTSYNC_COMPILE=1`` (``--compile``), ``LATENTSYNC_MAX_SIDE`` / ``LATENTSYNC_MAX_DURATION`` (input caps).
+
+A weights folder that is named may describe itself: its own ``weights.txt``, ``unet.yaml`` and ``syncnet.yaml``
+take the place of the shipped manifest and configs, each where no flag or variable names one.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import os
+import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from latentsync.config import FOLDER_SYNCNET_CONFIG, FOLDER_UNET_CONFIG, folder_file
 from latentsync.errors import InputError, ResourceError, one_line
+from latentsync.manifest import folder_manifest
 from latentsync.options import DEFAULT_VERSION, DTYPES, VERSIONS, check_version
+
+DEVICE_HELP = "use cpu, cuda, cuda:N or mps, or leave the device out to pick CUDA when present"
 
 
 @dataclass(frozen=True)
@@ -57,15 +65,20 @@ class Settings:
         compiled = environ.get("LATENTSYNC_COMPILE", "").strip()
         if compiled not in ("", "0", "1"):
             raise InputError(f"LATENTSYNC_COMPILE must be 1 or 0, got {compiled!r}")
-        manifest = environ.get("LATENTSYNC_MANIFEST") or None
+        folder = Path(named[0]).expanduser().resolve() if named else None
+        # The folder's own files describe it unless the caller named others; the default folder holds none.
+        manifest = Path(environ["LATENTSYNC_MANIFEST"]) if environ.get("LATENTSYNC_MANIFEST") \
+            else folder_manifest(folder)
         version = check_version(*chosen) if chosen else DEFAULT_VERSION
-        return cls(weights_dir=Path(named[0]).expanduser().resolve() if named else None, version=version,
+        return cls(weights_dir=folder, version=version,
                    download_dir=Path(download_home) / version if download_home is not None else None,
-                   manifest=Path(manifest) if manifest else None,
-                   endpoint=environ.get("HF_ENDPOINT") or None, cache_home=environ.get("XDG_CACHE_HOME") or None,
-                   unet_config=_config(unet_config, "--unet-config", environ, "LATENTSYNC_UNET_CONFIG"),
-                   syncnet_config=_config(syncnet_config, "--syncnet-config", environ, "LATENTSYNC_SYNCNET_CONFIG"),
-                   device=device, dtype=dtype, compile=bool(compile) or compiled == "1",
+                   manifest=manifest, endpoint=environ.get("HF_ENDPOINT") or None,
+                   cache_home=environ.get("XDG_CACHE_HOME") or None,
+                   unet_config=_config(unet_config, "--unet-config", environ, "LATENTSYNC_UNET_CONFIG",
+                                       folder_file(folder, FOLDER_UNET_CONFIG)),
+                   syncnet_config=_config(syncnet_config, "--syncnet-config", environ, "LATENTSYNC_SYNCNET_CONFIG",
+                                          folder_file(folder, FOLDER_SYNCNET_CONFIG)),
+                   device=check_device(device), dtype=dtype, compile=bool(compile) or compiled == "1",
                    caps=media.caps_from_env(environ))
 
     @classmethod
@@ -122,23 +135,29 @@ def _no_inductor_folder():
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags that choose and load the models, shared by the CLI and the batch command (read back with
-    :meth:`Settings.from_args`)."""
+    :meth:`Settings.from_args`); each help ends with its default."""
     g = parser.add_argument_group("model")
     g.add_argument("--weights-dir", type=Path, default=None,
                    help="a filled folder laid out like upstream's checkpoints/, one version per folder: verified, "
-                        "never downloaded into (default: $LATENTSYNC_WEIGHTS_DIR, else ~/.cache/latentsync/VERSION, "
-                        "which is filled from the network)")
+                        "never downloaded into; its own weights.txt, unet.yaml and syncnet.yaml are used where "
+                        "present (default: $LATENTSYNC_WEIGHTS_DIR, else ~/.cache/latentsync/VERSION, which is "
+                        "filled from the network)")
     g.add_argument("--version", default=None, metavar="{" + ",".join(VERSIONS) + "}",
-                   help="LatentSync version (1.5: 256-px crops, 1.6: 512-px); default $LATENTSYNC_VERSION, else "
-                        f"{DEFAULT_VERSION}")
+                   help="LatentSync version (1.5: 256-px crops, 1.6: 512-px) (default: $LATENTSYNC_VERSION, else "
+                        f"{DEFAULT_VERSION})")
     g.add_argument("--unet-config", type=Path, default=None,
-                   help="upstream U-Net config overriding the version's (default: $LATENTSYNC_UNET_CONFIG)")
+                   help="upstream U-Net config overriding the version's (default: $LATENTSYNC_UNET_CONFIG, else the "
+                        "weights folder's unet.yaml, else the version's shipped one)")
     g.add_argument("--syncnet-config", type=Path, default=None,
-                   help="StableSyncNet config (default: $LATENTSYNC_SYNCNET_CONFIG, else the shipped one)")
-    g.add_argument("--device", default=None, help="cuda, cuda:1, mps, cpu (default: CUDA when present)")
-    g.add_argument("--dtype", choices=DTYPES, default=None, help="default: fp16 on CUDA sm_80+, else fp32")
+                   help="StableSyncNet config (default: $LATENTSYNC_SYNCNET_CONFIG, else the weights folder's "
+                        "syncnet.yaml, else the shipped one)")
+    g.add_argument("--device", default=None, metavar="{cpu,cuda,cuda:N,mps}",
+                   help="where the models run (default: CUDA when present, else the CPU)")
+    g.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="precision of the models (default: fp16 on CUDA sm_80+, else fp32)")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile the U-Net and VAE (slower start, faster long runs; $LATENTSYNC_COMPILE=1)")
+                   help="torch.compile the U-Net and VAE: slower start, faster long runs (default: off, unless "
+                        "$LATENTSYNC_COMPILE=1)")
 
 
 def _pick(given: Any, flag: str, environ: Mapping[str, str], variable: str) -> tuple[str, str] | None:
@@ -149,12 +168,24 @@ def _pick(given: Any, flag: str, environ: Mapping[str, str], variable: str) -> t
     return (value, variable) if value else None
 
 
-def _config(given: Any, flag: str, environ: Mapping[str, str], variable: str) -> Path | None:
-    """A config named by the flag, else the variable; it must be an upstream YAML file with a ``model:`` section."""
+def _config(given: Any, flag: str, environ: Mapping[str, str], variable: str, own: Path | None) -> Path | None:
+    """A config named by the flag, else the variable, else the weights folder's ``own``; it must be an upstream YAML
+    file with a ``model:`` section."""
     from latentsync.config import load_config
 
-    chosen = _pick(given, flag, environ, variable)
+    chosen = _pick(given, flag, environ, variable) or (own and (str(own), "the weights folder's config"))
     if not chosen:
         return None
     load_config(chosen[0], chosen[1], section="model")  # a malformed config costs milliseconds, not a model load
     return Path(chosen[0]).resolve()
+
+
+def check_device(device: str | None) -> str | None:
+    """The device a flag names (``cpu``, ``cuda``, ``cuda:N``, ``mps``), in lower case; None: the best one here. Any
+    other name is an ``InputError`` found without importing torch (whether the machine has it is checked later)."""
+    if device is None:
+        return None
+    name = str(device).strip().lower()
+    if not re.fullmatch(r"(cpu|cuda|mps)(:\d+)?", name):
+        raise InputError(f"unknown device {str(device)!r}; {DEVICE_HELP}")
+    return name

@@ -173,6 +173,7 @@ class FaceTrack:
                     face = self._tracker.track(None)
                 except StopIteration:
                     self.ended = True
+                    self.progress.end(FACES)  # the bar closes when the pass does, with its real rate
                     break
                 if i == self._sync:
                     self._bounds = SmoothingBounds(self.resolution)

@@ -34,10 +34,6 @@ _PRIORITY_LEVELS = 4  # torch keeps stream pools for priorities 0, -1, -2, -3 an
 
 _CROSS_DEVICE = {torch.ops.aten.copy_.default, torch.ops.aten._to_copy.default}
 _INDEXING = {torch.ops.aten.index.Tensor, torch.ops.aten.index_put_.default, torch.ops.aten.index_put.default}
-_COUNTED_HERE: set[str] = {"is_available", "device_count", "current_device", "set_device", "get_device_properties",
-                           "get_device_name", "get_device_capability", "mem_get_info", "Stream", "Event",
-                           "current_stream", "default_stream", "stream", "set_stream", "synchronize", "empty_cache",
-                           "device", "is_initialized"}
 
 
 @dataclass

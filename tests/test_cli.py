@@ -3,6 +3,7 @@ are read, and nothing of the user's touched; SIGINT/SIGTERM stop a run and leave
 from __future__ import annotations
 
 import hashlib
+import re
 import os
 import signal
 import subprocess
@@ -394,3 +395,118 @@ def test_loading_logs_no_line_about_a_model_dict(weights, caplog):
     with caplog.at_level(logging.INFO):
         load_models(folder, "1.6", "cpu", None, cfg, folder / "syncnet.yaml")
     assert not [r for r in caplog.records if "model: dict" in r.getMessage()]
+
+
+def test_help_ends_every_option_with_its_default():
+    from latentsync.cli import build_parser
+
+    text = build_parser().format_help()
+    options = re.split(r"\n(?=  -)", text.split("options:", 1)[1])  # one entry per option, its help wrapped below
+    entries = {entry.split()[0]: " ".join(entry.split()) for entry in options if entry.strip()}
+    assert len(entries) >= 19, entries.keys()
+    no_default = [name for name, entry in entries.items()
+                  if "(default: " not in entry and name not in ("-h,", "-o")]  # --help; the required output
+    assert not no_default, no_default
+    assert "(default: 1.5)" in entries["--guidance-scale"] and "(default: 20)" in entries["--inference-steps"]
+
+
+def _cli_in_a_fresh_process(*args: str, env=None) -> tuple[int, bool, float, str]:
+    """The CLI in a new interpreter: its status, whether torch got imported, the seconds main() took, stderr."""
+    code = ("import sys, time; from latentsync.cli import main; t = time.perf_counter(); s = main(sys.argv[1:]); "
+            "print(s, 'torch' in sys.modules, time.perf_counter() - t)")
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, cwd=REPO,
+                          timeout=120)
+    status, torch_imported, seconds = proc.stdout.split()
+    return int(status), torch_imported == "True", float(seconds), proc.stderr
+
+
+@pytest.mark.parametrize("device, words", [("tpu", "unknown device 'tpu'"), ("cuda", "asked for, but"),
+                                           ("mps", "MPS is not available")])
+def test_a_device_this_machine_lacks_fails_before_torch_is_imported(env, media, tmp_path, device, words):
+    from latentsync.hardware import check_device_available
+
+    if device != "tpu":
+        try:
+            check_device_available(device)
+            pytest.skip(f"this machine may have {device}")
+        except InputError:
+            pass
+    status, torch_imported, seconds, stderr = _cli_in_a_fresh_process(
+        str(media["video"]), str(media["audio"]), "-o", str(tmp_path / "o.mp4"), "--device", device,
+        "--weights-dir", "/nonexistent/weights", "-q", env=env)
+    line = one_line(stderr)
+    assert status == 2 and words in line and (device == "tpu" or line.endswith("run on the CPU (device 'cpu') or "
+                                                                                "leave the device out"))
+    assert not torch_imported, "torch was imported before the device was turned down"
+    print(f"--device {device}: turned down in {seconds * 1000:.0f} ms")
+
+
+def test_a_torch_build_without_cuda_is_read_without_importing_it(tmp_path, monkeypatch):
+    import importlib.util
+
+    from latentsync import hardware
+
+    package = tmp_path / "torch"
+    package.mkdir()
+    spec = importlib.util.spec_from_file_location("torch", package / "__init__.py",
+                                                  submodule_search_locations=[str(package)])
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: spec)
+    for cuda, hip, built in (("None", "None", False), ("'12.8'", "None", True), ("None", "'6.2'", True)):
+        (package / "version.py").write_text(f"__version__ = '2.13.0'\ncuda: Optional[str] = {cuda}\n"
+                                            f"hip: Optional[str] = {hip}\n")
+        assert hardware.torch_gpu_build() is built
+    (package / "version.py").write_text("__version__ = '2.13.0'\n")
+    assert hardware.torch_gpu_build() is None  # the file does not say: torch decides
+
+
+@pytest.mark.parametrize("build, driver, platform, device, words", [
+    (False, True, "linux", "cuda", "this torch build has no CUDA support"),
+    (True, False, "linux", "cuda:1", "no CUDA GPU is visible on this machine (no GPU driver is installed)"),
+    (True, True, "linux", "cuda", None),
+    (None, None, "win32", "cuda", None),  # only torch can tell: it is asked later
+    (None, None, "linux", "mps", "Apple's MPS is not available on this machine"),
+    (None, None, "darwin", "mps", None),
+    (False, False, "linux", "cpu", None),
+    (False, False, "linux", None, None),
+])
+def test_only_a_certainly_missing_device_is_turned_down_early(monkeypatch, build, driver, platform, device, words):
+    from latentsync import hardware
+
+    monkeypatch.setattr(hardware, "torch_gpu_build", lambda: build)
+    monkeypatch.setattr(hardware, "gpu_driver_present", lambda: driver)
+    monkeypatch.setattr(hardware.sys, "platform", platform)
+    if words is None:
+        hardware.check_device_available(device)
+        return
+    with pytest.raises(InputError) as caught:
+        hardware.check_device_available(device)
+    assert str(caught.value) == f"device {device!r} asked for, but {words}; run on the CPU (device 'cpu') or " \
+                                f"leave the device out"
+
+
+def test_a_weights_folder_that_describes_itself_runs_with_only_its_name(weights, media, tmp_path, capsys,
+                                                                       monkeypatch):
+    from latentsync.pipeline import LipSync
+
+    seen = {}
+
+    def record(self, *args, **kwargs):
+        seen.update(resolution=self.models.resolution, syncnet=self.models.syncnet is not None)
+        raise InputError("stop here")
+
+    for name in [n for n in os.environ if n.startswith("LATENTSYNC_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(LipSync, "lipsync", record)
+    folder, _ = weights
+    status, err = run_cli(capsys, media["video"], media["audio"], "-o", tmp_path / "o.mp4", "--weights-dir", folder,
+                          "--device", "cpu", "-q")
+    assert (status, one_line(err)) == (2, "error: stop here")
+    assert seen == {"resolution": 64, "syncnet": True}  # its own manifest, U-Net config and SyncNet config
+
+
+def test_the_api_loads_a_self_describing_folder_from_its_name_alone(weights):
+    from latentsync.pipeline import LipSync
+
+    folder, _ = weights
+    pipe = LipSync.from_pretrained(folder, device="cpu")
+    assert pipe.models.resolution == 64 and pipe.models.syncnet is not None

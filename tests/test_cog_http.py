@@ -262,6 +262,9 @@ def test_health_reaches_ready_after_setup(server):
     assert health["setup"]["status"] == "succeeded"
     setup_line = server.wait_for_setup_log("setup done in")
     print(f"cog server READY {server.ready_after_s:.1f} s after start (tiny weights); {setup_line}")
+    # The SDK's warnings that BasePredictor and predict() are Cog's old names are quieted by predict.py.
+    logs = server.get("/health-check")["setup"]["logs"]
+    assert "DeprecationWarning" not in logs and "BasePredictor is deprecated" not in logs, logs
 
 
 def test_schema_served_with_bounds_and_choices(server):
@@ -327,6 +330,9 @@ def test_unusable_media_fail_with_a_readable_reason(server, media, video, audio,
     error = body["error"]
     assert "\n" not in error and "Traceback" not in error and len(error) < 600, error
     assert re.search(words, error, re.IGNORECASE), error
+    # coglet 0.23.1 puts its prefix on every failure twice (README, Cog section); after it, the CLI's one line.
+    assert re.fullmatch(r"Prediction failed: Prediction failed: InputError: (?!.*(Prediction failed|InputError)).+",
+                        error), error
     print(f"{video} + {audio}: {error}")
     assert server.wait_for("READY", timeout=60)["status"] == "READY"  # the slot is freed just after the reply
 

@@ -313,3 +313,15 @@ def test_compile_is_asked_for_only_when_latentsync_compile_is_1(env, monkeypatch
     p.setup()
     shutil.rmtree(p.work_root, ignore_errors=True)
     assert {k: v for k, v in seen.items() if k == "compile"} == expected
+
+
+def test_cog_loads_the_predictor_without_deprecation_warnings(tmp_path):
+    """Cog 0.20+ warns at every boot that BasePredictor and predict() are its old names for BaseRunner and run();
+    the container keeps that form on purpose, so predict.py quiets those two warnings (and only those)."""
+    import subprocess
+
+    code = "from cog.predictor import load_predictor_from_ref; load_predictor_from_ref('predict.py:Predictor')"
+    proc = subprocess.run([sys.executable, "-W", "always::DeprecationWarning", "-c", code], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "BasePredictor is deprecated" not in proc.stderr and "predict() is deprecated" not in proc.stderr

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import re
 import threading
 
 import pytest
@@ -158,3 +159,55 @@ def test_every_cancel_check_of_a_run_lets_timed_lines_speak(logged):
     assert watched.is_set() is False and lines[-1] == "synthesis 0 % (0/100 frames), ETA unknown"
     event.set()
     assert watched.is_set() is True and never.is_set() is False
+
+
+def test_a_stage_ends_with_its_last_frame_whenever_the_run_closes_it(logged):
+    """The face pass is closed with the run; its end line (and bar) tell its own time, not the run's."""
+    progress, lines, clock = logged
+    progress.start("faces", 200)
+    clock.now += 8
+    progress.advance("faces", 200)
+    assert lines[-1] == "faces done in 0:08 (200 frames)"
+    clock.now += 9  # the rest of the run
+    progress.end("faces")
+    assert lines[-1] == "faces done in 0:08 (200 frames)" and len(lines) == 2
+
+
+def test_a_bar_closes_with_its_last_frame():
+    out = io.StringIO()
+    progress = Progress(Bars(file=out, mininterval=0))
+    progress.start("faces", 10)
+    progress.advance("faces", 9)
+    assert not out.getvalue().endswith("\n")  # open: tqdm redraws it in place
+    progress.advance("faces", 1)
+    text = out.getvalue()
+    assert text.endswith("\n") and "10/10" in text.splitlines()[-1]  # closed, left on screen at 100 %
+
+
+def test_log_lines_are_written_above_the_open_bars_not_into_them():
+    import logging
+
+    from latentsync.progress import BarSafeHandler
+
+    out = io.StringIO()
+    progress = Progress(Bars(file=out, mininterval=0))
+    log = logging.getLogger("test_progress.bars")
+    handler = BarSafeHandler(out)
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        progress.start("faces", 10)
+        progress.start("synthesis", 32)
+        progress.advance("faces", 3)
+        log.warning("a line while two bars are open")
+        progress.advance("synthesis", 16)
+    finally:
+        log.removeHandler(handler)
+    text = out.getvalue()
+    line = next(line for line in text.split("\n") if "a line while" in line)
+    # The bars were cleared first: only carriage returns and tqdm's cursor-up moves precede the line.
+    assert re.sub(r"\x1b\[\d*A", "", line.split("\r")[-1]) == "a line while two bars are open", repr(line)
+    after = text.split("a line while two bars are open\n", 1)[1]
+    assert "3/10" in after and "16/32" in after  # and drawn again below it
+    progress.end("synthesis")
+    progress.end("faces")

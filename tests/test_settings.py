@@ -94,3 +94,77 @@ def test_compiled_kernels_of_a_named_weights_folder_go_to_the_cache_folder(tmp_p
     assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before  # the user's folder: untouched
     tag = f"cpu-torch{torch.__version__}".replace("+", "_")
     assert (tmp_path / "cache" / "latentsync" / "compile-cache" / tag).is_dir()
+
+
+def _self_describing_folder(folder):
+    """A weights folder with its own manifest and model configs (the files themselves do not matter here)."""
+    folder.mkdir()
+    (folder / "weights.txt").write_text("1.6 - latentsync_unet.pt - -\n")
+    for name in ("unet.yaml", "syncnet.yaml"):
+        (folder / name).write_text("model: {}\n")
+    return folder
+
+
+@pytest.mark.parametrize("named_by", ["flag", "variable"])
+def test_a_weights_folder_that_describes_itself_needs_no_other_setting(tmp_path, named_by):
+    folder = _self_describing_folder(tmp_path / "mine")
+    s = Settings.read({}, weights_dir=folder) if named_by == "flag" \
+        else Settings.read({"LATENTSYNC_WEIGHTS_DIR": str(folder)})
+    assert (s.manifest, s.unet_config, s.syncnet_config) == (folder / "weights.txt", folder / "unet.yaml",
+                                                            folder / "syncnet.yaml")
+
+
+def test_named_files_win_over_the_folders_own(tmp_path):
+    folder = _self_describing_folder(tmp_path / "mine")
+    other = _self_describing_folder(tmp_path / "other")
+    s = Settings.read({"LATENTSYNC_MANIFEST": str(other / "weights.txt"),
+                       "LATENTSYNC_UNET_CONFIG": str(other / "unet.yaml")},
+                      weights_dir=folder, syncnet_config=other / "syncnet.yaml")
+    assert (s.manifest, s.unet_config, s.syncnet_config) == (other / "weights.txt", other / "unet.yaml",
+                                                            other / "syncnet.yaml")
+
+
+def test_the_official_layout_and_the_default_folder_use_the_shipped_files(tmp_path):
+    official = tmp_path / "official"
+    official.mkdir()
+    for s in (Settings.read({}, weights_dir=official), Settings.read({})):
+        assert (s.manifest, s.unet_config, s.syncnet_config) == (None, None, None)
+
+
+def test_a_malformed_config_of_the_folder_is_named_as_the_folders(tmp_path):
+    folder = _self_describing_folder(tmp_path / "mine")
+    (folder / "unet.yaml").write_text("- a list\n")
+    with pytest.raises(InputError, match=f"the weights folder's config {folder / 'unet.yaml'} holds a list"):
+        Settings.read({}, weights_dir=folder)
+
+
+def test_a_named_folder_is_verified_against_its_own_manifest(tmp_path):
+    from latentsync.download import ensure_weights
+    from tiny_weights import make_tiny_weights
+
+    folder, _ = make_tiny_weights(tmp_path / "tiny", syncnet=False)
+    assert ensure_weights(None, folder, "1.6") == folder  # the shipped manifest would refuse every file
+    (folder / "mask.png").write_bytes(b"not the mask it lists")
+    with pytest.raises(InputError, match="mask.png: 21 bytes, expected"):
+        ensure_weights(None, folder, "1.6")
+
+
+def test_the_api_finds_the_folders_own_configs(tmp_path):
+    from latentsync.config import folder_configs
+
+    folder = _self_describing_folder(tmp_path / "mine")
+    assert folder_configs(folder) == (folder / "unet.yaml", folder / "syncnet.yaml")
+    assert folder_configs(folder, "mine.yaml") == ("mine.yaml", folder / "syncnet.yaml")
+    assert folder_configs(tmp_path) == (None, None)
+
+
+@pytest.mark.parametrize("given, expected", [(None, None), ("cpu", "cpu"), (" CUDA ", "cuda"), ("cuda:1", "cuda:1"),
+                                             ("mps", "mps")])
+def test_a_device_name_is_checked_without_torch(given, expected):
+    assert Settings.read({}, device=given).device == expected
+
+
+@pytest.mark.parametrize("given", ["tpu", "cuda:x", "gpu", "cuda:-1", ""])
+def test_an_unknown_device_is_one_input_error(given):
+    with pytest.raises(InputError, match=f"unknown device {given!r}; use cpu, cuda, cuda:N or mps"):
+        Settings.read({}, device=given)

@@ -2,7 +2,9 @@
 
 The folder mirrors upstream's ``checkpoints/``: ``latentsync_unet.pt`` ({"global_step", "state_dict"}),
 ``whisper/tiny.pt`` (OpenAI's {"dims", "model_state_dict"}, decoder keys included), ``stable_syncnet.pt``
-({"state_dict"}), ``sd-vae-ft-mse/`` (a diffusers folder) and ``mask.png``. Only the widths are small.
+({"state_dict"}), ``sd-vae-ft-mse/`` (a diffusers folder) and ``mask.png``. Only the widths are small. It describes
+itself as any folder of other weights may: ``weights.txt`` (its manifest), ``unet.yaml`` and ``syncnet.yaml``, so
+``--weights-dir FOLDER`` alone runs on it.
 """
 from __future__ import annotations
 
@@ -155,7 +157,8 @@ def write_mask(folder: Path) -> Path:
 
 
 def make_tiny_weights(folder: str | Path, *, syncnet: bool = True) -> tuple[Path, Path]:
-    """Fill ``folder`` with tiny random weights; return ``(weights_dir, unet_config_path)``."""
+    """Fill ``folder`` with tiny random weights, their configs and their manifest; return ``(weights_dir,
+    unet_config_path)``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cfg = write_unet(folder)
@@ -164,6 +167,7 @@ def make_tiny_weights(folder: str | Path, *, syncnet: bool = True) -> tuple[Path
     write_mask(folder)
     if syncnet:
         write_syncnet(folder)
+    manifest_for(folder, folder / "weights.txt")
     return folder, cfg
 
 
@@ -189,3 +193,9 @@ def tiny_weights_with_manifest(tmp_path_factory) -> tuple[Path, Path, Path]:
     """Tiny weights, their U-Net config and a manifest describing them (so nothing is downloaded), for a test module."""
     folder, cfg = make_tiny_weights(tmp_path_factory.mktemp("weights"))
     return folder, cfg, manifest_for(folder, tmp_path_factory.mktemp("manifest") / "weights.txt")
+
+
+if __name__ == "__main__":  # python tests/tiny_weights.py FOLDER: tiny weights to try the CLI and the API on
+    import sys
+
+    print(make_tiny_weights(sys.argv[1] if len(sys.argv) > 1 else "tiny-weights")[0])
