@@ -51,9 +51,7 @@ def media(tmp_path_factory):
     d = tmp_path_factory.mktemp("media")
     return {
         "clip4s": face_clip(d / "clip4s.mp4", 100),
-        "clip36": face_clip(d / "clip36.mp4", 90),
         "speech36": speech(d / "speech36.wav", 3.6),
-        "speech44": speech(d / "speech44.wav", 4.4),
         "speech3": speech(d / "speech3.wav", 3.0),
         "slow34s": face_clip(d / "slow34s.mp4", 136, fps=4),  # 34 s at 4 fps
         "slow6s": face_clip(d / "slow6s.mp4", 24, fps=4),
