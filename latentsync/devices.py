@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from latentsync.errors import InputError
-from latentsync.hardware import NO_MPS
+from latentsync.hardware import NO_CUDA_BUILD, NO_CUDA_GPU, NO_MPS
 from latentsync.hardware import USE_CPU as _USE_CPU
 from latentsync.options import DTYPES
 from latentsync.settings import DEVICE_HELP
@@ -36,8 +36,7 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
             raise InputError(f"unknown device {str(device)!r}; {DEVICE_HELP}") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            why = ("no CUDA GPU is visible on this machine" if torch.backends.cuda.is_built()
-                   else "this torch build has no CUDA support")
+            why = NO_CUDA_GPU if torch.backends.cuda.is_built() else NO_CUDA_BUILD
             raise InputError(f"device {str(device)!r} asked for, but {why}; {_USE_CPU}")
         count = torch.cuda.device_count()
         if dev.index is not None and dev.index >= count:

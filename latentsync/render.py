@@ -55,7 +55,6 @@ def render_part(plan: Plan, models: Models, out_path: Path, chunks: range | None
     def source() -> Iterator[Chunk]:
         # A pending length (cut_off, silence) ends where pass 1 says, not at ``chunks`` (counted from an estimate).
         pending = track is not None and plan.pending is not None
-        features = plan.features
         c = chunks.start
         while pending or c < chunks.stop:
             if track is None:
@@ -67,11 +66,6 @@ def render_part(plan: Plan, models: Models, out_path: Path, chunks: range | None
                 chunk = plan.streamed_chunk(track, c)
                 if chunk is None:
                     return
-            if plan.features is not features:
-                # silence's padded features, made as the pass went on: the generation reads them from here on
-                # (the chunks before read only rows they share with the features it had).
-                features = plan.features
-                generate.features = torch.from_numpy(features)
             if (not chunk.weight or any(chunk.weight)) and min(chunk.src) < plan.face_start:
                 raise InputError(f"{plan.video} has fewer frames than its container says, so the ranges reach "
                                  "frames repeated from its start; re-encode the video, or run without ranges")

@@ -52,13 +52,22 @@ class GenerateStage:
 
     def __init__(self, plan: Plan, models: Models, clock: StageClock, cancel: Any = None):
         self.models, self.fps, self.options, self.clock, self.cancel = models, plan.fps, plan.options, clock, cancel
-        self.features = torch.from_numpy(plan.features)
+        self.plan = plan
+        self._features: tuple[np.ndarray, torch.Tensor] | None = None
         R = models.resolution
         self.slice = vae_slice(models.device, R)
         self.generator = torch.Generator("cpu").manual_seed(plan.options.seed)
         # One noise draw for the whole video, shared by every frame (as upstream), drawn before any chunk.
         self._noise = self._draw((1, 4, 1, R // 8, R // 8), models.dtype)
         self.staging = Staging(models.device)  # a chunk's draws and audio windows go up in one copy
+
+    @property
+    def features(self) -> torch.Tensor:
+        """The plan's Whisper features as a tensor, as the plan has them now: a streamed ``silence`` plan swaps in
+        the padded audio's once pass 1 tells the output's length (rows already read are the same in both)."""
+        if self._features is None or self._features[0] is not self.plan.features:
+            self._features = (self.plan.features, torch.from_numpy(self.plan.features))
+        return self._features[1]
 
     @property
     def noise(self) -> torch.Tensor:
