@@ -61,7 +61,7 @@ import torch  # noqa: E402
 
 from latentsync import devices  # noqa: E402
 from latentsync.options import LOOP_MODE  # noqa: E402
-from latentsync.stages import StageClock  # noqa: E402
+from latentsync.control import StageClock  # noqa: E402
 
 RESULTS: dict = {}
 CAP_GB = {"1.5": 8, "1.6": 12}  # the cards each version must fit: upstream's 8 GB minimum, a 12 GB card for 1.6

@@ -16,7 +16,7 @@ from latentsync.errors import InputError
 from latentsync.hardware import NO_CUDA_BUILD, NO_CUDA_GPU, NO_MPS
 from latentsync.hardware import USE_CPU as _USE_CPU
 from latentsync.options import DTYPES
-from latentsync.settings import DEVICE_HELP
+from latentsync.hardware import DEVICE_HELP
 
 _DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
                 "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}

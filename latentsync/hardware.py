@@ -19,10 +19,22 @@ NO_CUDA_BUILD = "this torch build has no CUDA support"
 NO_CUDA_GPU = "no CUDA GPU is visible on this machine"
 NO_MPS = "Apple's MPS is not available on this machine"
 USE_CPU = "run on the CPU (device 'cpu') or leave the device out"
+DEVICE_HELP = "use cpu, cuda, cuda:N or mps, or leave the device out to pick CUDA when present"
+
+
+def check_device(device: str | None) -> str | None:
+    """The device a flag names (``cpu``, ``cuda``, ``cuda:N``, ``mps``), in lower case; None: the best one here. Any
+    other name is an ``InputError`` found without importing torch (whether the machine has it is checked later)."""
+    if device is None:
+        return None
+    name = str(device).strip().lower()
+    if not re.fullmatch(r"(cpu|cuda|mps)(:\d+)?", name):
+        raise InputError(f"unknown device {str(device)!r}; {DEVICE_HELP}")
+    return name
 
 
 def check_device_available(device: str | None) -> None:
-    """An ``InputError`` when this machine certainly lacks ``device`` (a name as ``settings.check_device`` gives
+    """An ``InputError`` when this machine certainly lacks ``device`` (a name as :func:`check_device` gives
     it; None: the best one here, always available); nothing when it has it or only torch can tell."""
     kind = (device or "").split(":")[0]
     why = None

@@ -19,7 +19,7 @@ import torch
 from latentsync import audio as audio_mod
 from latentsync.errors import InputError
 from latentsync.options import RunOptions
-from latentsync.stages import StageClock
+from latentsync.control import StageClock
 from latentsync.syncscore import SYNC_BUDGET, SYNC_SPAN, sync_spans
 from latentsync.timeline import (FADE_FRAMES, Chunk, chunk_at, edit_weights, output_length, pad_with_silence,
                                  range_frames, silence_length)

@@ -26,7 +26,7 @@ from latentsync.loader import Models
 from latentsync.options import OUTPUT_FPS, RunOptions
 from latentsync.progress import Progress, Watched, as_progress
 from latentsync.speaker import active_speaker_point
-from latentsync.stages import StageClock
+from latentsync.control import StageClock
 from latentsync.syncscore import syncnet_on
 from latentsync.timeline import (Chunk, chunk_at, output_length, pad_with_silence, range_frames, source_index,
                                  touched_chunks)

@@ -25,7 +25,8 @@ from latentsync.loader import Models
 from latentsync.models.syncnet import VIDEO_FPS, WINDOW_FRAMES
 from latentsync.plan import LipSyncResult, Plan, RenderPart
 from latentsync.progress import ENCODING, SCORING, SYNTHESIS, Progress, Watched, as_progress
-from latentsync.stages import StageClock, run_stages
+from latentsync.control import StageClock
+from latentsync.stages import run_stages
 from latentsync.stages.align import AlignStage
 from latentsync.stages.generate import GenerateStage
 from latentsync.stages.paste import PasteStage

@@ -27,11 +27,9 @@ from typing import Any
 
 from latentsync.config import FOLDER_SYNCNET_CONFIG, FOLDER_UNET_CONFIG, folder_file
 from latentsync.errors import InputError, ResourceError, one_line
+from latentsync.hardware import check_device
 from latentsync.manifest import folder_manifest
 from latentsync.options import DEFAULT_VERSION, DTYPES, VERSIONS, check_version
-
-DEVICE_HELP = "use cpu, cuda, cuda:N or mps, or leave the device out to pick CUDA when present"
-
 
 @dataclass(frozen=True)
 class Settings:
@@ -178,14 +176,3 @@ def _config(given: Any, flag: str, environ: Mapping[str, str], variable: str, ow
         return None
     load_config(chosen[0], chosen[1], section="model")  # a malformed config costs milliseconds, not a model load
     return Path(chosen[0]).resolve()
-
-
-def check_device(device: str | None) -> str | None:
-    """The device a flag names (``cpu``, ``cuda``, ``cuda:N``, ``mps``), in lower case; None: the best one here. Any
-    other name is an ``InputError`` found without importing torch (whether the machine has it is checked later)."""
-    if device is None:
-        return None
-    name = str(device).strip().lower()
-    if not re.fullmatch(r"(cpu|cuda|mps)(:\d+)?", name):
-        raise InputError(f"unknown device {str(device)!r}; {DEVICE_HELP}")
-    return name

@@ -23,7 +23,7 @@ from latentsync.errors import InputError
 from latentsync.face import Face, FaceLandmarker, FaceTracker, no_face_message
 from latentsync.facepool import FacePool
 from latentsync.progress import FACES, Progress, as_progress
-from latentsync.stages import StageClock, check_cancel
+from latentsync.control import StageClock, check_cancel
 
 
 class _Detected:

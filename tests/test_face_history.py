@@ -13,7 +13,7 @@ from latentsync.face import Face, FaceTracker
 from latentsync.facepool import FacePool
 from latentsync.options import RunOptions
 from latentsync.pipeline import LipSync
-from latentsync.stages import StageClock
+from latentsync.control import StageClock
 from latentsync.tracking import CONTEXT_FRAMES, FaceTrack, forgotten_from, make_tracker
 from media_utils import face_clip, read_stamp, speech
 from tiny_weights import make_tiny_weights

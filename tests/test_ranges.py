@@ -17,7 +17,7 @@ from latentsync.facepool import FacePool
 from latentsync.options import RunOptions, parse_ranges
 from latentsync.pipeline import LipSync
 from latentsync.plan import _face_window, _features
-from latentsync.stages import StageClock
+from latentsync.control import StageClock
 from latentsync.timeline import FADE_FRAMES, edit_weights, range_frames, source_index, touched_chunks
 from latentsync.tracking import FaceTrack
 from media_utils import decode_video, face_clip, speech

@@ -11,7 +11,7 @@ from latentsync import InputError
 from latentsync import video as video_mod
 from latentsync.facepool import FacePool
 from latentsync.errors import Cancelled
-from latentsync.stages import StageClock
+from latentsync.control import StageClock
 from latentsync.tracking import FaceTrack
 from cancel_utils import CancelAfter
 from media_utils import face_clip

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, wait
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 
-from latentsync.errors import Cancelled
+from latentsync.control import Cancel, check_cancel
 
 QUEUE_DEPTH = 2  # items waiting between two stages: memory stays flat in video length
 _POLL_S = 0.05  # how often a blocked stage looks whether another one failed
@@ -24,34 +22,8 @@ _POLL_S = 0.05  # how often a blocked stage looks whether another one failed
 _DONE = object()
 
 
-def check_cancel(cancel: Any) -> None:
-    """Raise :class:`Cancelled` when ``cancel`` (anything with ``is_set()``) is set."""
-    if cancel is not None and cancel.is_set():
-        raise Cancelled("lip-sync cancelled")
-
-
-class StageClock:
-    """Busy seconds per stage name; safe to use from several threads at once."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self._lock = threading.Lock()
-
-    @contextmanager
-    def __call__(self, stage: str):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.add(stage, time.perf_counter() - t0)
-
-    def add(self, stage: str, seconds: float) -> None:
-        with self._lock:
-            self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
-
-
 def run_stages(items: Iterable[Any], stages: list[Callable[[Any], Any]], *, concurrent: bool,
-               cancel: Any = None, homes: dict[int, Any] | None = None) -> None:
+               cancel: Cancel | None = None, homes: dict[int, Any] | None = None) -> None:
     """Push every item through ``stages`` in order (each stage's result feeds the next; the last one's is dropped).
 
     ``cancel`` is checked before each item is taken. Concurrently, every stage runs in its own thread (with

@@ -9,7 +9,7 @@ from latentsync.devices import Staging
 from latentsync.frames import FrameFetcher
 from latentsync.loader import Models
 from latentsync.plan import Plan
-from latentsync.stages import StageClock
+from latentsync.control import StageClock
 from latentsync.stages.cuda import made
 from latentsync.stages.work import Work
 from latentsync.timeline import Chunk, nearest_with_face

@@ -30,7 +30,7 @@ from latentsync.loader import Models
 from latentsync.options import OUTPUT_FPS, RunOptions
 from latentsync.plan import Plan
 from latentsync.sampling import denoise
-from latentsync.stages import StageClock, check_cancel
+from latentsync.control import StageClock, check_cancel
 from latentsync.stages.align import crop_pixels
 from latentsync.stages.cuda import made, take
 from latentsync.stages.work import Work

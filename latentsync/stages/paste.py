@@ -11,7 +11,7 @@ from latentsync.devices import pick_rows
 from latentsync.loader import Models
 from latentsync.plan import Plan
 from latentsync.progress import SYNTHESIS, Progress
-from latentsync.stages import StageClock
+from latentsync.control import StageClock
 from latentsync.stages.cuda import take
 from latentsync.stages.work import Work
 from latentsync.syncscore import sync_crop

@@ -11,7 +11,7 @@ import numpy as np
 
 from latentsync.loader import Models
 from latentsync.plan import Plan
-from latentsync.stages import StageClock
+from latentsync.control import StageClock
 from latentsync.stages.work import Work
 from latentsync.syncscore import SyncScore, score_span
 
