@@ -23,7 +23,8 @@ from latentsync import media, preflight
 from latentsync.facepool import Detectors, default_workers
 from latentsync.loader import Models, compile_models, load_models
 from latentsync.options import RunOptions
-from latentsync.plan import LipSyncResult, Plan, RenderPart, make_plan
+from latentsync.plan import Plan, RenderPart, make_plan
+from latentsync.result import LipSyncResult
 from latentsync.render import finish_run, render_part
 from latentsync.stages.generate import warm_up
 

@@ -36,20 +36,6 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class LipSyncResult:
-    """What a run produced: the mp4, the seed actually used, frame counts and busy seconds per stage (+ wall)."""
-
-    output: Path
-    seed: int
-    frames: int
-    frames_with_face: int
-    fps: float
-    seconds: dict[str, float] = field(default_factory=dict)
-    sync: Any = None  # a SyncScore when SyncNet is loaded
-    ranges: tuple[tuple[float, float], ...] = ()  # seconds of the output lip-synced (empty: the whole video)
-
-
-@dataclass
 class Plan:
     """Everything ``render`` and ``finish`` need, decided once per video; picklable (paths, arrays, numbers)."""
 

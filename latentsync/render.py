@@ -23,7 +23,8 @@ from latentsync.errors import InputError
 from latentsync.join import join_parts
 from latentsync.loader import Models
 from latentsync.models.syncnet import VIDEO_FPS, WINDOW_FRAMES
-from latentsync.plan import LipSyncResult, Plan, RenderPart
+from latentsync.plan import Plan, RenderPart
+from latentsync.result import LipSyncResult
 from latentsync.progress import ENCODING, SCORING, SYNTHESIS, Progress, Watched, as_progress
 from latentsync.control import StageClock
 from latentsync.stages import run_stages
