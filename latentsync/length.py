@@ -1,32 +1,30 @@
-"""The output's length where it is the video's (``cut_off``: the shorter of video and audio, ``silence``: the
-longer, the audio padded with silence), while pass 1 is still finding it out; and what follows from a length: the
-frames to edit and the sync spans.
+"""A plan whose pass 1 is still running (``OpenPlan``, the one live object of a run), and its output's length
+where it is the video's (``cut_off``: the shorter of video and audio, ``silence``: the longer, the audio padded
+with silence), while pass 1 is still finding it out.
 
 ``OpenLength`` hands out the chunks that every length still possible renders alike, so synthesis starts before the
-pass ends, and settles the plan once the length is known, as a plan made after the pass has it.
+pass ends, and settles the open plan once the length is known, as a plan made after the pass has it.
 """
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from latentsync import audio as audio_mod
-from latentsync.errors import InputError
-from latentsync.options import RunOptions
+from latentsync import video as video_mod
 from latentsync.control import StageClock
+from latentsync.options import RunOptions
 from latentsync.syncscore import SYNC_BUDGET, SYNC_SPAN, sync_spans
-from latentsync.timeline import (FADE_FRAMES, Chunk, chunk_at, edit_weights, output_length, pad_with_silence,
-                                 range_frames, silence_length)
-
-if TYPE_CHECKING:  # the plan holds an OpenLength: only the types go the other way
-    from latentsync.plan import Plan
-    from latentsync.tracking import FaceTrack
+from latentsync.timeline import (FADE_FRAMES, Chunk, Edits, chunk_at, edited, output_length, pad_with_silence,
+                                 silence_length)
+from latentsync.tracking import FaceTrack
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +42,57 @@ _MIRRORED = 1 + audio_mod.N_FFT // 2 - audio_mod.HOP_LENGTH
 _MARGIN = 1e-3
 
 
+@dataclass
+class OpenPlan:
+    """A plan whose pass 1 is still running: the Plan's fields as they stand, read by the render while ``track``
+    grows (each chunk asks for the frames it shows: :meth:`chunk`) and, with a ``pending`` length, while it settles
+    ``num_out``, ``wav``, ``features``, ``blend``, ``ranges`` and ``sync_spans`` (which only ever grow at the end).
+    ``plan.close_plan`` makes the Plan of it once the render is done."""
+
+    video: Path
+    audio: Path
+    options: RunOptions
+    info: video_mod.VideoInfo
+    fps: float
+    order: str
+    chunk_size: int
+    seconds: dict[str, float]
+    face_start: int
+    track: FaceTrack
+    pending: OpenLength | None  # None: the output's length is known (the audio's)
+    edits: Edits | None
+    num_out: int  # with a pending length, the container's estimate until it settles
+    wav: np.ndarray
+    features: np.ndarray
+    blend: np.ndarray | None
+    ranges: tuple[tuple[float, float], ...]
+    sync_spans: list[tuple[int, int]] = field(default_factory=list)
+
+    @property
+    def num_chunks(self) -> int:
+        return math.ceil(self.num_out / self.chunk_size)
+
+    def chunk(self, index: int) -> Chunk | None:
+        """Chunk ``index`` once pass 1 has tracked what it shows and, while the output's length is pending, once it
+        is certain whatever that length turns out; None past the output's end."""
+        size, track = self.chunk_size, self.track
+        while self.pending is not None:
+            if self.pending.known(track):
+                self.pending.settle(self, track)
+                self.pending = None
+                break
+            chunk = self.pending.early(self, track, index)
+            if chunk is not None:
+                return chunk
+            track.ensure(len(track.matrices) + size)
+            track.check()
+        if index >= self.num_chunks:
+            return None
+        track.ensure((index + 1) * size)
+        track.check()
+        return chunk_at(index, size, self.num_out, self.order, track.has_face, self.blend)
+
+
 class OpenLength:
     """What settles a streamed plan whose output length is the video's: ``cut_off`` (the shorter of video and audio)
     and ``silence`` (the longer, the audio padded with silence), known once pass 1 ends or, for ``cut_off``,
@@ -55,11 +104,11 @@ class OpenLength:
     as a plan made after the pass has it.
     """
 
-    def __init__(self, opts: RunOptions, video: Path, fps: float, audio_frames: int, size: int, scored: bool,
-                 wav: np.ndarray, mel: torch.Tensor, features: np.ndarray,
+    def __init__(self, mode: str, edits: Edits | None, video: Path, fps: float, audio_frames: int, size: int,
+                 scored: bool, wav: np.ndarray, mel: torch.Tensor, features: np.ndarray,
                  features_of: Callable[[torch.Tensor], np.ndarray], encode: Callable[[torch.Tensor], np.ndarray],
                  clock: StageClock, *, estimate: int):
-        self.mode, self.ranges, self.video, self.fps, self.size = opts.loop_mode, opts.ranges, video, fps, size
+        self.mode, self.edits, self.video, self.fps, self.size = mode, edits, video, fps, size
         self.audio_frames, self.scored = audio_frames, scored
         self.wav, self.features = wav, features  # the audio's own samples and features (``cut_off``'s for good)
         # During the render the models' GPU thread runs the generation loop: Whisper runs where it is asked for.
@@ -79,7 +128,7 @@ class OpenLength:
         """Whether pass 1 has told the output's length."""
         return track.ended or (self.mode == "cut_off" and len(track.matrices) >= self.audio_frames)
 
-    def early(self, plan: Plan, track: FaceTrack, index: int) -> Chunk | None:
+    def early(self, plan: OpenPlan, track: FaceTrack, index: int) -> Chunk | None:
         """Chunk ``index`` if every output length still possible renders it alike (None: not yet known)."""
         tracked, size = len(track.matrices), self.size
         start, stop = index * size, (index + 1) * size
@@ -87,24 +136,24 @@ class OpenLength:
         shortest = tracked if self.mode == "cut_off" else max(tracked, self.audio_frames)
         if stop > tracked:
             return None
-        weights = None
-        if self.ranges:
+        blend = None
+        if self.edits is not None:
             # Only a range that begins past the output's end fades into the frames before it.
             if stop + FADE_FRAMES > shortest:
                 return None
-            weights = edit_weights(range_frames(self.ranges, self.fps, shortest), stop)
+            blend = self.edits.blend(shortest, stop)
         prefix: list[tuple[int, int]] = []
         if self.scored:
-            prefix, bound = _span_prefix(self.ranges, self.fps, shortest)
+            prefix, bound = _span_prefix(self.edits, shortest)
             if any(j >= bound and not any(a <= j < b for a, b in prefix) for j in range(start, stop)):
                 return None
         if self.mode == "silence" and not self._features_ready(plan, tracked, stop):
             return None
         # Spans only ever grow at the end: the paste stage may be reading the list as it grows.
         plan.sync_spans.extend(prefix[len(plan.sync_spans):])
-        return chunk_at(index, size, stop, plan.order, track.has_face, weights)
+        return chunk_at(index, size, stop, plan.order, track.has_face, blend)
 
-    def _features_ready(self, plan: Plan, tracked: int, stop: int) -> bool:
+    def _features_ready(self, plan: OpenPlan, tracked: int, stop: int) -> bool:
         """Whether the Whisper rows that frames up to ``stop`` read are the same for every ``silence`` length still
         possible; if so ``plan.features`` holds them."""
         rows_per_window = audio_mod.N_FRAMES // 2
@@ -125,8 +174,8 @@ class OpenLength:
         wav = pad_with_silence(self.wav, num_out, self.fps)
         return num_out, wav, encode(audio_mod.log_mel(wav))
 
-    def settle(self, plan: Plan, track: FaceTrack) -> None:
-        """Fix the output's length and what follows from it (audio, features, weights, ranges, sync spans)."""
+    def settle(self, plan: OpenPlan, track: FaceTrack) -> None:
+        """Fix the output's length and what follows from it (audio, features, blend, ranges, sync spans)."""
         track.check()
         num_out, _ = output_length(self.mode, len(track.matrices), self.audio_frames)
         wav, features = self.wav, self.features
@@ -139,9 +188,9 @@ class OpenLength:
         if not np.array_equal(features[:self.rows], plan.features[:self.rows]):  # never, if the reasoning holds
             log.warning("%s: the audio features the first chunks used differ from the padded audio's", self.video)
         log.info("%s: %d output frames at %.3f fps, loop mode %s", self.video, num_out, self.fps, self.mode)
-        weights, ranges, spans = edits(self.video, self.ranges, self.fps, num_out)
-        scored = scored_spans(spans) if self.scored else []
-        plan.num_out, plan.wav, plan.features, plan.weights, plan.ranges = num_out, wav, features, weights, ranges
+        edit = edited(self.edits, num_out)
+        scored = scored_spans(list(edit.spans)) if self.scored else []
+        plan.num_out, plan.wav, plan.features, plan.blend, plan.ranges = num_out, wav, features, edit.blend, edit.ranges
         settled = plan.sync_spans
         if settled != scored[:len(settled)]:  # never, if the reasoning holds
             log.warning("%s: sync spans %s listed early are not those of the output", self.video, settled)
@@ -149,13 +198,12 @@ class OpenLength:
         settled.extend(scored[len(settled):])
 
 
-def _span_prefix(ranges: tuple[tuple[float, float], ...], fps: float, shortest: int
-                 ) -> tuple[list[tuple[int, int]], int]:
+def _span_prefix(edits: Edits | None, shortest: int) -> tuple[list[tuple[int, int]], float]:
     """The sync spans that every output of at least ``shortest`` frames lists first, and a frame before which no
-    other span of any of those outputs begins."""
-    end = 2**40
+    other span of any of those outputs begins (inf: none begins after them)."""
+    end = math.inf  # without edits the one span is the whole output, wherever it ends
     prefix: list[tuple[int, int]] = []
-    for a, b in range_frames(ranges, fps, end) if ranges else [(0, end)]:
+    for a, b in edits.spans if edits is not None else [(0, end)]:
         if b <= shortest:  # the range ends inside every such output: its spans are known
             prefix += scored_spans([(a, b)])
         elif shortest - a > SYNC_SPAN:
@@ -213,23 +261,3 @@ def _clean_windows(wav: np.ndarray, mel: torch.Tensor, audio_frames: int, fps: f
         if not loudest - probe[:, 2:].max() > _MARGIN:
             return 0
     return head // audio_mod.N_FRAMES
-
-
-def edits(video: Path, ranges: tuple[tuple[float, float], ...], fps: float, num_out: int
-           ) -> tuple[np.ndarray | None, tuple[tuple[float, float], ...], list[tuple[int, int]]]:
-    """The frames to edit: per-frame weights (None: all), the ranges cut to the output, their frame spans.
-
-    A range past the output's end is cut there with a warning; ranges that cover the whole output are the whole
-    run (no weights), so they give its very bytes."""
-    duration = num_out / fps
-    spans = range_frames(ranges, fps, num_out)
-    for start, stop in ranges:
-        if stop > duration + 1e-6:
-            log.warning("range %g-%g runs past the end of the output (%.2f s): %s", start, stop, duration,
-                        "cut there" if start < duration else "left out")
-    if ranges and not spans:
-        listed = ", ".join(f"{a:g}-{b:g}" for a, b in ranges)
-        raise InputError(f"ranges {listed} lie past the end of the output ({duration:.2f} s); give times within it")
-    if not ranges or spans == [(0, num_out)]:
-        return None, (), [(0, num_out)]
-    return edit_weights(spans, num_out), tuple((a / fps, b / fps) for a, b in spans), spans

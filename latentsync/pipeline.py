@@ -7,8 +7,8 @@ A run is ``plan`` → ``render`` → ``finish``:
    run concurrently, into a silent H.264 part;
 3. *finish* (``render.finish_run``): join the rendered parts, mux the user's own audio, score the sync.
 Rendering is split into chunk ranges so that several workers can render parts of one video. ``lipsync`` leaves
-pass 1 running into the render: each chunk waits only for the frames it shows and, where the output's length is
-the video's, for what that length decides of it.
+pass 1 running into the render (``plan.open_plan``): each chunk waits only for the frames it shows and, where the
+output's length is the video's, for what that length decides of it. Every hop gets the run's ``RunContext``.
 """
 from __future__ import annotations
 
@@ -20,12 +20,16 @@ from pathlib import Path
 import torch
 
 from latentsync import media, preflight
+from latentsync import video as video_mod
+from latentsync.context import RunContext
+from latentsync.control import Cancel
 from latentsync.facepool import Detectors, default_workers
 from latentsync.loader import Models, compile_models, load_models
 from latentsync.options import RunOptions
-from latentsync.plan import Plan, RenderPart, make_plan
-from latentsync.result import LipSyncResult
+from latentsync.plan import Plan, RenderPart, close_plan, make_plan, open_plan
+from latentsync.progress import Progress
 from latentsync.render import finish_run, render_part
+from latentsync.result import LipSyncResult
 from latentsync.stages.generate import warm_up
 
 log = logging.getLogger(__name__)
@@ -76,8 +80,8 @@ class LipSync:
 
     # ------------------------------------------------------------------------------------------------ public API
     def lipsync(self, video: str | Path, audio: str | Path, output: str | Path,
-                options: RunOptions | dict[str, object] | None = None, *, cancel: object = None,
-                progress: object = False, **overrides: object) -> LipSyncResult:
+                options: RunOptions | dict[str, object] | None = None, *, cancel: Cancel | None = None,
+                progress: bool | Progress = False, **overrides: object) -> LipSyncResult:
         """Lip-sync ``video`` to ``audio`` and write an H.264/AAC mp4 to ``output``: plan → render → finish.
 
         ``options`` is a :class:`RunOptions` (or a dict of its fields); keyword ``overrides`` name the same fields
@@ -88,40 +92,37 @@ class LipSync:
         t0 = time.perf_counter()
         opts = RunOptions.make(options, **overrides).with_seed()
         preflight.check_run_paths(video, audio, output)  # before any model runs or frame is decoded: one line
+        info = self._probe(video)
         output = Path(output)
         output.parent.mkdir(parents=True, exist_ok=True)
+        run = self._context(cancel, progress)
         # Synthesis need not wait for pass 1 to end: each chunk is rendered once the frames it shows are tracked
         # and (cut_off, silence: the output's length is the video's) once no length still possible changes it.
-        plan, track = self._plan(video, audio, opts, cancel, progress, stream=True)
-        with track, tempfile.TemporaryDirectory(prefix="latentsync-") as tmp:
-            part = render_part(plan, self.models, Path(tmp) / "video.mp4", None, track=track,
-                               serial=self.serial, tap=self.frame_tap, cancel=cancel, progress=progress)
-            plan.matrices, plan.has_face = track.finish()
+        opened = open_plan(Path(video), Path(audio), info, opts, run)
+        with opened.track, tempfile.TemporaryDirectory(prefix="latentsync-") as tmp:
+            part = render_part(opened, Path(tmp) / "video.mp4", None, run)
+            plan = close_plan(opened)
             # A length settled during the render: the part was counted from the estimate.
             part.chunks, part.frames = range(plan.num_chunks), plan.num_out
-            result = self.finish(plan, [part.path], output, [part], progress=progress)
+            result = finish_run(plan, [part], output, run)
         result.seconds["wall"] = round(time.perf_counter() - t0, 3)
         log.info("wrote %s: %d frames, %d with a face, seed %d, %s", output, result.frames, result.frames_with_face,
                  result.seed, result.seconds)
         return result
 
-    def plan(self, video: str | Path, audio: str | Path, options: RunOptions, *, cancel: object = None,
-             progress: object = False) -> Plan:
+    def plan(self, video: str | Path, audio: str | Path, options: RunOptions, *, cancel: Cancel | None = None,
+             progress: bool | Progress = False) -> Plan:
         """Decide the run: probe, audio features, face pass 1 (matrices), output length and order, sync spans.
 
         Raises ``InputError`` for unusable inputs (no frames, no face anywhere) before any frame is generated.
         ``options`` without a seed gets a random one here; the plan carries it, so every ``render`` of the plan
         makes the same random draws.
         """
-        return self._plan(video, audio, options, cancel, progress, stream=False)[0]
+        info = self._probe(video)
+        return make_plan(Path(video), Path(audio), info, options.with_seed(), self._context(cancel, progress))
 
-    def _plan(self, video: str | Path, audio: str | Path, options: RunOptions, cancel: object, progress: object,
-              stream: bool):
-        return make_plan(Path(video), Path(audio), options.with_seed(), self.models, self.caps, self._detectors,
-                         self.face_workers, cancel=cancel, progress=progress, stream=stream)
-
-    def render(self, plan: Plan, out_path: Path, chunks: range | None = None, *, cancel: object = None,
-               progress: object = False) -> RenderPart:
+    def render(self, plan: Plan, out_path: Path, chunks: range | None = None, *, cancel: Cancel | None = None,
+               progress: bool | Progress = False) -> RenderPart:
         """Write output chunks ``chunks`` (default: all; step 1) of ``plan`` as a silent H.264 file ``out_path``.
 
         Contract: the frames equal those chunks of a whole run bit for bit before encoding — the seed's noise and
@@ -129,14 +130,20 @@ class LipSync:
         anywhere and joined by ``finish`` give the whole run's video. On error or cancel nothing is left at
         ``out_path``, and no thread or ffmpeg process of the render survives.
         """
-        return render_part(plan, self.models, Path(out_path), chunks, track=None, serial=self.serial,
-                           tap=self.frame_tap, cancel=cancel, progress=progress)
+        return render_part(plan, Path(out_path), chunks, self._context(cancel, progress))
 
-    def finish(self, plan: Plan, parts: list[Path], output: Path, rendered: list[RenderPart], *,
-               progress: object = False) -> LipSyncResult:
-        """Join the rendered ``parts`` (in chunk order), mux the user's audio into ``output``, score the sync.
+    def finish(self, plan: Plan, rendered: list[RenderPart], output: str | Path, *,
+               progress: bool | Progress = False) -> LipSyncResult:
+        """Join the ``rendered`` parts (in chunk order), mux the user's audio into ``output``, score the sync.
 
         One part is muxed as is; several are concatenated by stream copy first (our own files, same encoder
         settings). ``seconds`` sums the plan's and every part's busy seconds with finishing's own.
         """
-        return finish_run(plan, self.models, parts, output, rendered, progress)
+        return finish_run(plan, rendered, Path(output), self._context(None, progress))
+
+    def _context(self, cancel: Cancel | None, progress: bool | Progress | None) -> RunContext:
+        return RunContext.make(self.models, self._detectors, self.face_workers, self.caps, cancel=cancel,
+                               progress=progress, serial=self.serial, tap=self.frame_tap)
+
+    def _probe(self, video: str | Path) -> video_mod.VideoInfo:
+        return video_mod.probe(video, max_side=self.caps.max_side, max_duration=self.caps.max_duration)

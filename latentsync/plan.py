@@ -1,9 +1,10 @@
 """What a run is made of: the ``Plan`` decided once per video (``make_plan``), the ``RenderPart``s rendered from it
-(anywhere, in any number of chunk ranges), and the ``LipSyncResult`` that ``finish`` makes of them. All picklable.
+(anywhere, in any number of chunk ranges), and the result that ``finish`` makes of them. All picklable.
 
 Planning is pass 1 (``tracking``: one face followed, only its smoothed 2×3 matrix kept per frame) with Whisper
-running beside it, then the output's length and frame order, the frames to edit (the options' time ranges) and
-the sync spans.
+running beside it, then the output's length and frame order, the frames to edit (``timeline.Edits``) and the sync
+spans. ``open_plan`` leaves pass 1 running instead: its ``OpenPlan`` (``length``) is the one live object of a run,
+and ``close_plan`` makes the Plan of it once the render is done.
 """
 from __future__ import annotations
 
@@ -12,30 +13,26 @@ import math
 from concurrent.futures import wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from latentsync import audio as audio_mod
-from latentsync import media
 from latentsync import video as video_mod
-from latentsync.facepool import Detectors
-from latentsync.length import OpenLength, edits, scored_spans
-from latentsync.loader import Models
-from latentsync.options import OUTPUT_FPS, RunOptions
-from latentsync.progress import Progress, Watched, as_progress
-from latentsync.speaker import active_speaker_point
+from latentsync.context import RunContext
 from latentsync.control import StageClock
-from latentsync.syncscore import syncnet_on
-from latentsync.timeline import (Chunk, chunk_at, output_length, pad_with_silence, range_frames, source_index,
-                                 touched_chunks)
+from latentsync.length import OpenLength, OpenPlan, scored_spans
+from latentsync.models.whisper import AudioEncoder
+from latentsync.options import OUTPUT_FPS, RunOptions
+from latentsync.speaker import active_speaker_point
+from latentsync.syncscore import SyncScore, syncnet_on
+from latentsync.timeline import Chunk, Edits, chunk_at, edited, output_length, pad_with_silence, source_index
 from latentsync.tracking import FaceTrack
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
     """Everything ``render`` and ``finish`` need, decided once per video; picklable (paths, arrays, numbers)."""
 
@@ -51,15 +48,12 @@ class Plan:
     num_out: int  # output frames
     order: str  # "bounce" or "loop": the source order past the video's end
     chunk_size: int  # output frames per chunk (the model's 16)
-    sync_spans: list[tuple[int, int]]  # output-frame spans whose generated crops are scored
+    sync_spans: tuple[tuple[int, int], ...]  # output-frame spans whose generated crops are scored
     seconds: dict[str, float] = field(default_factory=dict)  # busy seconds of planning
     # Per output frame, the lip-synced face's share (1 in the ranges, fading to 0 beyond); None: 1 everywhere.
-    weights: np.ndarray | None = None
+    blend: np.ndarray | None = None
     ranges: tuple[tuple[float, float], ...] = ()  # the options' ranges cut to the output (empty: the whole video)
     face_start: int = 0  # source frames before it were not tracked: a ranged run edits none that shows them
-    # A streamed plan whose length waits on pass 1 (``cut_off``, ``silence``): what settles it. Until then
-    # ``num_out`` is the container's estimate and the fields that follow from the length are provisional.
-    pending: OpenLength | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_chunks(self) -> int:
@@ -69,32 +63,20 @@ class Plan:
     def frames_with_face(self) -> int:
         """Output frames in the ranges (all of them without ranges) that show the face."""
         return sum(bool(self.has_face[source_index(j, len(self.has_face), self.order)]) for j in range(self.num_out)
-                   if self.weights is None or self.weights[j] == 1)
+                   if self.blend is None or self.blend[j] == 1)
 
     def edited(self, chunk: int) -> bool:
         """Whether output chunk ``chunk`` holds a frame of a range or its fade (else it passes through)."""
         size = self.chunk_size
-        return self.weights is None or bool(self.weights[chunk * size:(chunk + 1) * size].any())
+        return self.blend is None or bool(self.blend[chunk * size:(chunk + 1) * size].any())
 
-    def streamed_chunk(self, track: FaceTrack, index: int) -> Chunk | None:
-        """Chunk ``index`` of a streamed plan once pass 1 has tracked what it shows and, while the output's length is
-        pending, once it is certain whatever that length turns out; None past the output's end."""
-        size = self.chunk_size
-        while self.pending is not None:
-            if self.pending.known(track):
-                self.pending.settle(self, track)
-                self.pending = None
-                break
-            chunk = self.pending.early(self, track, index)
-            if chunk is not None:
-                return chunk
-            track.ensure(len(track.matrices) + size)
-            track.check()
-        if index >= self.num_chunks:
-            return None
-        track.ensure((index + 1) * size)
-        track.check()
-        return chunk_at(index, size, self.num_out, self.order, self.has_face, self.weights)
+    def matrix(self, src: int) -> np.ndarray:
+        """The face's matrix in source frame ``src`` (the stages' face source)."""
+        return self.matrices[src]
+
+    def chunk(self, index: int) -> Chunk:
+        """Output chunk ``index``: its frames' sources, faces and blend."""
+        return chunk_at(index, self.chunk_size, self.num_out, self.order, self.has_face, self.blend)
 
 
 @dataclass
@@ -105,116 +87,127 @@ class RenderPart:
     chunks: range
     frames: int
     seconds: dict[str, float]
-    sync_scores: dict[tuple[int, int], Any]  # span of ``Plan.sync_spans`` → its SyncScore (None: unscorable)
+    sync_scores: dict[tuple[int, int], SyncScore | None]  # span of ``Plan.sync_spans`` → its score (None: unscorable)
     sync_crops: dict[int, np.ndarray]  # output frame → SyncNet crop, for the spans not scored here
 
 
-@torch.inference_mode()
-def make_plan(video: Path, audio: Path, opts: RunOptions, models: Models, caps: media.MediaCaps,
-              detectors: Detectors, face_workers: int, *, cancel: Any, progress: bool | Progress,
-              stream: bool) -> tuple[Plan, FaceTrack]:
-    """Probe, audio features, face pass 1, output length and order, sync spans; and the face track.
+class _Planning:
+    """What making a plan and opening one share: the audio, its features, the face to follow and pass 1."""
 
-    With ``stream`` pass 1 is left running: the plan's matrices are the open track's growing lists, for the render
-    to advance (``Plan.streamed_chunk``). Where the output's length is the video's (``cut_off``, ``silence``) it
-    is settled on the way (``plan.pending``). Otherwise the track has ended and been checked.
-    """
-    progress = as_progress(progress)
-    cancel = Watched(cancel, progress)  # each cancel check lets timed progress lines speak
-    clock = StageClock()
-    with clock("probe"):
-        info = video_mod.probe(video, max_side=caps.max_side, max_duration=caps.max_duration)
-        wav = audio_mod.load_audio(audio, max_duration=caps.max_duration)
-    fps = info.fps if opts.keep_fps else OUTPUT_FPS
-    face_point = opts.face_point
-    if opts.face_select == "active_speaker":
-        with clock("active_speaker"), syncnet_on(models.syncnet, models.device) as syncnet:
-            face_point = active_speaker_point(syncnet, video, fps, info, caps.max_duration)
-    with clock("audio"):
-        mel = audio_mod.log_mel(wav)
-    # The features have M // 2 rows for M mel frames: the face pass needs only that count.
-    audio_frames = audio_mod.audio_frame_count(torch.empty((mel.shape[1] // 2, 0, 0)), fps)
-    # How many source frames matter: `silence` may use the whole video, other modes at most the audio's length.
-    limit = None if opts.loop_mode == "silence" else audio_frames
-    with clock("faces"):
-        pool, landmarker = detectors.get(face_workers)
-
-    rows = _feature_rows(opts.ranges, fps, models.num_frames)
-
-    def features_of(mel: torch.Tensor) -> np.ndarray:
+    @torch.inference_mode()
+    def __init__(self, video: Path, audio: Path, info: video_mod.VideoInfo, opts: RunOptions, run: RunContext):
+        models = run.models
+        self.video, self.audio, self.info, self.opts, self.run = video, audio, info, opts, run
+        self.clock = clock = StageClock()
+        with clock("probe"):
+            self.wav = audio_mod.load_audio(audio, max_duration=run.caps.max_duration)
+        self.fps = fps = info.fps if opts.keep_fps else OUTPUT_FPS
+        face_point = opts.face_point
+        if opts.face_select == "active_speaker":
+            with clock("active_speaker"), syncnet_on(models.syncnet, models.device) as syncnet:
+                face_point = active_speaker_point(syncnet, video, fps, info, run.caps.max_duration)
         with clock("audio"):
-            return _features(models.audio_encoder, mel, rows).float().cpu().numpy()
+            self.mel = audio_mod.log_mel(self.wav)
+        # The features have M // 2 rows for M mel frames: the face pass needs only that count.
+        self.audio_frames = audio_mod.audio_frame_count(torch.empty((self.mel.shape[1] // 2, 0, 0)), fps)
+        self.edits = Edits.of(opts.ranges, fps, models.num_frames)
+        with clock("faces"):
+            pool, landmarker = run.detectors.get(run.face_workers)
+        first, horizon = (0, None) if self.edits is None else self.edits.face_window
+        # How many source frames matter: `silence` may use the whole video, other modes at most the audio's length.
+        limit = None if opts.loop_mode == "silence" else self.audio_frames
+        self.track = FaceTrack.open(video, fps, info, limit, face_point, models.resolution, clock=clock, pool=pool,
+                                    landmarker=landmarker, cancel=run.cancel, progress=run.progress,
+                                    first=first, horizon=horizon)
 
-    def encode(mel: torch.Tensor) -> np.ndarray:  # on the models' GPU thread, like all their GPU work
-        return models.gpu.run(features_of, mel)
+    def features_of(self, mel: torch.Tensor) -> np.ndarray:
+        """Whisper features of ``mel`` (only the windows the edits read), on the calling thread."""
+        rows = None if self.edits is None else self.edits.feature_rows
+        with self.clock("audio"):
+            return _features(self.run.models.audio_encoder, mel, rows).float().cpu().numpy()
 
+    def encode(self, mel: torch.Tensor) -> np.ndarray:
+        """:meth:`features_of` on the models' GPU thread, like all their GPU work."""
+        return self.run.models.gpu.run(self.features_of, mel)
+
+    def settled(self, num_out: int, features: np.ndarray) -> dict:
+        """The fields that follow from the output's length: audio padded where the video is longer, features, what
+        is edited, the sync spans."""
+        wav = self.wav
+        if num_out > self.audio_frames:
+            wav = pad_with_silence(wav, num_out, self.fps)
+            features = self.encode(audio_mod.log_mel(wav))
+        log.info("%s: %d output frames at %.3f fps, loop mode %s", self.video, num_out, self.fps, self.opts.loop_mode)
+        edit = edited(self.edits, num_out)
+        scored = scored_spans(list(edit.spans)) if self.run.models.syncnet is not None else []
+        return dict(num_out=num_out, wav=wav, features=features, blend=edit.blend, ranges=edit.ranges,
+                    sync_spans=scored)
+
+
+@torch.inference_mode()
+def make_plan(video: Path, audio: Path, info: video_mod.VideoInfo, opts: RunOptions, run: RunContext) -> Plan:
+    """Audio features, the whole of face pass 1 (Whisper beside it), output length and order, edits, sync spans.
+
+    ``info`` is the video's probe (``preflight``); ``opts`` carries the run's seed.
+    """
+    p = _Planning(video, audio, info, opts, run)
+    # Whisper runs beside the face pass (waited for, also on error: no work of the plan outlives it).
+    encoding = run.models.gpu.submit(p.features_of, p.mel)
+    try:
+        matrices, has_face = p.track.finish()
+    finally:
+        wait([encoding])
+    log.info("%s: %d source frames, %d with a face", video, len(matrices), int(has_face.sum()))
+    num_out, order = output_length(opts.loop_mode, len(matrices), p.audio_frames)
+    fields = p.settled(num_out, encoding.result())
+    return Plan(video=video, audio=audio, options=opts, info=info, fps=p.fps, matrices=matrices, has_face=has_face,
+                order=order, chunk_size=run.models.num_frames, seconds=p.clock.seconds, face_start=p.track.start,
+                **{**fields, "sync_spans": tuple(fields["sync_spans"])})
+
+
+@torch.inference_mode()
+def open_plan(video: Path, audio: Path, info: video_mod.VideoInfo, opts: RunOptions, run: RunContext) -> OpenPlan:
+    """A plan whose pass 1 is left running, for the render to advance (``OpenPlan.chunk``); where the output's
+    length is the video's (``cut_off``, ``silence``) it is settled on the way (``OpenLength``)."""
+    p = _Planning(video, audio, info, opts, run)
+    try:
+        return _opened(p, video, audio, info, opts, run)
+    except BaseException:  # the pass is open: stop its workers and its bar on the way out
+        p.track.close(failed=True)
+        raise
+
+
+def _opened(p: _Planning, video: Path, audio: Path, info: video_mod.VideoInfo, opts: RunOptions,
+            run: RunContext) -> OpenPlan:
+    features = p.encode(p.mel)
+    estimate = video_mod.expected_frames(info, p.fps)
     pending = None
-    if stream:
-        features = encode(mel)
-        if opts.loop_mode in ("cut_off", "silence"):
-            pending = OpenLength(opts, video, fps, audio_frames, models.num_frames, models.syncnet is not None,
-                                 wav, mel, features, features_of, encode, clock,
-                                 estimate=video_mod.expected_frames(info, fps))
-    track = FaceTrack(video, fps, info, limit, face_point, models.resolution, clock=clock, pool=pool,
-                      landmarker=landmarker, cancel=cancel, progress=progress,
-                      **_face_window(opts.ranges, fps, models.num_frames))
-    if stream:
-        # A pending length starts as the container's count: the render's progress total until the pass tells.
-        sources = audio_frames if pending is None else max(video_mod.expected_frames(info, fps), 1)
-        num_out, order = output_length(opts.loop_mode, sources, audio_frames)
-        matrices, has_face = track.matrices, track.has_face
-    else:
-        # Whisper runs beside the face pass (waited for, also on error: no work of the plan outlives it).
-        encoding = models.gpu.submit(features_of, mel)
-        try:
-            matrices, has_face = track.finish()
-        finally:
-            wait([encoding])
-        features = encoding.result()
-        num_out, order = output_length(opts.loop_mode, len(matrices), audio_frames)
-        log.info("%s: %d source frames, %d with a face", video, len(matrices), int(has_face.sum()))
-    weights, ranges, scored = None, (), []  # a pending length's: its spans are added as they become certain
+    if opts.loop_mode in ("cut_off", "silence"):
+        pending = OpenLength(opts.loop_mode, p.edits, video, p.fps, p.audio_frames, run.models.num_frames,
+                             run.models.syncnet is not None,
+                             p.wav, p.mel, features, p.features_of, p.encode, p.clock, estimate=estimate)
+    # A pending length starts as the container's count: the render's progress total until the pass tells.
+    sources = p.audio_frames if pending is None else max(estimate, 1)
+    num_out, order = output_length(opts.loop_mode, sources, p.audio_frames)
     if pending is None:
-        if num_out > audio_frames:
-            wav = pad_with_silence(wav, num_out, fps)
-            features = encode(audio_mod.log_mel(wav))
-        log.info("%s: %d output frames at %.3f fps, loop mode %s", video, num_out, fps, opts.loop_mode)
-        weights, ranges, spans = edits(video, opts.ranges, fps, num_out)
-        scored = scored_spans(spans) if models.syncnet is not None else []
-    plan = Plan(video=video, audio=audio, options=opts, info=info, fps=fps, wav=wav, features=features,
-                matrices=matrices, has_face=has_face, num_out=num_out, order=order, chunk_size=models.num_frames,
-                sync_spans=scored, seconds=clock.seconds, weights=weights, ranges=ranges, face_start=track.start,
-                pending=pending)
-    return plan, track
+        fields = p.settled(num_out, features)
+    else:  # what a pending length has before it settles: its spans are added as they become certain
+        fields = dict(num_out=num_out, wav=p.wav, features=features, blend=None, ranges=(), sync_spans=[])
+    return OpenPlan(video=video, audio=audio, options=opts, info=info, fps=p.fps, order=order,
+                    chunk_size=run.models.num_frames, seconds=p.clock.seconds, face_start=p.track.start,
+                    track=p.track, pending=pending, edits=p.edits, **fields)
 
 
-def _face_window(ranges: tuple[tuple[float, float], ...], fps: float, size: int) -> dict[str, int | None]:
-    """The source frames the face pass must track (``FaceTrack``'s ``first`` and ``horizon``; all without ranges):
-    from the start of the first chunk the ranges touch to the end of the last.
-
-    Before the horizon an output frame is its own source frame, and each chunk aligns and pastes with its own
-    frames' matrices; a chunk's random draws do not depend on other chunks' frames. Ranges covering the whole
-    output reach past its end, so track all."""
-    if not ranges:
-        return {"first": 0, "horizon": None}
-    end = 2**40  # the output's length is not known yet
-    chunks = touched_chunks(range_frames(ranges, fps, end), size, end)
-    return {"first": chunks[0] * size, "horizon": (chunks[-1] + 1) * size}
+def close_plan(open: OpenPlan) -> Plan:
+    """The Plan of an open one whose render is done: pass 1 tracked to the end and checked."""
+    matrices, has_face = open.track.finish()
+    return Plan(video=open.video, audio=open.audio, options=open.options, info=open.info, fps=open.fps,
+                wav=open.wav, features=open.features, matrices=matrices, has_face=has_face, num_out=open.num_out,
+                order=open.order, chunk_size=open.chunk_size, sync_spans=tuple(open.sync_spans),
+                seconds=open.seconds, blend=open.blend, ranges=open.ranges, face_start=open.face_start)
 
 
-def _feature_rows(ranges: tuple[tuple[float, float], ...], fps: float, size: int) -> list[tuple[int, int]] | None:
-    """Whisper feature rows the chunks touching ``ranges`` read (None: all), wherever the output ends."""
-    if not ranges:
-        return None
-    end = 2**40  # the output's length is not known yet; frames past it are never rendered
-    per_frame = audio_mod.FEATURES_PER_SECOND / fps
-    offsets = audio_mod.WINDOW_OFFSETS
-    return [(math.floor(c * size * per_frame) + int(offsets.min()) - 1,
-             math.ceil(((c + 1) * size - 1) * per_frame) + int(offsets.max()) + 2)
-            for c in touched_chunks(range_frames(ranges, fps, end), size, end)]
-
-
-def _features(encoder: Any, mel: torch.Tensor, rows: list[tuple[int, int]] | None) -> torch.Tensor:
+def _features(encoder: AudioEncoder, mel: torch.Tensor, rows: list[tuple[int, int]] | None) -> torch.Tensor:
     """Whisper features of ``mel``; with ``rows``, only the 30 s windows holding those rows are encoded (windows are
     encoded independently, so theirs are the whole file's very rows), the other rows are zeros, never read."""
     if rows is None:

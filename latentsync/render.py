@@ -11,22 +11,21 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 
 from latentsync import video as video_mod
+from latentsync.context import RunContext
+from latentsync.control import StageClock
 from latentsync.errors import InputError
 from latentsync.join import join_parts
-from latentsync.loader import Models
+from latentsync.length import OpenPlan
 from latentsync.models.syncnet import VIDEO_FPS, WINDOW_FRAMES
 from latentsync.plan import Plan, RenderPart
+from latentsync.progress import ENCODING, SCORING, SYNTHESIS
 from latentsync.result import LipSyncResult
-from latentsync.progress import ENCODING, SCORING, SYNTHESIS, Progress, Watched, as_progress
-from latentsync.control import StageClock
 from latentsync.stages import run_stages
 from latentsync.stages.align import AlignStage
 from latentsync.stages.generate import GenerateStage
@@ -34,40 +33,34 @@ from latentsync.stages.paste import PasteStage
 from latentsync.stages.score import ScoreStage, scores_while_rendering
 from latentsync.syncscore import combine_scores, score_span, syncnet_on
 from latentsync.timeline import Chunk, chunk_at
-from latentsync.tracking import FaceTrack
 
 log = logging.getLogger(__name__)
 
 
-def render_part(plan: Plan, models: Models, out_path: Path, chunks: range | None, *, track: FaceTrack | None,
-                serial: bool, tap: Callable[[int, np.ndarray], None] | None, cancel: Any,
-                progress: bool | Progress) -> RenderPart:
-    """Write output chunks ``chunks`` (default: all) of ``plan`` as a silent H.264 file ``out_path``; with
-    ``track`` (a streaming plan's pass 1) each chunk first tracks the frames it shows. ``progress`` counts the
-    frames written (True: a bar on stderr)."""
+def render_part(plan: Plan | OpenPlan, out_path: Path, chunks: range | None, run: RunContext) -> RenderPart:
+    """Write output chunks ``chunks`` (default: all) of ``plan`` as a silent H.264 file ``out_path``; an open plan
+    (its pass 1 still running) tracks the frames each chunk shows first. The run's progress counts the frames
+    written."""
     chunks = range(plan.num_chunks) if chunks is None else chunks
-    progress = as_progress(progress)
-    cancel = Watched(cancel, progress)  # each cancel check lets timed progress lines speak
+    models, progress, cancel = run.models, run.progress, run.cancel
     if chunks.step != 1 or not 0 <= chunks.start < chunks.stop <= plan.num_chunks:
         raise ValueError(f"chunks must be a non-empty range within 0..{plan.num_chunks}, got {chunks}")
     clock = StageClock()
     size = plan.chunk_size
     covered = range(chunks.start * size, min(chunks.stop * size, plan.num_out))
+    # The stages' face source: the plan's matrices, or the open plan's growing track.
+    faces = plan.track if isinstance(plan, OpenPlan) else plan
 
     def source() -> Iterator[Chunk]:
         # A pending length (cut_off, silence) ends where pass 1 says, not at ``chunks`` (counted from an estimate).
-        pending = track is not None and plan.pending is not None
+        pending = isinstance(plan, OpenPlan) and plan.pending is not None
         c = chunks.start
         while pending or c < chunks.stop:
-            if track is None:
-                chunk = chunk_at(c, size, plan.num_out, plan.order, plan.has_face, plan.weights)
-            else:
-                # Tracks what the chunk shows (the track's clock is the plan's: its seconds count there) and, with
-                # a pending length, waits until the chunk is certain; past the frames tracked so far, chunk_at's
-                # count of source frames is the video's (track ended).
-                chunk = plan.streamed_chunk(track, c)
-                if chunk is None:
-                    return
+            # An open plan tracks what the chunk shows (the track's clock is the plan's: its seconds count there)
+            # and, with a pending length, waits until the chunk is certain; None: past the output's end.
+            chunk = plan.chunk(c)
+            if chunk is None:
+                return
             if (not chunk.weight or any(chunk.weight)) and min(chunk.src) < plan.face_start:
                 raise InputError(f"{plan.video} has fewer frames than its container says, so the ranges reach "
                                  "frames repeated from its start; re-encode the video, or run without ranges")
@@ -75,20 +68,21 @@ def render_part(plan: Plan, models: Models, out_path: Path, chunks: range | None
             c += 1
 
     with torch.inference_mode():
-        generate = GenerateStage(plan, models, clock, cancel=cancel)
-        for c in range(chunks.start):
-            generate.skip(chunk_at(c, size, plan.num_out, plan.order, plan.has_face))
-    align = AlignStage(plan, models, clock)
+        generate = GenerateStage(plan, plan.fps, plan.options, models, clock, cancel=cancel)
+        if isinstance(plan, Plan):  # an open plan renders from its first chunk
+            for c in range(chunks.start):
+                generate.skip(chunk_at(c, size, plan.num_out, plan.order, plan.has_face))
+    align = AlignStage(plan, faces, models, clock)
     writer = None
     try:  # everything that starts a process or a bar is made inside: an interrupt at any line cleans up
         writer = video_mod.VideoWriter(out_path, plan.fps, plan.info.width, plan.info.height)
         progress.start(SYNTHESIS, len(covered))
-        paste = PasteStage(plan, models, clock, writer, progress, tap=tap)
+        paste = PasteStage(plan, faces, models, clock, writer, progress, tap=run.tap)
         # SyncNet scores while the other stages work where it lives on the run's device; else in ``finish_run``.
         score = ScoreStage(plan, models, clock, covered, score_now=scores_while_rendering(models))
         # Every stage runs on its long-lived thread of the models (cuDNN's plans are per thread), on its stream.
         threads = models.threads
-        run_stages(source(), [align, generate, paste, score], concurrent=not serial, cancel=cancel,
+        run_stages(source(), [align, generate, paste, score], concurrent=not run.serial, cancel=cancel,
                    homes=dict(enumerate([threads.align, threads.generate, threads.paste, threads.score])))
         with clock("encode"):
             writer.close()
@@ -104,17 +98,16 @@ def render_part(plan: Plan, models: Models, out_path: Path, chunks: range | None
                       sync_scores=score.scores, sync_crops=score.crops)
 
 
-def finish_run(plan: Plan, models: Models, parts: list[Path], output: Path, rendered: list[RenderPart],
-               progress: bool | Progress = False) -> LipSyncResult:
-    """Join the rendered ``parts`` (in chunk order), mux the user's audio into ``output``, score the sync."""
+def finish_run(plan: Plan, rendered: list[RenderPart], output: Path, run: RunContext) -> LipSyncResult:
+    """Join the ``rendered`` parts (in chunk order), mux the user's audio into ``output``, score the sync."""
     output = Path(output)
     clock = StageClock()
-    progress = as_progress(progress)
+    models, progress = run.models, run.progress
     with progress.stage(ENCODING), tempfile.TemporaryDirectory(prefix="latentsync-") as tmp:
-        silent = Path(parts[0])
-        if len(parts) > 1:
+        silent = rendered[0].path
+        if len(rendered) > 1:
             with clock("join"):
-                silent = join_parts([Path(p) for p in parts], Path(tmp) / "joined.mp4")
+                silent = join_parts([part.path for part in rendered], Path(tmp) / "joined.mp4")
         with clock("mux"):
             video_mod.mux_audio(silent, plan.audio, output, duration=plan.num_out / plan.fps)
     scores = {span: s for part in rendered for span, s in part.sync_scores.items()}
@@ -123,7 +116,7 @@ def finish_run(plan: Plan, models: Models, parts: list[Path], output: Path, rend
         crops = {j: c for part in rendered for j, c in part.sync_crops.items()}
         with progress.stage(SCORING), clock("sync"), syncnet_on(models.syncnet, models.device) as syncnet:
             scores.update((span, score_span(syncnet, span, crops, plan.wav, plan.fps)) for span in todo)
-    scored = [scores[span] for span in plan.sync_spans if scores[span] is not None]
+    scored = [s for s in (scores[span] for span in plan.sync_spans) if s is not None]
     if models.syncnet is not None and not scored:
         log.info("output too short to score its sync (SyncNet needs %d frames at %g fps)", WINDOW_FRAMES, VIDEO_FPS)
     sync = combine_scores(scored) if scored else None

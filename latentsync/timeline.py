@@ -1,12 +1,17 @@
-"""Which source frame each output frame shows: loop modes, output length, 16-frame chunks, face-less fill."""
+"""Which source frame each output frame shows (loop modes, output length, 16-frame chunks, face-less fill), and
+what a run with time ranges edits (``Edits``: written once, seconds become frames here only)."""
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
-from latentsync.audio import SAMPLE_RATE
+from latentsync.audio import FEATURES_PER_SECOND, SAMPLE_RATE, WINDOW_OFFSETS
+from latentsync.errors import InputError
+
+log = logging.getLogger(__name__)
 
 FADE_FRAMES = 6  # frames beyond each inner edge of a range over which the lip-synced face fades in or out
 
@@ -82,24 +87,27 @@ class Chunk:
         return any(h and self.share(k) > 0 for k, h in enumerate(self.has_face))
 
 
-def chunk_at(index: int, size: int, num_out: int, order: str, has_face: np.ndarray,
-             weights: np.ndarray | None = None) -> Chunk:
+def chunk_at(index: int, size: int, num_out: int, order: str, has_face: np.ndarray | list[bool],
+             blend: np.ndarray | None = None) -> Chunk:
     """Chunk ``index`` of ``size`` output frames; ``has_face`` says per source frame whether the face was found,
-    ``weights`` per output frame how much of the lip-synced face it shows (None: all of it, everywhere)."""
+    ``blend`` per output frame how much of the lip-synced face it shows (None: all of it, everywhere)."""
     start = index * size
     stop = min(start + size, num_out)
     src = tuple(source_index(j, len(has_face), order) for j in range(start, stop))
-    weight = () if weights is None else tuple(float(w) for w in weights[start:stop])
+    weight = () if blend is None else tuple(float(w) for w in blend[start:stop])
     return Chunk(index, start, src, tuple(bool(has_face[s]) for s in src), weight)
 
 
-def range_frames(ranges: tuple[tuple[float, float], ...], fps: float, num_out: int) -> list[tuple[int, int]]:
-    """Output-frame spans ``[first, stop)`` of time ranges in seconds: the frames whose start time lies in a range,
-    cut at ``num_out``; ranges with no frame left are dropped."""
+def range_frames(ranges: tuple[tuple[float, float], ...], fps: float, num_out: int | None = None
+                 ) -> list[tuple[int, int]]:
+    """Output-frame spans ``[first, stop)`` of time ranges in seconds: the frames whose start time lies in a range
+    (the one place seconds become frames), cut at ``num_out`` (None: wherever the output ends); ranges with no
+    frame left are dropped."""
     spans = []
     for start, stop in ranges:
-        first = min(math.ceil(start * fps - 1e-6), num_out)
-        end = min(math.ceil(stop * fps - 1e-6), num_out)
+        first, end = math.ceil(start * fps - 1e-6), math.ceil(stop * fps - 1e-6)
+        if num_out is not None:
+            first, end = min(first, num_out), min(end, num_out)
         if end > first:
             spans.append((first, end))
     return spans
@@ -116,10 +124,92 @@ def edit_weights(spans: list[tuple[int, int]], num_out: int) -> np.ndarray:
     return weights
 
 
-def touched_chunks(spans: list[tuple[int, int]], size: int, num_out: int) -> list[int]:
-    """The chunks holding a frame of ``spans`` or of their fades: the only ones the model must generate."""
+def touched_chunks(spans: list[tuple[int, int]], size: int, num_out: int | None = None) -> list[int]:
+    """The chunks holding a frame of ``spans`` or of their fades (cut at ``num_out``; None: no end): the only ones
+    the model must generate."""
     chunks: set[int] = set()
     for first, stop in spans:
-        a, b = max(first - FADE_FRAMES, 0), min(stop + FADE_FRAMES, num_out)
+        a, b = max(first - FADE_FRAMES, 0), stop + FADE_FRAMES
+        if num_out is not None:
+            b = min(b, num_out)
         chunks.update(range(a // size, (b - 1) // size + 1))
     return sorted(chunks)
+
+
+@dataclass(frozen=True)
+class Edits:
+    """What a run with time ranges edits, decided once from the options' ranges at the run's frame rate, before the
+    output's length is known (frames past its end are never rendered): the frame spans, the chunks to generate, the
+    source frames pass 1 must track and the Whisper rows those chunks read. :meth:`at` cuts it to an output."""
+
+    ranges: tuple[tuple[float, float], ...]  # the options' ranges, seconds, sorted and merged
+    fps: float
+    size: int  # output frames per chunk
+    spans: tuple[tuple[int, int], ...]  # frames whose start time lies in a range
+    chunks: tuple[int, ...]  # chunks holding a frame of a span or of its fades
+
+    @classmethod
+    def of(cls, ranges: tuple[tuple[float, float], ...], fps: float, size: int) -> Edits | None:
+        """The edits of ``ranges`` (None without ranges: the whole video is edited)."""
+        if not ranges:
+            return None
+        spans = range_frames(ranges, fps)
+        return cls(ranges, fps, size, tuple(spans), tuple(touched_chunks(spans, size)))
+
+    @property
+    def face_window(self) -> tuple[int, int]:
+        """The source frames pass 1 must track, ``[first, horizon)``: from the start of the first chunk edited to
+        the end of the last. Before the horizon an output frame is its own source frame (each chunk aligns and
+        pastes with its own frames' matrices); ranges that cover the whole output reach past its end: all."""
+        return self.chunks[0] * self.size, (self.chunks[-1] + 1) * self.size
+
+    @property
+    def feature_rows(self) -> list[tuple[int, int]]:
+        """The Whisper feature rows each edited chunk reads (its frames' windows, a row of margin each side)."""
+        per_frame = FEATURES_PER_SECOND / self.fps
+        lo, hi = int(WINDOW_OFFSETS.min()), int(WINDOW_OFFSETS.max())
+        return [(math.floor(c * self.size * per_frame) + lo - 1, math.ceil(((c + 1) * self.size - 1) * per_frame) + hi + 2)
+                for c in self.chunks]
+
+    def blend(self, num_out: int, frames: int | None = None) -> np.ndarray:
+        """Per output frame ``0 … frames − 1`` (default ``num_out``) of an output of ``num_out`` frames, the
+        lip-synced face's share (:func:`edit_weights` of the spans cut there)."""
+        return edit_weights(range_frames(self.ranges, self.fps, num_out), num_out if frames is None else frames)
+
+    def at(self, num_out: int) -> Edited:
+        """What an output of ``num_out`` frames edits. A range past its end is cut there with a warning; ranges that
+        cover the whole output are the whole run (no blend), so they give its very bytes; none left is an
+        ``InputError``."""
+        duration = num_out / self.fps
+        spans = range_frames(self.ranges, self.fps, num_out)
+        for start, stop in self.ranges:
+            if stop > duration + 1e-6:
+                log.warning("range %g-%g runs past the end of the output (%.2f s): %s", start, stop, duration,
+                            "cut there" if start < duration else "left out")
+        if not spans:
+            listed = ", ".join(f"{a:g}-{b:g}" for a, b in self.ranges)
+            raise InputError(f"ranges {listed} lie past the end of the output ({duration:.2f} s); give times "
+                             "within it")
+        if spans == [(0, num_out)]:
+            return Edited.whole(num_out)
+        return Edited(edit_weights(spans, num_out), tuple((a / self.fps, b / self.fps) for a, b in spans),
+                      tuple(spans))
+
+
+@dataclass(frozen=True)
+class Edited:
+    """What an output of a known length edits: the lip-synced face's share per frame (None: every frame, whole),
+    the ranges cut to the output in seconds (empty: the whole video) and their frame spans."""
+
+    blend: np.ndarray | None
+    ranges: tuple[tuple[float, float], ...]
+    spans: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def whole(cls, num_out: int) -> Edited:
+        return cls(None, (), ((0, num_out),))
+
+
+def edited(edits: Edits | None, num_out: int) -> Edited:
+    """What an output of ``num_out`` frames edits (``edits`` None: the whole video)."""
+    return Edited.whole(num_out) if edits is None else edits.at(num_out)

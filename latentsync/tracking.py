@@ -21,9 +21,10 @@ from latentsync import video as video_mod
 from latentsync.align import FaceAligner, SmoothingBounds
 from latentsync.errors import InputError
 from latentsync.face import Face, FaceLandmarker, FaceTracker, no_face_message
+from latentsync.face import FaceLandmarker as make_detector  # TEMP until the factory lands
 from latentsync.facepool import FacePool
 from latentsync.progress import FACES, Progress, as_progress
-from latentsync.control import StageClock, check_cancel
+from latentsync.control import Cancel, StageClock, check_cancel
 
 
 class _Detected:
@@ -41,124 +42,202 @@ CONTEXT_FRAMES = 96  # frames before the first edited one that a late pass 1 tri
 _NO_LANDMARKS = np.zeros((0, 2))
 
 
-class FaceTrack:
-    """Pass 1 over the first ``limit`` frames (all when None) at ``fps``, tracked on demand: ``ensure(n)``.
+class FaceFinder:
+    """The faces of a video's frames by index range, on ``pool``'s worker processes or on ``landmarker`` here;
+    ``cancel`` is checked as they are read."""
 
-    ``matrices`` (2×3 float32, NaN where the face is missing) and ``has_face`` grow as frames are tracked; the
-    face followed is the largest, or the one nearest ``point``. With ``pool`` the detection runs in its worker
-    processes (same results), else here on ``landmarker`` (one is made when None). ``finish()`` tracks to the
-    end and checks; used as a context manager, an error or a cancel terminates the pool on the way out, so no
-    worker or ffmpeg process outlives it. ``progress`` counts the frames tracked (True: a bar on stderr).
+    def __init__(self, video: Path, fps: float, info: video_mod.VideoInfo, pool: FacePool | None,
+                 landmarker: FaceLandmarker | None, cancel: Cancel | None):
+        self.video, self.fps, self.info, self.pool, self.landmarker = video, fps, info, pool, landmarker
+        self.cancel = cancel
 
-    A run that edits only frames ``first`` … ``horizon``−1 needs no more. Once ``horizon`` frames are tracked and
-    the face was seen, later frames are only counted (no face, NaN matrix). And tracking starts late, at
-    ``start``: a few seconds before ``first``, where the face followed from there on is provably the one a pass
-    from frame 0 follows (``forgotten_from``); the frames before are not read. The smoothing's state is not known
-    there, so from then on ``SmoothingBounds`` check that every state it could be in gives each edited frame the
-    same matrix; if one ever would not (a rounding tie), the pass replays from frame 0 to know it.
-    """
-
-    def __init__(self, video: Path, fps: float, info: video_mod.VideoInfo, limit: int | None,
-                 point: tuple[float, float] | None, resolution: int, *, clock: StageClock,
-                 pool: FacePool | None = None, landmarker: FaceLandmarker | None = None, cancel: Any = None,
-                 progress: bool | Progress = False, horizon: int | None = None, first: int = 0):
-        self.video, self.fps, self.info, self.clock, self.pool, self.cancel = video, fps, info, clock, pool, cancel
-        self.limit, self.horizon, self.first, self.resolution, self.point = limit, horizon, first, resolution, point
-        self.ended = self._closed = self._seen = False
-        self._aligner = FaceAligner(resolution)
-        self._own = None
-        if pool is None and landmarker is None:
-            with clock("faces"):
-                landmarker = self._own = FaceLandmarker()
-        self._landmarker = landmarker
-        self.progress = as_progress(progress)
-        frames = video_mod.expected_frames(info, fps)
-        self.progress.start(FACES, frames if limit is None else min(limit, frames))
-        # Where the late pass's face is the whole pass's; from there, bounds on the smoothing; the faces since
-        # ``start`` (a replay's input), kept while edited frames are still to come.
-        self.start, self._sync, context = 0, None, []
-        self._bounds: SmoothingBounds | None = None
-        self._log: list[list[Face]] | None = None
-        self._faces = _no_faces()
-        # Frames past the video's end repeat earlier ones (loop modes), which a late start would not have tracked:
-        # start late only for edits that end a second before the video does.
-        if first > 0 and horizon is not None and horizon + round(fps) <= min(frames, limit or frames):
-            try:
-                with clock("faces"):
-                    self.start, self._sync, context = self._context(first)
-            except BaseException:  # a cancel or an error: stop the workers and the bar, as a context manager does
-                self.close(failed=True)
-                raise
-        if self.start:
-            self._log = []
-        self.matrices: list[np.ndarray] = [np.full((2, 3), np.nan, np.float32)] * self.start
-        self.has_face: list[bool] = [False] * self.start
-        self.progress.advance(FACES, self.start)
-        self._faces = self._all(context, first if context else 0)
-        self._tracker = make_tracker(_Detected(self._faces), point, fps)
-
-    def _context(self, first: int) -> tuple[int, int | None, list[list[Face]]]:
-        """The latest start, ``CONTEXT_FRAMES`` back from ``first`` and doubling, from which a pass follows the face
-        a whole pass follows (its first such frame; None from frame 0); and the faces of the frames up to ``first``."""
-        faces: list[list[Face]] = []
-        start, step = first, CONTEXT_FRAMES
-        while start > 0:
-            earlier = max(start - step, 0)
-            got = list(self._detect(earlier, start))
-            if len(got) < start - earlier:  # the video is shorter than its container says: track it all
-                return 0, None, []
-            faces, start, step = got + faces, earlier, 2 * step
-            sync = None if start == 0 else forgotten_from(faces, self.point, self.fps, self.resolution)
-            if start == 0 or sync is not None:
-                return start, None if sync is None else start + sync, faces
-        return 0, None, faces
-
-    def _all(self, context: list[list[Face]], first: int) -> Iterator[list[Face]]:
-        """Every frame's faces from ``start`` on, logged (without their mesh) while a replay may need them."""
-        with contextlib.closing(self._stream(first)) as stream:
-            for faces in itertools.chain(context, stream):
-                if self._log is not None:
-                    self._log.append([dataclasses.replace(f, landmarks=_NO_LANDMARKS) for f in faces])
-                yield faces
-
-    def _detect(self, start: int, stop: int | None, landmarker: FaceLandmarker | None = None
-                ) -> Iterator[list[Face]]:
+    def detect(self, start: int, stop: int | None, landmarker: FaceLandmarker | None = None
+               ) -> Iterator[list[Face]]:
         """The faces of frames ``start`` … ``stop``−1 (to the end when None), on the pool or on ``landmarker``
-        (default: the track's own)."""
+        (default: the finder's own)."""
         def check() -> None:
             check_cancel(self.cancel)
 
         if landmarker is None and self.pool is not None:
             yield from self.pool.detect(self.video, self.fps, self.info, stop, check=check, start=start)
             return
-        landmarker = landmarker or self._landmarker
-        with contextlib.closing(self._frames(start, stop)) as frames:
+        landmarker = landmarker or self.landmarker
+        assert landmarker is not None  # a finder without a pool has a landmarker (FaceTrack.open makes one)
+        with contextlib.closing(self.frames(start, stop)) as frames:
             for i, frame in enumerate(frames):
                 if i % 16 == 0:
                     check()
                 yield landmarker.detect(frame)
 
-    def _frames(self, start: int, stop: int | None) -> Iterator[np.ndarray]:
+    def frames(self, start: int, stop: int | None) -> Iterator[np.ndarray]:
         """Frames ``start`` … ``stop``−1 (to the end when None); close it to stop the reader's ffmpeg."""
         count = None if stop is None else stop - start
         with contextlib.closing(video_mod.read_frames(self.video, self.fps, start=start, count=count,
                                                       info=self.info)) as frames:
             yield from frames
 
+
+class LateStart:
+    """A pass 1 that starts at ``start`` instead of frame 0, for a run that edits only frames from ``first`` on.
+
+    ``start`` lies a few seconds before ``first``, where the face followed from there on is provably the one a pass
+    from frame 0 follows (:func:`forgotten_from`); the frames before are not read. The smoothing's state is not
+    known there, so from frame ``sync`` on ``SmoothingBounds`` check that every state it could be in gives each
+    edited frame the same matrix; if one ever would not (a rounding tie), :meth:`replay` runs the pass from frame 0
+    to know it, from the faces logged since ``start``. ``context``: the faces of ``start`` … ``first``−1, already
+    detected (from frame 0, with ``start`` 0, when no later start is provable).
+    """
+
+    def __init__(self, start: int, sync: int | None, context: list[list[Face]], resolution: int):
+        self.start, self.sync, self.context, self.resolution = start, sync, context, resolution
+        self.bounds: SmoothingBounds | None = None
+        self.log: list[list[Face]] | None = [] if start else None  # a replay's input, while edited frames remain
+
+    @classmethod
+    def find(cls, finder: FaceFinder, first: int, point: tuple[float, float] | None, resolution: int) -> LateStart:
+        """The latest start, ``CONTEXT_FRAMES`` back from ``first`` and doubling, from which a pass follows the face
+        a whole pass follows, with the faces of the frames up to ``first``."""
+        faces: list[list[Face]] = []
+        start, step = first, CONTEXT_FRAMES
+        while start > 0:
+            earlier = max(start - step, 0)
+            got = list(finder.detect(earlier, start))
+            if len(got) < start - earlier:  # the video is shorter than its container says: track it all
+                return cls(0, None, [], resolution)
+            faces, start, step = got + faces, earlier, 2 * step
+            sync = None if start == 0 else forgotten_from(faces, point, finder.fps, resolution)
+            if start == 0 or sync is not None:
+                return cls(start, None if sync is None else start + sync, faces, resolution)
+        return cls(0, None, faces, resolution)
+
+    def logged(self, faces: list[Face]) -> None:
+        """Keep a frame's faces (without their mesh) while a replay may need them."""
+        if self.log is not None:
+            self.log.append([dataclasses.replace(f, landmarks=_NO_LANDMARKS) for f in faces])
+
+    def agrees(self, i: int, face: Face | None) -> bool:
+        """Whether frame ``i``'s face leaves every state the smoothing could be in with one matrix."""
+        if i == self.sync:
+            self.bounds = SmoothingBounds(self.resolution)
+        return self.bounds is None or self.bounds.agree(None if face is None else face.anchors)
+
+    def done(self) -> None:
+        """No edited frame is left: the smoothing's state no longer matters."""
+        self.bounds = self.log = None
+
+    def replay(self, i: int, finder: FaceFinder, ahead: Iterator[list[Face]], point: tuple[float, float] | None
+               ) -> tuple[FaceTracker, FaceAligner, Face | None, np.ndarray]:
+        """Pass 1 from frame 0 up to frame ``i`` (the frames before ``start`` detected now, the logged ones, then
+        ``ahead``): the tracker and smoothing to go on with, and frame ``i``'s face and matrix."""
+        log, self.log, self.bounds, self.sync = self.log or [], None, None, None
+        # The pool is busy with the frames ahead: the frames before detect here (the same faces).
+        landmarker = finder.landmarker or make_detector()
+        earlier = finder.detect(0, self.start, landmarker)
+        try:
+            tracker = make_tracker(_Detected(itertools.chain(earlier, log, ahead)), point, finder.fps)
+            aligner = FaceAligner(self.resolution)
+            for _ in range(i + 1):
+                face = tracker.track(None)
+                matrix = _smooth(aligner, face)
+        finally:
+            earlier.close()
+            if landmarker is not finder.landmarker:
+                landmarker.close()
+        return tracker, aligner, face, matrix
+
+
+class FaceTrack:
+    """Pass 1 over the first ``limit`` frames (all when None), tracked on demand: ``ensure(n)``. Made by
+    :meth:`open`.
+
+    ``matrices`` (2×3 float32, NaN where the face is missing) and ``has_face`` grow as frames are tracked; the
+    face followed is the largest, or the one nearest ``point``. ``finish()`` tracks to the end and checks; used as
+    a context manager, an error or a cancel terminates the finder's pool on the way out, so no worker or ffmpeg
+    process outlives it. ``progress`` counts the frames tracked.
+
+    A run that edits only frames ``first`` … ``horizon``−1 needs no more. Once ``horizon`` frames are tracked and
+    the face was seen, later frames are only counted (no face, NaN matrix); with ``late`` tracking starts at
+    ``late.start`` (:class:`LateStart`).
+    """
+
+    def __init__(self, finder: FaceFinder, limit: int | None, point: tuple[float, float] | None, resolution: int,
+                 *, clock: StageClock, progress: Progress, first: int = 0, horizon: int | None = None,
+                 late: LateStart | None = None, own: FaceLandmarker | None = None):
+        self.finder, self.limit, self.point, self.resolution = finder, limit, point, resolution
+        self.clock, self.progress, self.first, self.horizon, self.late = clock, progress, first, horizon, late
+        self.video, self.info = finder.video, finder.info
+        self.ended = self._closed = self._seen = False
+        self._aligner = FaceAligner(resolution)
+        self._own = own  # the landmarker :meth:`open` made, closed with the track
+        self.start = late.start if late is not None and late.start else 0
+        if not self.start:
+            self.late = None
+        self.matrices: list[np.ndarray] = [np.full((2, 3), np.nan, np.float32)] * self.start
+        self.has_face: list[bool] = [False] * self.start
+        self.progress.advance(FACES, self.start)
+        context = late.context if late is not None else []
+        self._faces = self._all(context, first if context else 0)
+        self._tracker = make_tracker(_Detected(self._faces), point, finder.fps)
+
+    @classmethod
+    def open(cls, video: Path, fps: float, info: video_mod.VideoInfo, limit: int | None,
+             point: tuple[float, float] | None, resolution: int, *, clock: StageClock, pool: FacePool | None = None,
+             landmarker: FaceLandmarker | None = None, cancel: Cancel | None = None,
+             progress: bool | Progress = False, horizon: int | None = None, first: int = 0) -> FaceTrack:
+        """Open pass 1 over ``video`` at ``fps``: detection on ``pool``'s workers (same results), else on
+        ``landmarker`` (one is made when None). For edits of frames ``first`` … ``horizon``−1 it finds the late
+        start here (detecting the frames before ``first``); a cancel or an error then stops the workers."""
+        own = None
+        if pool is None and landmarker is None:
+            with clock("faces"):
+                landmarker = own = make_detector()
+        finder = FaceFinder(video, fps, info, pool, landmarker, cancel)
+        progress = as_progress(progress)
+        frames = video_mod.expected_frames(info, fps)
+        progress.start(FACES, frames if limit is None else min(limit, frames))
+        late = None
+        # Frames past the video's end repeat earlier ones (loop modes), which a late start would not have tracked:
+        # start late only for edits that end a second before the video does.
+        if first > 0 and horizon is not None and horizon + round(fps) <= min(frames, limit or frames):
+            try:
+                with clock("faces"):
+                    late = LateStart.find(finder, first, point, resolution)
+            except BaseException:  # a cancel or an error: stop the workers and the bar, as a context manager does
+                if pool is not None:
+                    pool.terminate()
+                progress.end(FACES, failed=True)
+                if own is not None:
+                    own.close()
+                raise
+        return cls(finder, limit, point, resolution, clock=clock, progress=progress, first=first, horizon=horizon,
+                   late=late, own=own)
+
+    def matrix(self, src: int) -> np.ndarray:
+        """The smoothed matrix of source frame ``src`` (tracked already)."""
+        return self.matrices[src]
+
+    def _all(self, context: list[list[Face]], first: int) -> Iterator[list[Face]]:
+        """Every frame's faces from ``start`` on, logged while a replay may need them."""
+        with contextlib.closing(self._stream(first)) as stream:
+            for faces in itertools.chain(context, stream):
+                if self.late is not None:
+                    self.late.logged(faces)
+                yield faces
+
     def _stream(self, first: int) -> Iterator[list[Face]]:
         """The faces of frames ``first`` … to the end: detected up to the horizon, then (the face seen) empty lists
         for frames read only to be counted."""
-        limit, horizon = self.limit, self.horizon
+        limit, horizon, finder = self.limit, self.horizon, self.finder
         if horizon is None or (limit is not None and limit <= horizon):
-            yield from self._detect(first, limit)
+            yield from finder.detect(first, limit)
             return
-        yield from self._detect(first, horizon)
+        yield from finder.detect(first, horizon)
         if len(self.has_face) < horizon:  # the video ended before the horizon
             return
         if not self._seen:  # no face yet: detect on, so a face found later is followed as in a whole run
-            yield from self._detect(horizon, limit)
+            yield from finder.detect(horizon, limit)
             return
-        with contextlib.closing(self._frames(horizon, limit)) as frames:
+        with contextlib.closing(finder.frames(horizon, limit)) as frames:
             for _ in frames:
                 yield []
 
@@ -167,7 +246,7 @@ class FaceTrack:
         while not self.ended and len(self.matrices) < n:
             i = len(self.matrices)
             if i % 16 == 0:
-                check_cancel(self.cancel)
+                check_cancel(self.finder.cancel)
             with self.clock("faces"):
                 try:
                     face = self._tracker.track(None)
@@ -175,38 +254,18 @@ class FaceTrack:
                     self.ended = True
                     self.progress.end(FACES)  # the bar closes when the pass does, with its real rate
                     break
-                if i == self._sync:
-                    self._bounds = SmoothingBounds(self.resolution)
-                if self._bounds is not None and not self._bounds.agree(None if face is None else face.anchors) \
-                        and i >= self.first:
-                    face, matrix = self._replay(i)
+                late = self.late
+                if late is not None and not late.agrees(i, face) and i >= self.first:
+                    self._tracker, self._aligner, face, matrix = late.replay(i, self.finder, self._faces, self.point)
+                    self.late = None
                 else:
                     matrix = _smooth(self._aligner, face)
-                if self.horizon is not None and i + 1 >= self.horizon:
-                    self._bounds = self._log = None  # no edited frame is left: the state no longer matters
+                if self.late is not None and self.horizon is not None and i + 1 >= self.horizon:
+                    self.late.done()
                 self.matrices.append(matrix)
                 self.has_face.append(face is not None)
                 self._seen = self._seen or face is not None
             self.progress.advance(FACES)
-
-    def _replay(self, i: int) -> tuple[Face | None, np.ndarray]:
-        """Pass 1 from frame 0 up to frame ``i`` (the frames before ``start`` detected now, the later ones logged),
-        to know the state a late start cannot; it goes on from there. Frame ``i``'s face and matrix."""
-        log, self._log, self._bounds = self._log, None, None
-        # The pool is busy with the frames ahead: the frames before detect here (the same faces).
-        landmarker = self._landmarker or FaceLandmarker()
-        earlier = self._detect(0, self.start, landmarker)
-        try:
-            self._tracker = make_tracker(_Detected(itertools.chain(earlier, log, self._faces)), self.point, self.fps)
-            self._aligner = FaceAligner(self.resolution)
-            for _ in range(i + 1):
-                face = self._tracker.track(None)
-                matrix = _smooth(self._aligner, face)
-        finally:
-            earlier.close()
-            if landmarker is not self._landmarker:
-                landmarker.close()
-        return face, matrix
 
     def check(self) -> None:
         """Once the video has ended: an ``InputError`` when no frame could be read or none shows the face."""
@@ -241,8 +300,8 @@ class FaceTrack:
         if self._closed:
             return
         self._closed = True
-        if failed and self.pool is not None:
-            self.pool.terminate()
+        if failed and self.finder.pool is not None:
+            self.finder.pool.terminate()
         self.progress.end(FACES, failed=failed)
         self._faces.close()
         if self._own is not None:

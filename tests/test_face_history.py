@@ -194,7 +194,7 @@ def clip(tmp_path_factory):
 
 def _face_pass(clip, landmarker, **kw):
     info = video_mod.probe(clip)
-    with FaceTrack(clip, FPS, info, None, None, RES, clock=StageClock(), landmarker=landmarker, **kw) as t:
+    with FaceTrack.open(clip, FPS, info, None, None, RES, clock=StageClock(), landmarker=landmarker, **kw) as t:
         t.ensure(math.inf)
     return t.start, *t.arrays()
 
@@ -244,7 +244,7 @@ def test_a_tie_in_the_smoothing_replays_the_pass_from_frame_0(clip, monkeypatch)
     _, whole, _ = _face_pass(clip, _Stamped(0))
     landmarker = _Stamped(0)
     info = video_mod.probe(clip)
-    with FaceTrack(clip, FPS, info, None, None, RES, clock=StageClock(), landmarker=landmarker, first=112,
+    with FaceTrack.open(clip, FPS, info, None, None, RES, clock=StageClock(), landmarker=landmarker, first=112,
                    horizon=144) as t:
         monkeypatch.setattr(SmoothingBounds, "agree", lambda self, anchors: False)  # once the start is chosen
         t.ensure(math.inf)
@@ -260,7 +260,7 @@ def test_a_late_start_and_its_replay_on_worker_processes(clip, monkeypatch):
     pool = FacePool(1)
     try:
         _, late, _ = _face_pass(clip, None, pool=pool, first=112, horizon=144)
-        with FaceTrack(clip, FPS, video_mod.probe(clip), None, None, RES, clock=StageClock(), pool=pool, first=112,
+        with FaceTrack.open(clip, FPS, video_mod.probe(clip), None, None, RES, clock=StageClock(), pool=pool, first=112,
                        horizon=144) as t:
             monkeypatch.setattr(SmoothingBounds, "agree", lambda self, anchors: False)
             t.ensure(math.inf)
@@ -284,6 +284,6 @@ def test_a_cancel_while_the_late_start_is_chosen_stops_the_workers(clip):
 
     pool = FacePool(1)
     with pytest.raises(Cancelled):
-        FaceTrack(clip, FPS, video_mod.probe(clip), None, None, RES, clock=StageClock(), pool=pool, first=112,
+        FaceTrack.open(clip, FPS, video_mod.probe(clip), None, None, RES, clock=StageClock(), pool=pool, first=112,
                   horizon=144, cancel=Soon())
     assert not pool.alive  # terminated: no worker or ffmpeg left behind

@@ -147,9 +147,8 @@ def _stage(device: str, seed: int = 11):
 
     vae = SimpleNamespace(config=SimpleNamespace(block_out_channels=(8, 8), latent_channels=4), dtype=torch.float32)
     models = SimpleNamespace(resolution=16, device=torch.device(device), dtype=torch.float32, vae=vae)
-    plan = SimpleNamespace(features=np.zeros((4, 2, 3), np.float32), fps=25.0,
-                           options=SimpleNamespace(seed=seed))
-    return GenerateStage(plan, models, clock=None)
+    audio = SimpleNamespace(features=np.zeros((4, 2, 3), np.float32))
+    return GenerateStage(audio, 25.0, SimpleNamespace(seed=seed), models, clock=None)
 
 
 def test_draws_come_from_a_cpu_generator_in_a_fixed_order_whatever_the_device():

@@ -368,8 +368,8 @@ def test_rendered_chunk_ranges_join_to_the_whole_run(pipe, media, tmp_path, monk
     assert sorted(seen["parts"]) == sorted(seen["whole"]) == list(range(plan.num_out))
     for j in range(plan.num_out):  # before encoding: bit for bit
         assert np.array_equal(seen["parts"][j], seen["whole"][j]), f"output frame {j} differs"
-    one = pipe.finish(plan, [whole.path], tmp_path / "one.mp4", [whole])
-    joined = pipe.finish(plan, [p.path for p in parts], tmp_path / "joined.mp4", parts)
+    one = pipe.finish(plan, [whole], tmp_path / "one.mp4")
+    joined = pipe.finish(plan, parts, tmp_path / "joined.mp4")
     a, b = (decode_video(tmp_path / name).astype(np.int16) for name in ("one.mp4", "joined.mp4"))
     assert a.shape == b.shape and len(a) == plan.num_out == joined.frames
     # Two x264 runs on different frame ranges round differently throughout (lookahead), so the codec's error is

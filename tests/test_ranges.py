@@ -16,9 +16,9 @@ from latentsync.face import FaceLandmarker
 from latentsync.facepool import FacePool
 from latentsync.options import RunOptions, parse_ranges
 from latentsync.pipeline import LipSync
-from latentsync.plan import _face_window, _features
+from latentsync.plan import _features
 from latentsync.control import StageClock
-from latentsync.timeline import FADE_FRAMES, edit_weights, range_frames, source_index, touched_chunks
+from latentsync.timeline import FADE_FRAMES, Edits, edit_weights, range_frames, source_index, touched_chunks
 from latentsync.tracking import FaceTrack
 from media_utils import decode_video, face_clip, speech
 from tiny_weights import make_tiny_weights
@@ -244,16 +244,16 @@ class _Counting:
 
 
 def _track(clip, horizon, **kw):
-    with FaceTrack(clip, 25.0, video_mod.probe(clip), None, None, 64, clock=StageClock(), horizon=horizon,
+    with FaceTrack.open(clip, 25.0, video_mod.probe(clip), None, None, 64, clock=StageClock(), horizon=horizon,
                    **kw) as track:
         track.ensure(math.inf)
     return track.arrays()
 
 
 def test_the_face_pass_detects_only_up_to_the_last_edited_chunk(media, tmp_path):
-    window = _face_window(((0.2, 0.6),), 25.0, 16)  # frames 5 … 14 and their fades: chunks 0 and 1
-    assert window == {"first": 0, "horizon": 32} and _face_window((), 25.0, 16) == {"first": 0, "horizon": None}
-    horizon = window["horizon"]
+    window = Edits.of(((0.2, 0.6),), 25.0, 16).face_window  # frames 5 … 14 and their fades: chunks 0 and 1
+    assert window == (0, 32) and Edits.of((), 25.0, 16) is None  # no ranges: the whole video, every frame tracked
+    horizon = window[1]
     late = face_clip(tmp_path / "late.mp4", 40, hide=range(0, 20))  # the face shows only after the horizon
     real = FaceLandmarker()
     pool = FacePool(2)

@@ -20,7 +20,7 @@ from latentsync import video as video_mod
 from latentsync.options import RunOptions
 from latentsync.pipeline import LipSync
 from latentsync.length import _clean_windows, _padded_windows, _span_prefix, scored_spans
-from latentsync.timeline import pad_with_silence, range_frames
+from latentsync.timeline import Edits, pad_with_silence, range_frames
 from latentsync.tracking import FaceTrack
 from media_utils import decode_audio, decode_video, face_clip, speech
 from tiny_weights import make_tiny_weights
@@ -106,7 +106,7 @@ def runs(pipe, media, tmp_path_factory):
             mp.setattr(pipe, "frame_tap", lambda j, frame: whole.setdefault(j, frame.copy()))
             plan = pipe.plan(media[video], media[audio], opts)
             part = pipe.render(plan, d / f"{k}-part.mp4")
-            reference = pipe.finish(plan, [part.path], d / f"{k}-whole.mp4", [part])
+            reference = pipe.finish(plan, [part], d / f"{k}-whole.mp4")
         finally:
             mp.undo()
         out[name] = {"result": result, "reference": reference, "plan": plan, "first": first[0],
@@ -171,7 +171,7 @@ def test_the_cases_cover_both_lengths_and_the_padding(runs):
 def test_the_span_prefix_is_every_longer_outputs(ranges):
     fps = 25.0
     for shortest in [10, 64, 65, 80, 100, 190, 300, 777]:
-        prefix, bound = _span_prefix(ranges, fps, shortest)
+        prefix, bound = _span_prefix(Edits.of(ranges, fps, 16), shortest)
         for n in range(shortest, shortest + 1500):
             scored = scored_spans(range_frames(ranges, fps, n) if ranges else [(0, n)])
             assert scored[:len(prefix)] == prefix, (ranges, shortest, n)

@@ -31,7 +31,7 @@ def pool():
 
 def track_faces(video, fps, info, limit, point, resolution, **kw) -> tuple[np.ndarray, np.ndarray]:
     """The whole of pass 1 at once, unchecked: the arrays after tracking every frame."""
-    with FaceTrack(video, fps, info, limit, point, resolution, **kw) as track:
+    with FaceTrack.open(video, fps, info, limit, point, resolution, **kw) as track:
         track.ensure(math.inf)
     return track.arrays()
 

@@ -90,8 +90,7 @@ class Worker:
         started = time.perf_counter()
         try:
             temp_out = job.work_dir / job.output.name
-            result = self.pipe.finish(plan, [part.path for part in parts], temp_out, parts,
-                                      progress=self._progress(job))
+            result = self.pipe.finish(plan, parts, temp_out, progress=self._progress(job))
             os.replace(temp_out, job.output)
         except Exception as e:
             return _failure(e)

@@ -6,23 +6,24 @@ import torch
 
 from latentsync.align import FaceAligner
 from latentsync.devices import Staging
+from latentsync.control import StageClock
 from latentsync.frames import FrameFetcher
+from latentsync.length import OpenPlan
 from latentsync.loader import Models
 from latentsync.plan import Plan
-from latentsync.control import StageClock
 from latentsync.stages.cuda import made
-from latentsync.stages.work import Work
+from latentsync.stages.work import FaceSource, Work
 from latentsync.timeline import Chunk, nearest_with_face
 
 
 class AlignStage:
     """Reads each chunk's frames (one forward stream) and warps its faces into R×R crops on ``device``."""
 
-    def __init__(self, plan: Plan, models: Models, clock: StageClock):
+    def __init__(self, plan: Plan | OpenPlan, faces: FaceSource, models: Models, clock: StageClock):
         self.fetcher = FrameFetcher(plan.video, plan.fps, plan.info)
         self.staging = Staging(models.device)
         self.aligner = FaceAligner(models.resolution, device=models.device)  # warps run where the model runs
-        self.matrices, self.device, self.dtype, self.clock = plan.matrices, models.device, models.dtype, clock
+        self.faces, self.device, self.dtype, self.clock = faces, models.device, models.dtype, clock
         self.stream = models.threads.align.stream  # the stage runs on that thread, on this stream
 
     def __call__(self, chunk: Chunk) -> Work:
@@ -35,7 +36,7 @@ class AlignStage:
             fill = nearest_with_face(list(chunk.has_face))
             sources = sorted({chunk.src[f] for f in fill})
             crops = dict(zip(sources, self.aligner.warp_batch([frames[s] for s in sources],
-                                                              [self.matrices[s] for s in sources])))
+                                                              [self.faces.matrix(s) for s in sources])))
             pixels = crop_pixels(self.staging, np.stack([crops[chunk.src[f]] for f in fill]), self.dtype)
             return Work(chunk, frames, pixels, ready=made(self.device))
 

@@ -16,8 +16,8 @@ activations, the peak of a run's memory.
 from __future__ import annotations
 
 import time
-from types import SimpleNamespace
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -26,21 +26,20 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from latentsync import audio as audio_mod
 from latentsync.devices import Staging, upload, vae_slice
+from latentsync.control import Cancel, StageClock, check_cancel
 from latentsync.loader import Models
 from latentsync.options import OUTPUT_FPS, RunOptions
-from latentsync.plan import Plan
 from latentsync.sampling import denoise
-from latentsync.control import StageClock, check_cancel
 from latentsync.stages.align import crop_pixels
 from latentsync.stages.cuda import made, take
-from latentsync.stages.work import Work
+from latentsync.stages.work import FeatureSource, Work
 from latentsync.syncscore import SyncScorer
 from latentsync.timeline import Chunk
 
 DEEPCACHE_INTERVAL = 3  # upstream's DeepCacheSDHelper(cache_interval=3, cache_branch_id=0)
 
 
-def sliced(fn, x: torch.Tensor, size: int | None) -> torch.Tensor:
+def sliced(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, size: int | None) -> torch.Tensor:
     """``fn`` over ``x`` in slices of ``size`` along the first dimension (all at once for None), concatenated."""
     if size is None or len(x) <= size:
         return fn(x)
@@ -48,25 +47,29 @@ def sliced(fn, x: torch.Tensor, size: int | None) -> torch.Tensor:
 
 
 class GenerateStage:
-    """Generates the mouth region of each chunk on the model's device, in chunk order."""
+    """Generates the mouth region of each chunk on the model's device, in chunk order: ``audio`` holds the Whisper
+    features (a plan), ``fps`` the frame rate they are read at, ``options`` the run's seed and sampling."""
 
-    def __init__(self, plan: Plan, models: Models, clock: StageClock, cancel: Any = None):
-        self.models, self.fps, self.options, self.clock, self.cancel = models, plan.fps, plan.options, clock, cancel
-        self.plan = plan
+    def __init__(self, audio: FeatureSource, fps: float, options: RunOptions, models: Models, clock: StageClock,
+                 cancel: Cancel | None = None):
+        if options.seed is None:
+            raise ValueError("the generate stage needs the run's seed (RunOptions.with_seed)")
+        self.models, self.fps, self.options, self.clock, self.cancel = models, fps, options, clock, cancel
+        self.audio = audio
         self._features: tuple[np.ndarray, torch.Tensor] | None = None
         R = models.resolution
         self.slice = vae_slice(models.device, R)
-        self.generator = torch.Generator("cpu").manual_seed(plan.options.seed)
+        self.generator = torch.Generator("cpu").manual_seed(options.seed)
         # One noise draw for the whole video, shared by every frame (as upstream), drawn before any chunk.
         self._noise = self._draw((1, 4, 1, R // 8, R // 8), models.dtype)
         self.staging = Staging(models.device)  # a chunk's draws and audio windows go up in one copy
 
     @property
     def features(self) -> torch.Tensor:
-        """The plan's Whisper features as a tensor, as the plan has them now: a streamed ``silence`` plan swaps in
-        the padded audio's once pass 1 tells the output's length (rows already read are the same in both)."""
-        if self._features is None or self._features[0] is not self.plan.features:
-            self._features = (self.plan.features, torch.from_numpy(self.plan.features))
+        """The Whisper features as a tensor, as the plan has them now: an open ``silence`` plan swaps in the padded
+        audio's once pass 1 tells the output's length (rows already read are the same in both)."""
+        if self._features is None or self._features[0] is not self.audio.features:
+            self._features = (self.audio.features, torch.from_numpy(self.audio.features))
         return self._features[1]
 
     @property
@@ -146,6 +149,13 @@ def _to_5d(x: torch.Tensor) -> torch.Tensor:
     return x.permute(1, 0, 2, 3).unsqueeze(0)
 
 
+@dataclass(frozen=True)
+class _Features:
+    """A warm-up's audio: the features of a plan, all zeros."""
+
+    features: np.ndarray
+
+
 # The guidance settings a warm-up generates with: any scale above 1 gives the U-Net a batch of 2 (unconditional and
 # conditional), 1.0 a batch of 1; both are common in requests.
 WARM_UP_GUIDANCE = (1.5, 1.0)
@@ -169,9 +179,8 @@ def warm_up(models: Models) -> float:
     def generate() -> None:
         for guidance in WARM_UP_GUIDANCE:  # two steps: one full pass, one shallow (DeepCache)
             options = RunOptions(guidance_scale=guidance, inference_steps=2, seed=0, deepcache=True)
-            plan = SimpleNamespace(fps=OUTPUT_FPS, options=options, features=features)  # what the stage reads
             pixels = crop_pixels(Staging(models.device), faces, models.dtype)
-            GenerateStage(plan, models, StageClock())(Work(chunk, {}, pixels))
+            GenerateStage(_Features(features), OUTPUT_FPS, options, models, StageClock())(Work(chunk, {}, pixels))
         if models.device.type == "cuda":
             torch.cuda.synchronize(models.device)
 

@@ -8,12 +8,13 @@ import numpy as np
 from latentsync import video as video_mod
 from latentsync.align import FaceAligner
 from latentsync.devices import pick_rows
+from latentsync.control import StageClock
+from latentsync.length import OpenPlan
 from latentsync.loader import Models
 from latentsync.plan import Plan
 from latentsync.progress import SYNTHESIS, Progress
-from latentsync.control import StageClock
 from latentsync.stages.cuda import take
-from latentsync.stages.work import Work
+from latentsync.stages.work import FaceSource, Work
 from latentsync.syncscore import sync_crop
 
 
@@ -24,10 +25,11 @@ class PasteStage:
     there, before the codec's rounding).
     """
 
-    def __init__(self, plan: Plan, models: Models, clock: StageClock, writer: video_mod.VideoWriter,
-                 progress: Progress, tap: Callable[[int, np.ndarray], None] | None = None):
-        self.writer, self.matrices, self.clock, self.progress, self.tap = writer, plan.matrices, clock, progress, tap
-        self.sync_spans = plan.sync_spans
+    def __init__(self, plan: Plan | OpenPlan, faces: FaceSource, models: Models, clock: StageClock,
+                 writer: video_mod.VideoWriter, progress: Progress,
+                 tap: Callable[[int, np.ndarray], None] | None = None):
+        self.writer, self.faces, self.clock, self.progress, self.tap = writer, faces, clock, progress, tap
+        self.plan = plan  # an open plan's sync spans grow at the end while the stage reads them
         self.aligner = FaceAligner(models.resolution)
         self.stream = models.threads.paste.stream  # the stage runs on that thread, on this stream
 
@@ -52,7 +54,7 @@ class PasteStage:
         chunk = work.chunk
         keep = [k for k, h in enumerate(chunk.has_face) if h and chunk.share(k) > 0]
         restored = self.aligner.restore_batch([frames[k] for k in keep], pick_rows(work.faces, keep),
-                                              [self.matrices[chunk.src[k]] for k in keep])
+                                              [self.faces.matrix(chunk.src[k]) for k in keep])
         for k, frame in zip(keep, restored):
             w = chunk.share(k)
             # In a range's fade the pasted face is mixed into the source frame: no jump at the range's edge.
@@ -63,7 +65,7 @@ class PasteStage:
     def _sync_crops(self, work: Work) -> None:
         """SyncNet's crops of the generated faces of this chunk's frames that lie in a sampled span."""
         start = work.chunk.start
-        wanted = [k for k in range(len(work.chunk.src)) if any(a <= start + k < b for a, b in self.sync_spans)]
+        wanted = [k for k in range(len(work.chunk.src)) if any(a <= start + k < b for a, b in self.plan.sync_spans)]
         if wanted:
             with self.clock("sync"):
                 work.sync = dict(zip((start + k for k in wanted), sync_crop(pick_rows(work.faces, wanted))))

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from latentsync.control import StageClock
+from latentsync.length import OpenPlan
 from latentsync.loader import Models
 from latentsync.plan import Plan
-from latentsync.control import StageClock
 from latentsync.stages.work import Work
 from latentsync.syncscore import SyncScore, score_span
 
@@ -20,7 +21,7 @@ class ScoreStage:
     """Collects the crops of the plan's sync spans and, with ``score_now``, scores every span wholly inside
     ``frames``."""
 
-    def __init__(self, plan: Plan, models: Models, clock: StageClock, frames: range, score_now: bool):
+    def __init__(self, plan: Plan | OpenPlan, models: Models, clock: StageClock, frames: range, score_now: bool):
         self.syncnet, self.spans, self.clock = models.syncnet, plan.sync_spans, clock
         self.wav, self.fps = plan.wav, plan.fps
         self.todo = [s for s in self.spans if score_now and frames.start <= s[0] and s[1] <= frames.stop]
