@@ -10,7 +10,6 @@ a pre-filled, possibly read-only weights folder, ``LATENTSYNC_VERSION``, ``LATEN
 """
 from __future__ import annotations
 
-import dataclasses
 import gc
 import logging
 import os
@@ -22,13 +21,14 @@ import time
 import uuid
 import warnings
 from pathlib import Path as FsPath
-from typing import Any, Optional
+from typing import Any
 
 from cog import BasePredictor, Input, Path
 
 from latentsync.errors import InputError, describe, is_out_of_memory
-from latentsync.options import RunOptions
+from latentsync.options import RunOptions, parse_ranges
 from latentsync.progress import WEIGHTS, LogLines, Progress
+from latentsync.result import LipSyncResult, metrics, summary_lines
 from latentsync.settings import Settings
 
 # Literal copies of latentsync.options.LOOP_MODES / FACE_SELECTS (Cog's static parser cannot follow an import).
@@ -90,7 +90,7 @@ class Predictor(BasePredictor):
             description="Denoising steps: more is slower and a little sharper; 20-50 for results, fewer to preview.",
             ge=1, le=100, default=20,
         ),
-        seed: Optional[int] = Input(
+        seed: int | None = Input(
             description="Random seed: empty for a random one (see the metrics); 0 is an ordinary seed, not random.",
             ge=0, le=4294967295, default=None,
         ),
@@ -127,7 +127,7 @@ class Predictor(BasePredictor):
         try:
             options = RunOptions(guidance_scale=guidance_scale, inference_steps=inference_steps, seed=seed,
                                  loop_mode=loop_mode, deepcache=enable_deepcache, keep_fps=keep_fps,
-                                 face_select=face_select, ranges=ranges)
+                                 face_select=face_select, ranges=parse_ranges(ranges))
             progress = Progress(LogLines(log.info, every_percent=PROGRESS_EVERY_PERCENT, every_s=PROGRESS_EVERY_S))
             result = self.pipe.lipsync(video, audio, output, options=options, progress=progress)
         except BaseException as e:  # noqa: BLE001 — out-of-memory and cancellation need cleanup, then re-raise
@@ -137,7 +137,9 @@ class Predictor(BasePredictor):
                 raise  # bugs, cancellation and the machine's other troubles reach Cog as they are
             # The message every front door gives; Cog's temporary file names mean nothing to the user: name the
             # inputs instead.
-            message = _replace_paths(describe(e)[1], names)
+            described = describe(e)
+            assert described is not None  # describe() has a line for every InputError and out-of-memory error
+            message = _replace_paths(described[1], names)
             if isinstance(e, InputError):
                 raise InputError(message) from None
             out_of_memory = message
@@ -161,19 +163,16 @@ class Predictor(BasePredictor):
         self.last_run = run
         return run
 
-    def _report(self, result: Any) -> None:
-        print(f"seed: {result.seed}; {result.frames} frames, {result.frames_with_face} with a face")
-        self.record_metric("seed", result.seed)
-        self.record_metric("frames", result.frames)
-        self.record_metric("frames_with_face", result.frames_with_face)
-        for stage, seconds in result.seconds.items():
-            self.record_metric(f"seconds.{stage}", round(float(seconds), 3))
-        sync = result.sync
-        if sync is not None:
-            fields = dataclasses.asdict(sync) if dataclasses.is_dataclass(sync) else dict(vars(sync))
-            for key, value in fields.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self.record_metric(f"sync.{key}", float(value))
+    def _report(self, result: LipSyncResult) -> None:
+        """The run's summary in the logs (its output path is a temporary one: not shown) and its metrics."""
+        print("\n".join(summary_lines(result, show_output=False)))
+        for key, value in metrics(result).items():
+            # A dotted name is how Cog nests a metric (``seconds.denoise`` → ``{"seconds": {"denoise": …}}``).
+            if isinstance(value, dict):
+                for inner, number in value.items():
+                    self.record_metric(f"{key}.{inner}", number)
+            elif value is not None:  # None would delete the metric: a run without a sync score has none
+                self.record_metric(key, value)
 
 
 class _PathScrubber(logging.Filter):

@@ -75,7 +75,7 @@ def face_path_fps(frames: list[np.ndarray], resolution: int) -> dict[str, tuple[
         spent["landmarks"].append(t1 - t0)
         spent["align"].append(t2 - t1)
         spent["restore"].append(t3 - t2)
-    spent["total"] = [sum(x) for x in zip(*spent.values())]
+    spent["total"] = [sum(x) for x in zip(*spent.values(), strict=True)]
     return {k: (len(v) / sum(v), 1 / float(np.median(v))) for k, v in spent.items()}
 
 

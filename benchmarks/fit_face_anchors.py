@@ -100,7 +100,7 @@ def fit(meshes: np.ndarray, targets: np.ndarray, iods: np.ndarray, pairs, anchor
     big = 1e3  # the sum-to-one constraint as a heavily weighted extra equation
     a = np.vstack(rows + [big * np.ones((1, len(pairs)))])
     w, _ = nnls(a, np.append(np.concatenate(rhs), big))
-    return {p: float(x) for p, x in zip(pairs, w) if x > 0.03}
+    return {p: float(x) for p, x in zip(pairs, w, strict=True) if x > 0.03}
 
 
 def offsets(meshes: np.ndarray, targets: np.ndarray, iods: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -60,8 +60,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from latentsync import devices  # noqa: E402
-from latentsync.options import LOOP_MODE  # noqa: E402
 from latentsync.control import StageClock  # noqa: E402
+from latentsync.options import LOOP_MODE  # noqa: E402
 
 RESULTS: dict = {}
 CAP_GB = {"1.5": 8, "1.6": 12}  # the cards each version must fit: upstream's 8 GB minimum, a 12 GB card for 1.6
@@ -303,11 +303,11 @@ def full_size_weights(folder: Path, device: torch.device) -> Path:
     """Random weights in upstream's formats and full shapes: U-Net (fp16 .pt), SD VAE, Whisper tiny, SyncNet."""
     from diffusers import AutoencoderKL
 
+    import tiny_weights
     from latentsync.config import config_path, load_config
     from latentsync.models.motion_module import PositionalEncoding
     from latentsync.models.syncnet import StableSyncNet
     from latentsync.models.unet import UNet3DConditionModel
-    import tiny_weights
 
     folder.mkdir(parents=True, exist_ok=True)
     if (folder / "stable_syncnet.pt").is_file():

@@ -21,11 +21,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parent), str(HERE.parent / "tests")]  # this checkout first
 
-from media_utils import face_clip, speech  # noqa: E402
-from tiny_weights import make_tiny_weights  # noqa: E402
-
 from latentsync.options import RunOptions  # noqa: E402
 from latentsync.pipeline import LipSync  # noqa: E402
+from media_utils import face_clip, speech  # noqa: E402
+from tiny_weights import make_tiny_weights  # noqa: E402
 
 MODEL = ("align", "vae_encode", "denoise", "vae_decode", "restore")  # the per-chunk synthesis work
 SHOWN = ("faces", "audio", "read", "align", "vae_encode", "denoise", "vae_decode", "restore", "encode")

@@ -147,11 +147,11 @@ def main() -> None:
         print(f"\n== fp32 forward, sample {tuple(sample.shape)}, audio {tuple(audio.shape)}")
         cache = DeepCache()
         with torch.no_grad():
-            for i in range(args.repeats):
+            for _ in range(args.repeats):
                 t0 = time.perf_counter()
                 full = model(sample, t, audio, cache=cache).sample
                 print(f"  full pass (fills the DeepCache)    {time.perf_counter() - t0:6.2f} s")
-            for i in range(args.repeats):
+            for _ in range(args.repeats):
                 t0 = time.perf_counter()
                 shallow = model(sample, torch.tensor(901), audio, cache=cache, shallow=True).sample
                 print(f"  DeepCache shallow pass             {time.perf_counter() - t0:6.2f} s")

@@ -13,6 +13,7 @@ Upstream runs matrices and warps in fp16 on CUDA; we keep float32 everywhere (it
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
@@ -70,19 +71,23 @@ def _chw_float(window: torch.Tensor) -> torch.Tensor:
     return window.to(torch.float32).permute(2, 0, 1).unsqueeze(0)
 
 
-def _upload_windows(frames: list[np.ndarray | torch.Tensor], bounds: list[tuple[int, int, int, int] | None],
+def _upload_windows(frames: list[np.ndarray | torch.Tensor], bounds: Sequence[tuple[int, int, int, int] | None],
                     matrices: list[np.ndarray], device: torch.device, staging: Staging
                     ) -> tuple[list[torch.Tensor | None], list[torch.Tensor]]:
     """The frames' windows (rows r0:r1, columns c0:c1; None: no window) as float32 (1, 3, h, w) tensors on
     ``device``, and the (2, 3) matrices as float32 tensors there: the host frames' windows and the matrices go up
     in one copy per batch (each small copy would be a transfer and a wait of its own)."""
-    host = [k for k, (f, b) in enumerate(zip(frames, bounds)) if b is not None and isinstance(f, np.ndarray)]
-    arrays = [frames[k][bounds[k][0]:bounds[k][1], bounds[k][2]:bounds[k][3]] for k in host]
+    host: list[int] = []
+    arrays: list[np.ndarray] = []
+    for k, (frame, b) in enumerate(zip(frames, bounds, strict=True)):
+        if b is not None and isinstance(frame, np.ndarray):
+            host.append(k)
+            arrays.append(frame[b[0]:b[1], b[2]:b[3]])
     *up, stacked = staging.upload([*arrays, np.stack(matrices).astype(np.float32)])
     windows: list[torch.Tensor | None] = [None] * len(frames)
-    for k, window in zip(host, up):
+    for k, window in zip(host, up, strict=True):
         windows[k] = _chw_float(window)
-    for k, (frame, b) in enumerate(zip(frames, bounds)):
+    for k, (frame, b) in enumerate(zip(frames, bounds, strict=True)):
         if b is not None and isinstance(frame, torch.Tensor):  # already on its device
             windows[k] = _chw_float(frame[b[0]:b[1], b[2]:b[3]].to(device))
     return windows, list(stacked)
@@ -123,7 +128,7 @@ def _erode(mask: torch.Tensor, size: int, anchor: int) -> torch.Tensor:
         return _erode_torch(mask, size, anchor)
     kernel = np.ones((size, size), np.uint8)
     eroded = cv2.erode(mask[0, 0].numpy(), kernel, anchor=(anchor, anchor), borderType=cv2.BORDER_CONSTANT,
-                       borderValue=math.inf)
+                       borderValue=(math.inf,))
     return torch.from_numpy(eroded)[None, None]
 
 
@@ -230,7 +235,7 @@ class FaceAligner:
             raise ValueError(f"the frames of one batch must be on one device, got {sorted(map(str, devices))}")
         device = devices.pop()
         inverses, bounds = [], []
-        for frame, matrix in zip(frames, matrices):
+        for frame, matrix in zip(frames, matrices, strict=True):
             height, width = frame.shape[:2]
             inv = _invert(matrix)
             src_pts = corners @ inv.T
@@ -243,8 +248,8 @@ class FaceAligner:
             bounds.append((r0, r1, c0, c1) if r0 < r1 and c0 < c1 else None)
         windows, inverses_t = _upload_windows(frames, bounds, inverses, device, self._staging_for(device))
         crops = []
-        for window, b, inv_t in zip(windows, bounds, inverses_t):
-            if window is None:
+        for window, b, inv_t in zip(windows, bounds, inverses_t, strict=True):
+            if b is None or window is None:  # one is None where the other is
                 crops.append(torch.full((crop_h, crop_w, 3), int(_FILL), dtype=torch.uint8, device=device))
                 continue
             r0, r1, c0, c1 = b
@@ -272,7 +277,7 @@ class FaceAligner:
         device = faces.device
         crop_w, crop_h = self.face_size
         picked, bounds = [], []  # the frames a face goes into, with their matrix and window bounds
-        for k, (frame, matrix) in enumerate(zip(frames, matrices)):
+        for k, (frame, matrix) in enumerate(zip(frames, matrices, strict=True)):
             height, width = frame.shape[:2]
             m = np.asarray(matrix, dtype=np.float64).reshape(2, 3)
             inv = _invert(m)
@@ -292,11 +297,14 @@ class FaceAligner:
             return out
         windows, forwards = _upload_windows([frames[k] for k, _ in picked], bounds, [m for _, m in picked], device,
                                             self._staging_for(device))
-        jobs = [(k, m, b, w) for (k, m), b, w in zip(picked, bounds, windows)]
+        jobs = []
+        for (k, m), b, w in zip(picked, bounds, windows, strict=True):
+            assert w is not None  # every picked frame has its bounds, so its window
+            jobs.append((k, m, b, w))
         face_crops = F.interpolate(pick_rows(faces, [k for k, *_ in jobs]).to(torch.float32), size=(crop_h, crop_w),
                                    mode="bicubic", align_corners=False, antialias=True)
         pasted, masks = [], []
-        for crop, (_, _, (r0, r1, c0, c1), _), m_t in zip(face_crops, jobs, forwards):
+        for crop, (_, _, (r0, r1, c0, c1), _), m_t in zip(face_crops, jobs, forwards, strict=True):
             rows = torch.arange(r0, r1, dtype=torch.float32, device=device)
             cols = torch.arange(c0, c1, dtype=torch.float32, device=device)
             grid = _sample_grid(m_t, rows, cols, (crop_h, crop_w), (0, 0))
@@ -308,7 +316,7 @@ class FaceAligner:
             masks.append(inv_mask)
         sums = torch.stack([mask.sum() for mask in masks]).cpu().tolist()  # the one sync for the feather widths
         blended = []
-        for total, mask, paste, (_, _, _, window) in zip(sums, masks, pasted, jobs):
+        for total, mask, paste, (_, _, _, window) in zip(sums, masks, pasted, jobs, strict=True):
             w_edge = int(total ** 0.5) // 20
             erosion = 2 * w_edge or 3  # cv2.erode (default anchor); OpenCV reads an empty kernel as 3×3
             center = _erode(mask, erosion, erosion // 2)
@@ -320,15 +328,17 @@ class FaceAligner:
         flat = torch.cat([b.reshape(-1) for b in blended])
         host = flat.cpu() if any(isinstance(frames[job[0]], np.ndarray) for job in jobs) else None  # one transfer
         offset = 0
-        for (k, _, (r0, r1, c0, c1), _), piece in zip(jobs, blended):
+        for (k, _, (r0, r1, c0, c1), _), piece in zip(jobs, blended, strict=True):
             frame, n = frames[k], piece.numel()
             if isinstance(frame, np.ndarray):
-                restored = frame.copy()
-                restored[r0:r1, c0:c1] = host[offset:offset + n].numpy().reshape(piece.shape)
+                assert host is not None  # a numpy frame in the batch: the pixels came back in the one transfer
+                array = frame.copy()
+                array[r0:r1, c0:c1] = host[offset:offset + n].numpy().reshape(piece.shape)
+                out[k] = array
             else:
-                restored = frame.clone()
-                restored[r0:r1, c0:c1] = piece.to(frame.device)
-            out[k] = restored
+                tensor = frame.clone()
+                tensor[r0:r1, c0:c1] = piece.to(frame.device)
+                out[k] = tensor
             offset += n
         return out
 

@@ -11,12 +11,12 @@ computes something else, so the mel is ours.
 from __future__ import annotations
 
 import functools
+import io
 import logging
 import math
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from latentsync import media
 from latentsync.config import config_path, load_config
 from latentsync.errors import InputError
-from latentsync.options import OUTPUT_FPS
+from latentsync.options import OUTPUT_FPS, check_file
 
 log = logging.getLogger(__name__)
 
@@ -62,11 +62,7 @@ def load_audio(
     Samples go through 16-bit PCM, as upstream's loader does. Raises InputError for a missing, empty or unreadable
     file, a playlist or other refused format, a file without audio, no samples, or more than ``max_duration`` s.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"audio file not found: {path}")
-    if path.stat().st_size == 0:
-        raise InputError(f"{path.name} is empty (0 bytes); upload an audio or video file with sound")
+    path = check_file("audio", path)
     if sample_rate <= 0:
         raise ValueError(f"sample_rate must be positive, got {sample_rate}")
     if not math.isfinite(max_duration) or max_duration <= 0:
@@ -85,6 +81,8 @@ def load_audio(
     with tempfile.TemporaryFile() as err, subprocess.Popen(
         cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, env=media.ffmpeg_env()
     ) as proc:
+        # stdout=PIPE with the default bufsize: Popen opens the pipe as an io.BufferedReader.
+        assert isinstance(proc.stdout, io.BufferedIOBase)
         n = _read_pcm16(proc.stdout, out)
         if n > len(out):
             proc.kill()
@@ -103,7 +101,7 @@ def load_audio(
     return out
 
 
-def _read_pcm16(stream: IO[bytes], out: np.ndarray) -> int:
+def _read_pcm16(stream: io.BufferedIOBase, out: np.ndarray) -> int:
     """Fill ``out`` with float samples from a 16-bit little-endian stream; the count, or len(out)+1 on overflow."""
     buf = bytearray(2 * _READ_SAMPLES)
     view = memoryview(buf)

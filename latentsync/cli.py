@@ -14,9 +14,19 @@ import sys
 from pathlib import Path
 
 from latentsync.hardware import check_device_available
-from latentsync.options import DEEPCACHE, FACE_SELECT, FACE_SELECTS, GUIDANCE_SCALE, INFERENCE_STEPS, LOOP_MODE, \
-    LOOP_MODES, OUTPUT_FPS, RunOptions
+from latentsync.options import (
+    DEEPCACHE,
+    FACE_SELECT,
+    FACE_SELECTS,
+    GUIDANCE_SCALE,
+    INFERENCE_STEPS,
+    LOOP_MODE,
+    LOOP_MODES,
+    OUTPUT_FPS,
+    RunOptions,
+)
 from latentsync.progress import BarSafeHandler
+from latentsync.result import summary_lines
 from latentsync.settings import Settings, add_model_arguments
 from latentsync.signals import Stop, exit_with, run_door
 
@@ -81,30 +91,22 @@ def _run(args: argparse.Namespace, stop: Stop) -> int:
                               keep_fps=args.keep_fps, face_select=args.face_select,
                               face_point=tuple(args.face_point) if args.face_point else None, ranges=args.ranges)
     settings = Settings.from_args(args, os.environ)
-    from latentsync.preflight import check_run_paths
+    # Imported here: latentsync.video needs numpy, which an option's error should not wait for.
+    from latentsync.preflight import check_inputs, check_options
 
-    check_run_paths(args.video, args.audio, args.output)
+    inputs = check_inputs(args.video, args.audio, args.output, settings.caps)  # the caps before any weight is read
     check_device_available(settings.device)  # a device the machine lacks, told before torch is imported
     from latentsync.devices import pick_device, pick_dtype, use_expandable_segments
 
     use_expandable_segments()  # before torch first touches CUDA
     pick_dtype(pick_device(settings.device), settings.dtype)
+    check_options(inputs, options)  # the time ranges against the inputs' lengths: still before any weight
     # A folder the user named is theirs: only verified against the manifest (download.py's rule); without one,
     # the default cache folder is filled from the network.
     pipe = settings.load(settings.weights())
     with stop.deferred() as cancel:
-        result = pipe.lipsync(args.video, args.audio, args.output, options=options, cancel=cancel,
-                              progress=not args.quiet)
-    print(f"wrote {result.output}: {result.frames} frames at {result.fps:g} fps, "
-          f"{result.frames_with_face} with a face, "
-          f"seed {result.seed}")
-    if result.ranges:
-        listed = ", ".join(f"{a:.2f}-{b:.2f}" for a, b in result.ranges)
-        print(f"lip-synced {listed} s ({result.frames_with_face} frames with a face); the rest passed through")
-    if result.sync is not None:
-        s = result.sync
-        print(f"sync: offset-0 cosine {s.offset0_cosine:.3f}, best offset {s.best_offset:+d} frames, "
-              f"confidence {s.confidence:.3f} ({s.windows} windows)")
+        result = pipe.run(inputs, options, cancel=cancel, progress=not args.quiet)
+    print("\n".join(summary_lines(result)))
     return 0
 
 

@@ -13,10 +13,9 @@ import numpy as np
 import torch
 
 from latentsync.errors import InputError
-from latentsync.hardware import NO_CUDA_BUILD, NO_CUDA_GPU, NO_MPS
+from latentsync.hardware import DEVICE_HELP, NO_CUDA_BUILD, NO_CUDA_GPU, NO_MPS
 from latentsync.hardware import USE_CPU as _USE_CPU
 from latentsync.options import DTYPES
-from latentsync.hardware import DEVICE_HELP
 
 _DTYPE_NAMES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
                 "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -141,13 +140,14 @@ class Staging:
         if self._buffers[k].numel() < total:
             self._buffers[k] = torch.empty(max(total, 2 * self._buffers[k].numel()), dtype=torch.uint8).pin_memory()
         host = self._buffers[k]
-        for t, (start, size) in zip(tensors, spans):
+        for t, (start, size) in zip(tensors, spans, strict=True):
             host[start:start + size].view(t.dtype).view(t.shape).copy_(t)
         dev = torch.empty(total, dtype=torch.uint8, device=self.device)
         dev.copy_(host[:total], non_blocking=True)
         self._done[k] = torch.cuda.Event()
         self._done[k].record(torch.cuda.current_stream(self.device))
-        return [dev[start:start + size].view(t.dtype).view(t.shape) for t, (start, size) in zip(tensors, spans)]
+        return [dev[start:start + size].view(t.dtype).view(t.shape)
+                for t, (start, size) in zip(tensors, spans, strict=True)]
 
 
 def use_expandable_segments(environ: MutableMapping[str, str] = os.environ) -> None:

@@ -32,8 +32,16 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from latentsync.errors import InputError, ResourceError
-from latentsync.manifest import WeightFile, archives_for, default_weights_dir, files_for, folder_manifest, \
-    mirrored, read_manifest, resolve_version
+from latentsync.manifest import (
+    WeightFile,
+    archives_for,
+    default_weights_dir,
+    files_for,
+    folder_manifest,
+    mirrored,
+    read_manifest,
+    resolve_version,
+)
 
 log = logging.getLogger(__name__)
 
@@ -317,7 +325,7 @@ def _download_with_python(entries: list[WeightFile], folder: Path, endpoint: str
         return
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(jobs, len(entries)))) as pool:
         futures = [pool.submit(_download_one, e, folder / e.dest, endpoint) for e in entries]
-        errors = [f.exception() for f in futures if f.exception() is not None]
+        errors = [e for e in (f.exception() for f in futures) if e is not None]
     if errors:
         raise next((e for e in errors if isinstance(e, InputError)), errors[0])
 
@@ -365,8 +373,8 @@ def _fetch(entry: WeightFile, url: str, partial: Path) -> None:
         if e.code != 416 or not offset:
             raise
         # Nothing past our end: the partial file is complete when the server's total agrees, else junk.
-        total = (e.headers.get("Content-Range") or "").rpartition("/")[2]
-        if total.isdigit() and int(total) == offset:
+        server_size = (e.headers.get("Content-Range") or "").rpartition("/")[2]
+        if server_size.isdigit() and int(server_size) == offset:
             return
         partial.unlink()
         raise _Incomplete("the partial file does not fit the server's copy; starting over") from e

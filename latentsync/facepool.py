@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from latentsync import video as video_mod
-from latentsync.face import Face, FaceLandmarker
+from latentsync.face import Face, FaceLandmarker, make_detector
 
 _HEADER = struct.Struct("<Q")  # byte length of the pickle that follows
 _POLL_S = 0.1  # how often a wait for a worker looks at the caller's cancel check
@@ -68,7 +68,7 @@ def serve() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
     replies = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # stray prints from libraries must not corrupt the replies
-    landmarker = FaceLandmarker()
+    landmarker = make_detector()
     # terminate() sends SIGTERM: unwind normally, so a read's ffmpeg child is killed by its generator's cleanup.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     requests = sys.stdin.buffer.fileno()
@@ -77,6 +77,7 @@ def serve() -> None:
             request = _receive(requests)
         except EOFError:
             return
+        reply: tuple[str, list[list[Face]] | Exception]
         try:
             reply = ("ok", _detect_range(landmarker, *request))
         except Exception as exc:  # noqa: BLE001 — the parent raises it
@@ -92,7 +93,7 @@ class FacePool:
         # The worker imports this very copy of the package, whatever the caller's sys.path was.
         root = str(Path(__file__).resolve().parent.parent)
         code = f"import sys; sys.path.insert(0, {root!r}); from latentsync.facepool import serve; serve()"
-        self._procs: list[subprocess.Popen] | None = [
+        self._procs: list[subprocess.Popen[bytes]] | None = [
             subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
             for _ in range(self.workers)]
 
@@ -111,7 +112,7 @@ class FacePool:
             raise RuntimeError("the face pool was terminated")
         total = (limit if limit is not None else math.ceil(info.duration * fps) + 1) - start
         block = min(max(math.ceil(total / (4 * self.workers)), 16), 128)
-        pending: deque[tuple[subprocess.Popen, int]] = deque()
+        pending: deque[tuple[subprocess.Popen[bytes], int]] = deque()
         nxt, k = start, 0
         try:
             while True:
@@ -134,7 +135,8 @@ class FacePool:
             if pending:  # stopped early (error, cancel, the caller closed us): the pipes hold stale answers
                 self.terminate()
 
-    def _reply(self, proc: subprocess.Popen, check: Callable[[], None]) -> list[list[Face]]:
+    def _reply(self, proc: subprocess.Popen[bytes], check: Callable[[], None]) -> list[list[Face]]:
+        assert proc.stdout is not None  # every worker is started with stdout=PIPE
         fd = proc.stdout.fileno()
         while not select.select([fd], [], [], _POLL_S)[0]:
             check()
@@ -150,9 +152,11 @@ class FacePool:
         """Let the workers finish and exit."""
         if self._procs is not None:
             for proc in self._procs:
+                assert proc.stdin is not None  # every worker is started with stdin=PIPE
                 proc.stdin.close()
             for proc in self._procs:
                 proc.wait()
+                assert proc.stdout is not None  # and with stdout=PIPE
                 proc.stdout.close()
             self._procs = None
 
@@ -168,6 +172,7 @@ class FacePool:
                     proc.kill()
                     proc.wait()
                 for pipe in (proc.stdin, proc.stdout):
+                    assert pipe is not None  # every worker is started with stdin=PIPE and stdout=PIPE
                     try:
                         pipe.close()
                     except OSError:  # a request still in the closed pipe
@@ -189,7 +194,7 @@ class Detectors:
         if workers > 0 and (self.pool is None or not self.pool.alive):
             self.pool = FacePool(workers)
         if workers == 0 and self.landmarker is None:
-            self.landmarker = FaceLandmarker()
+            self.landmarker = make_detector()
         return self.pool, self.landmarker
 
     def close(self) -> None:

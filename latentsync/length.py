@@ -10,7 +10,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,8 +22,16 @@ from latentsync import video as video_mod
 from latentsync.control import StageClock
 from latentsync.options import RunOptions
 from latentsync.syncscore import SYNC_BUDGET, SYNC_SPAN, sync_spans
-from latentsync.timeline import (FADE_FRAMES, Chunk, Edits, chunk_at, edited, output_length, pad_with_silence,
-                                 silence_length)
+from latentsync.timeline import (
+    FADE_FRAMES,
+    Chunk,
+    Edits,
+    chunk_at,
+    edited,
+    output_length,
+    pad_with_silence,
+    silence_length,
+)
 from latentsync.tracking import FaceTrack
 
 log = logging.getLogger(__name__)
@@ -203,9 +211,10 @@ def _span_prefix(edits: Edits | None, shortest: int) -> tuple[list[tuple[int, in
     other span of any of those outputs begins (inf: none begins after them)."""
     end = math.inf  # without edits the one span is the whole output, wherever it ends
     prefix: list[tuple[int, int]] = []
-    for a, b in edits.spans if edits is not None else [(0, end)]:
+    spans: Sequence[tuple[int, float]] = edits.spans if edits is not None else [(0, end)]
+    for a, b in spans:
         if b <= shortest:  # the range ends inside every such output: its spans are known
-            prefix += scored_spans([(a, b)])
+            prefix += scored_spans([(a, int(b))])
         elif shortest - a > SYNC_SPAN:
             # Cut where the output ends: its first span is known; the others start at least a third (the most
             # spans there are, less one) of the way past it, of a length at least ``shortest - a``.

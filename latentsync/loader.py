@@ -1,23 +1,34 @@
-"""Loading every model a run needs from a folder laid out like upstream's ``checkpoints/``, and the opt-in compile."""
+"""Loading every model a run needs from a folder laid out like upstream's ``checkpoints/``, the scheduler built
+from its shipped config, and the opt-in compile."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import cast
 
 import torch
+
+# From their own modules: to a type checker, diffusers' top-level names are its placeholders for a missing torch.
+from diffusers.configuration_utils import ConfigMixin
+from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+from diffusers.schedulers.scheduling_ddim import DDIMScheduler
 
 from latentsync.align import load_mask
 from latentsync.config import config_path, folder_configs, load_config
 from latentsync.devices import GpuThread, StageThreads, pick_device, pick_dtype
 from latentsync.errors import InputError
+from latentsync.models.compiled import CompiledUNet, cache_folder, compile_vae, use_cache_dir
+from latentsync.models.syncnet import StableSyncNet
+from latentsync.models.unet import UNet3DConditionModel
 from latentsync.models.whisper import AudioEncoder
+from latentsync.sampling import Scheduler
 from latentsync.syncscore import pin_flat
-from latentsync.weights import load_scheduler, load_unet, load_vae, unet_config_for
+from latentsync.weights import load_syncnet, load_unet, load_vae, load_whisper, unet_config_for
 
 log = logging.getLogger(__name__)
 
@@ -26,22 +37,18 @@ log = logging.getLogger(__name__)
 class Models:
     """Every model a run needs, loaded once, with the sizes and the device and dtype they run at."""
 
-    unet: Any  # a UNet3DConditionModel, or its CompiledUNet
-    vae: Any
-    audio_encoder: Any
-    scheduler: Any
+    unet: UNet3DConditionModel | CompiledUNet
+    vae: AutoencoderKL
+    audio_encoder: AudioEncoder
+    scheduler: Scheduler  # DDIM unless a caller passes another diffusers scheduler
     mask: torch.Tensor  # (1, R, R) mouth mask, 1 = keep, on ``device`` in ``dtype``
     resolution: int  # face crop size R
     num_frames: int  # frames the U-Net sees at once
     device: torch.device
     dtype: torch.dtype
-    syncnet: Any = None  # StableSyncNet (resident, or pinned on the CPU between scores), None without its checkpoint
+    threads: StageThreads  # the stages' long-lived threads, on ``device``
+    syncnet: StableSyncNet | None = None  # resident, or pinned on the CPU between scores; None without its checkpoint
     version: str | None = None
-    threads: StageThreads = field(default=None)  # the stages' long-lived threads (made here when not given)
-
-    def __post_init__(self) -> None:
-        if self.threads is None:
-            object.__setattr__(self, "threads", StageThreads.on(self.device))
 
     @property
     def gpu(self) -> GpuThread:
@@ -69,13 +76,11 @@ def load_models(weights_dir: Path, version: str, device: str | torch.device | No
     unet = load_unet(cfg["model"], weights_dir / "latentsync_unet.pt", device=device, dtype=dtype)
     vae = load_vae(weights_dir / "sd-vae-ft-mse", device=device, dtype=dtype)
     # Whisper runs in fp16 on CUDA as upstream does (its LayerNorms stay fp32 inside transformers), fp32 elsewhere.
-    encoder = AudioEncoder.from_pretrained(weights_dir / "whisper" / "tiny.pt", device=device,
-                                           dtype=torch.float16 if device.type == "cuda" else torch.float32)
+    encoder = load_whisper(weights_dir / "whisper" / "tiny.pt", device=device,
+                           dtype=torch.float16 if device.type == "cuda" else torch.float32)
     syncnet = None
     syncnet_path = weights_dir / "stable_syncnet.pt"
     if syncnet_path.is_file():
-        from latentsync.weights import load_syncnet
-
         syncnet_config = syncnet_config or config_path("syncnet/syncnet_16_pixel_attn.yaml")
         syncnet = load_syncnet(syncnet_config, syncnet_path, device="cpu", dtype=torch.float32)
         if device.type == "cuda":  # after the U-Net and the VAE: what is free now is what a run can use
@@ -87,7 +92,15 @@ def load_models(weights_dir: Path, version: str, device: str | torch.device | No
     mask = load_mask(weights_dir / "mask.png", resolution).to(device=device, dtype=dtype)
     return Models(unet=unet, vae=vae, audio_encoder=encoder, scheduler=load_scheduler(), mask=mask,
                   resolution=resolution, num_frames=int(data.get("num_frames", 16)), device=device, dtype=dtype,
-                  syncnet=syncnet, version=version)
+                  threads=StageThreads.on(device), syncnet=syncnet, version=version)
+
+
+def load_scheduler(kind: type[ConfigMixin] = DDIMScheduler) -> Scheduler:
+    """A diffusers scheduler of class ``kind`` (upstream's DDIM by default) on the noise schedule the U-Net was
+    trained with, the shipped ``configs/scheduler_config.json``."""
+    cfg = json.loads(config_path("scheduler_config.json").read_text())
+    cfg.pop("skip_prk_steps", None)  # a PNDM option upstream's file carries; DDIM has no such setting
+    return cast(Scheduler, kind.from_config(cfg))  # the instance: from_config returns a pair only when asked
 
 
 def run_memory(resolution: int) -> int:
@@ -101,7 +114,7 @@ def syncnet_fits(free_bytes: int, syncnet_bytes: int, resolution: int) -> bool:
     return free_bytes - syncnet_bytes >= run_memory(resolution)
 
 
-def place_syncnet(syncnet: Any, device: torch.device, resolution: int) -> Any:
+def place_syncnet(syncnet: StableSyncNet, device: torch.device, resolution: int) -> StableSyncNet:
     """SyncNet in fp16, resident on ``device`` when :func:`syncnet_fits`, else in one pinned CPU buffer (one fast
     copy up per scoring, none back). Crossing the bus twice per video in fp32 cost 1.6 GB each way."""
     syncnet = syncnet.half()
@@ -124,12 +137,12 @@ def compile_models(models: Models, cache_root: Path, warm_up: Callable[[Models],
     are cached in ``cache_root/<gpu>-torch<version>``, so a later boot of the same machine type
     loads them instead of compiling again.
     """
-    from latentsync.models.compiled import CompiledUNet, cache_folder, compile_vae, use_cache_dir
-
     try:
         use_cache_dir(cache_folder(cache_root, models.device))
     except OSError as exc:  # a read-only weights folder: compile anyway, with inductor's own cache
         log.warning("cannot keep compiled kernels beside the weights (%s); a later boot compiles again", exc)
+    if isinstance(models.unet, CompiledUNet):  # its passes would wrap compiled passes: a caller's mistake
+        raise ValueError("the U-Net is compiled already: compile_models takes the models load_models returns")
     compiled = CompiledUNet(models.unet)
     compile_vae(models.vae)
     models = dataclasses.replace(models, unet=compiled)

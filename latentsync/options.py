@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -97,14 +98,14 @@ def parse_ranges(value: Any) -> tuple[tuple[float, float], ...]:
         return ()
     if isinstance(value, str):
         items = [] if not value.strip() else value.split(",")
-        pairs = []
+        pairs: list[tuple[float, float]] = []
         for item in items:
             if not item.strip():
                 raise InputError(f"ranges {value!r} has an empty range (two commas in a row, or one at an end)")
-            start, sep, stop = item.strip().partition("-")
+            start_text, sep, stop_text = item.strip().partition("-")
             if not sep:
                 raise InputError(f"range {item.strip()!r} must be START-STOP (seconds, MM:SS.s or HH:MM:SS.s)")
-            pairs.append((_clock_time(item, start), _clock_time(item, stop)))
+            pairs.append((_clock_time(item, start_text), _clock_time(item, stop_text)))
     elif hasattr(value, "__iter__") and not isinstance(value, bytes):
         pairs = []
         for item in value:
@@ -134,6 +135,9 @@ def _clock_time(item: str, text: str) -> float:
     except ValueError:
         raise InputError(f"range {item.strip()!r}: {text.strip()!r} is not a time (seconds, MM:SS.s or "
                          "HH:MM:SS.s)") from None
+    if any(not p.strip().isdigit() for p in parts[:-1]):  # 1.5:30 is not 1 min 30 s nor 90 + 30 s
+        raise InputError(f"range {item.strip()!r}: {text.strip()!r} is not a time: in MM:SS.s and HH:MM:SS.s the "
+                         "hours and minutes are whole numbers")
     seconds = 0.0
     for v in values:
         seconds = seconds * 60 + v
@@ -150,7 +154,7 @@ def check_version(version: str, name: str = "version", also: tuple[str, ...] = (
     return version
 
 
-def check_file(name: str, path: str | Path) -> Path:
+def check_file(name: str, path: str | os.PathLike[str]) -> Path:
     """An existing, non-empty file given by the user (a config, an input, a jobs file), else an ``InputError``
     naming it. The one "file exists" check."""
     path = Path(path)

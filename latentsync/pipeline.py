@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 
 from latentsync import media, preflight
-from latentsync import video as video_mod
 from latentsync.context import RunContext
 from latentsync.control import Cancel
 from latentsync.facepool import Detectors, default_workers
@@ -89,16 +88,23 @@ class LipSync:
         it is checked between chunks and denoising steps. ``progress``: True for tqdm bars on stderr, or a
         :class:`latentsync.progress.Progress` that hears each stage start and its frames (log lines, a status).
         """
+        opts = RunOptions.make(options, **overrides)
+        # Before any model runs or frame is decoded: one line.
+        return self.run(preflight.check_inputs(video, audio, output, self.caps), opts, cancel=cancel,
+                        progress=progress)
+
+    def run(self, inputs: preflight.Inputs, options: RunOptions, *, cancel: Cancel | None = None,
+            progress: bool | Progress = False) -> LipSyncResult:
+        """:meth:`lipsync` of files already checked (``preflight.check_inputs``, which the CLI calls before it loads
+        the models): the run's files are checked and the video probed once."""
         t0 = time.perf_counter()
-        opts = RunOptions.make(options, **overrides).with_seed()
-        preflight.check_run_paths(video, audio, output)  # before any model runs or frame is decoded: one line
-        info = self._probe(video)
-        output = Path(output)
+        opts = options.with_seed()
+        output = inputs.output
         output.parent.mkdir(parents=True, exist_ok=True)
         run = self._context(cancel, progress)
         # Synthesis need not wait for pass 1 to end: each chunk is rendered once the frames it shows are tracked
         # and (cut_off, silence: the output's length is the video's) once no length still possible changes it.
-        opened = open_plan(Path(video), Path(audio), info, opts, run)
+        opened = open_plan(inputs.video, inputs.audio, inputs.info, opts, run)
         with opened.track, tempfile.TemporaryDirectory(prefix="latentsync-") as tmp:
             part = render_part(opened, Path(tmp) / "video.mp4", None, run)
             plan = close_plan(opened)
@@ -118,8 +124,9 @@ class LipSync:
         ``options`` without a seed gets a random one here; the plan carries it, so every ``render`` of the plan
         makes the same random draws.
         """
-        info = self._probe(video)
-        return make_plan(Path(video), Path(audio), info, options.with_seed(), self._context(cancel, progress))
+        sources = preflight.check_sources(video, audio, self.caps)
+        return make_plan(sources.video, sources.audio, sources.info, options.with_seed(),
+                         self._context(cancel, progress))
 
     def render(self, plan: Plan, out_path: Path, chunks: range | None = None, *, cancel: Cancel | None = None,
                progress: bool | Progress = False) -> RenderPart:
@@ -144,6 +151,3 @@ class LipSync:
     def _context(self, cancel: Cancel | None, progress: bool | Progress | None) -> RunContext:
         return RunContext.make(self.models, self._detectors, self.face_workers, self.caps, cancel=cancel,
                                progress=progress, serial=self.serial, tap=self.frame_tap)
-
-    def _probe(self, video: str | Path) -> video_mod.VideoInfo:
-        return video_mod.probe(video, max_side=self.caps.max_side, max_duration=self.caps.max_duration)

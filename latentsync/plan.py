@@ -26,7 +26,16 @@ from latentsync.models.whisper import AudioEncoder
 from latentsync.options import OUTPUT_FPS, RunOptions
 from latentsync.speaker import active_speaker_point
 from latentsync.syncscore import SyncScore, syncnet_on
-from latentsync.timeline import Chunk, Edits, chunk_at, edited, output_length, pad_with_silence, source_index
+from latentsync.timeline import (
+    Chunk,
+    Edits,
+    chunk_at,
+    edited,
+    output_length,
+    pad_with_silence,
+    range_frames,
+    source_index,
+)
 from latentsync.tracking import FaceTrack
 
 log = logging.getLogger(__name__)
@@ -69,6 +78,12 @@ class Plan:
         """Whether output chunk ``chunk`` holds a frame of a range or its fade (else it passes through)."""
         size = self.chunk_size
         return self.blend is None or bool(self.blend[chunk * size:(chunk + 1) * size].any())
+
+    def faceless_ranges(self) -> list[tuple[float, float]]:
+        """The ranges (seconds, cut to the output) in which no frame shows the face: nothing is edited there."""
+        return [(a, b) for a, b in self.ranges
+                if not any(self.has_face[source_index(j, len(self.has_face), self.order)]
+                           for j in range(*range_frames(((a, b),), self.fps, self.num_out)[0]))]
 
     def matrix(self, src: int) -> np.ndarray:
         """The face's matrix in source frame ``src`` (the stages' face source)."""
@@ -160,9 +175,9 @@ def make_plan(video: Path, audio: Path, info: video_mod.VideoInfo, opts: RunOpti
     log.info("%s: %d source frames, %d with a face", video, len(matrices), int(has_face.sum()))
     num_out, order = output_length(opts.loop_mode, len(matrices), p.audio_frames)
     fields = p.settled(num_out, encoding.result())
-    return Plan(video=video, audio=audio, options=opts, info=info, fps=p.fps, matrices=matrices, has_face=has_face,
-                order=order, chunk_size=run.models.num_frames, seconds=p.clock.seconds, face_start=p.track.start,
-                **{**fields, "sync_spans": tuple(fields["sync_spans"])})
+    return _told(Plan(video=video, audio=audio, options=opts, info=info, fps=p.fps, matrices=matrices,
+                      has_face=has_face, order=order, chunk_size=run.models.num_frames, seconds=p.clock.seconds,
+                      face_start=p.track.start, **{**fields, "sync_spans": tuple(fields["sync_spans"])}))
 
 
 @torch.inference_mode()
@@ -201,10 +216,18 @@ def _opened(p: _Planning, video: Path, audio: Path, info: video_mod.VideoInfo, o
 def close_plan(open: OpenPlan) -> Plan:
     """The Plan of an open one whose render is done: pass 1 tracked to the end and checked."""
     matrices, has_face = open.track.finish()
-    return Plan(video=open.video, audio=open.audio, options=open.options, info=open.info, fps=open.fps,
-                wav=open.wav, features=open.features, matrices=matrices, has_face=has_face, num_out=open.num_out,
-                order=open.order, chunk_size=open.chunk_size, sync_spans=tuple(open.sync_spans),
-                seconds=open.seconds, blend=open.blend, ranges=open.ranges, face_start=open.face_start)
+    return _told(Plan(video=open.video, audio=open.audio, options=open.options, info=open.info, fps=open.fps,
+                      wav=open.wav, features=open.features, matrices=matrices, has_face=has_face,
+                      num_out=open.num_out, order=open.order, chunk_size=open.chunk_size,
+                      sync_spans=tuple(open.sync_spans), seconds=open.seconds, blend=open.blend, ranges=open.ranges,
+                      face_start=open.face_start))
+
+
+def _told(plan: Plan) -> Plan:
+    """``plan``, once each range it edits nothing in (no face there) has been named in a warning."""
+    for a, b in plan.faceless_ranges():
+        log.warning("range %.2f-%.2f s shows no face: nothing is edited there", a, b)
+    return plan
 
 
 def _features(encoder: AudioEncoder, mel: torch.Tensor, rows: list[tuple[int, int]] | None) -> torch.Tensor:

@@ -2,41 +2,83 @@
 
 The inputs must be existing files; the output must be a file name LatentSync may write: not a folder, not one of
 the inputs (we never overwrite a user's file), in a folder that exists or can be created and is writable, with an
-extension whose container holds H.264 video and AAC audio. Each problem is one ``InputError`` line. Then the
-temporary folder (``TMPDIR``) and the output's folder must have room for a rough upper estimate of what the run
-writes (``ResourceError`` naming the full one).
+extension whose container holds H.264 video and AAC audio. Each problem is one ``InputError`` line. The video is
+probed once, within the deployment's caps, and the run goes on with what the probe found (``Inputs.info``). Then
+the temporary folder (``TMPDIR``) and the output's folder must have room for a rough upper estimate of what the
+run writes (``ResourceError`` naming the full one).
 """
 from __future__ import annotations
 
 import math
 import os
-import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from latentsync import media
 from latentsync import video as video_mod
 from latentsync.errors import InputError
-from latentsync.options import OUTPUT_FPS, check_file
+from latentsync.options import OUTPUT_FPS, RunOptions, check_file
 
 
-def check_run_paths(video: str | os.PathLike, audio: str | os.PathLike,
-                    output: str | os.PathLike) -> tuple[Path, Path, Path]:
-    """The run's three paths, checked (then the free space); an ``InputError`` naming the first problem, a
-    ``ResourceError`` for a disk without room. Creates and writes nothing."""
+@dataclass(frozen=True)
+class Sources:
+    """A run's two input files once checked, what the video holds and how long the audio's container says it is."""
+
+    video: Path
+    audio: Path
+    info: video_mod.VideoInfo
+    audio_seconds: float  # 0 when the container does not say
+
+
+@dataclass(frozen=True)
+class Inputs(Sources):
+    """A run's files once checked: the two inputs, what they hold, and the output to write."""
+
+    output: Path
+
+
+def check_sources(video: str | os.PathLike, audio: str | os.PathLike, caps: media.MediaCaps) -> Sources:
+    """The two input files checked once and the video probed once within ``caps``; an ``InputError`` naming the
+    first problem."""
+    return _probed(check_file("video", video), check_file("audio", audio), caps)
+
+
+def check_inputs(video: str | os.PathLike, audio: str | os.PathLike, output: str | os.PathLike,
+                 caps: media.MediaCaps) -> Inputs:
+    """Every file of a run checked once and the video probed once within ``caps``; an ``InputError`` naming the first
+    problem, a ``ResourceError`` for a disk without room. Creates and writes nothing."""
     video_path = check_file("video", video)
     audio_path = check_file("audio", audio)
     output_path = check_output(output, inputs=(video_path, audio_path))
-    check_free_space(video_path, audio_path, output_path)
-    return video_path, audio_path, output_path
+    sources = _probed(video_path, audio_path, caps)
+    check_free_space(sources, output_path)
+    return Inputs(video=sources.video, audio=sources.audio, info=sources.info, audio_seconds=sources.audio_seconds,
+                  output=output_path)
 
 
-def check_free_space(video: Path, audio: Path, output: Path) -> None:
+def _probed(video: Path, audio: Path, caps: media.MediaCaps) -> Sources:
+    info = video_mod.probe(video, max_side=caps.max_side, max_duration=caps.max_duration)
+    return Sources(video=video, audio=audio, info=info, audio_seconds=_duration(audio))
+
+
+def check_options(sources: Sources, options: RunOptions) -> None:
+    """What the options ask of these inputs, for a door that loads the models after its checks: each time range holds
+    a frame at the run's rate, and not all of them begin after the longest the output can be (``loop_mode``'s rule
+    on the two durations, as the containers state them; the plan checks against the exact length)."""
+    fps = sources.info.fps if options.keep_fps else OUTPUT_FPS
+    video_s, audio_s = sources.info.duration, sources.audio_seconds or math.inf  # unknown: no bound from it
+    longest = {"cut_off": min(video_s, audio_s), "silence": max(video_s, audio_s)}.get(options.loop_mode, audio_s)
+    from latentsync.timeline import check_ranges  # torch (Whisper's constants): not for the CLI's file checks
+
+    check_ranges(options.ranges, fps, None if math.isinf(longest) else longest)
+
+
+def check_free_space(sources: Sources, output: Path) -> None:
     """``ResourceError`` unless ``TMPDIR`` and the output's folder have room for a rough upper estimate of the run's
     files: the output as long as the longer input, at the higher of the source's rate and ours."""
-    # The size and duration caps are the pipeline's to apply (a deployment may set others); only sizes matter here.
-    info = video_mod.probe(video, max_side=sys.maxsize, max_duration=math.inf)
-    seconds = max(info.duration, _duration(audio))
+    info = sources.info
+    seconds = max(info.duration, sources.audio_seconds)
     fps = max(info.fps, OUTPUT_FPS)
     needed = media.estimate_video_bytes(info.width, info.height, math.ceil(seconds * fps), fps)
     media.check_free_space(tempfile.gettempdir(), output, needed)
@@ -44,10 +86,11 @@ def check_free_space(video: Path, audio: Path, output: Path) -> None:
 
 def _duration(path: Path) -> float:
     """Seconds of a media file as its container states them (0 when it does not)."""
-    import av
+    import av  # PyAV, which the batch command's checks of its jobs (check_output) do without
 
     with media.open_input(path, "audio") as container:
-        return container.duration / av.time_base if container.duration else 0.0
+        duration = container.duration
+    return duration / av.time_base if duration else 0.0
 
 
 def check_output(output: str | os.PathLike, inputs: tuple[Path, ...] = ()) -> Path:

@@ -20,7 +20,6 @@ from latentsync import video as video_mod
 from latentsync.context import RunContext
 from latentsync.control import StageClock
 from latentsync.errors import InputError
-from latentsync.join import join_parts
 from latentsync.length import OpenPlan
 from latentsync.models.syncnet import VIDEO_FPS, WINDOW_FRAMES
 from latentsync.plan import Plan, RenderPart
@@ -33,6 +32,7 @@ from latentsync.stages.paste import PasteStage
 from latentsync.stages.score import ScoreStage, scores_while_rendering
 from latentsync.syncscore import combine_scores, score_span, syncnet_on
 from latentsync.timeline import Chunk, chunk_at
+from latentsync.video.join import join_parts
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +115,7 @@ def finish_run(plan: Plan, rendered: list[RenderPart], output: Path, run: RunCon
     if todo:
         crops = {j: c for part in rendered for j, c in part.sync_crops.items()}
         with progress.stage(SCORING), clock("sync"), syncnet_on(models.syncnet, models.device) as syncnet:
+            assert syncnet is not None  # a plan lists sync spans only when SyncNet is loaded
             scores.update((span, score_span(syncnet, span, crops, plan.wav, plan.fps)) for span in todo)
     scored = [s for s in (scores[span] for span in plan.sync_spans) if s is not None]
     if models.syncnet is not None and not scored:
@@ -124,6 +125,8 @@ def finish_run(plan: Plan, rendered: list[RenderPart], output: Path, run: RunCon
     for part_seconds in [plan.seconds, *(r.seconds for r in rendered), clock.seconds]:
         for k, v in part_seconds.items():
             seconds[k] = seconds.get(k, 0.0) + v
-    return LipSyncResult(output=output, seed=plan.options.seed, frames=plan.num_out,
+    seed = plan.options.seed
+    assert seed is not None  # a plan's options carry the run's seed (RunOptions.with_seed)
+    return LipSyncResult(output=output, seed=seed, frames=plan.num_out,
                          frames_with_face=plan.frames_with_face, fps=plan.fps,
                          seconds={k: round(v, 3) for k, v in seconds.items()}, sync=sync, ranges=plan.ranges)

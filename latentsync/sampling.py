@@ -1,19 +1,46 @@
-"""The denoising loop of one chunk: DDIM with classifier-free guidance on audio and optional DeepCache."""
+"""The denoising loop of one chunk: DDIM (or another diffusers scheduler) with classifier-free guidance on audio and
+optional DeepCache."""
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
-from diffusers import DDIMScheduler
 
 from latentsync.devices import upload
-from latentsync.models.unet import DeepCache, UNet3DConditionModel
+from latentsync.models.unet import DeepCache, UNet3DConditionOutput
+
+
+class NoisePredictor(Protocol):
+    """What the loop asks of a U-Net: ``UNet3DConditionModel`` or its compiled passes (``CompiledUNet``)."""
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, audio: torch.Tensor, /, *, cache: DeepCache | None = None,
+                 shallow: bool = False) -> UNet3DConditionOutput: ...
+
+
+class Scheduler(Protocol):
+    """What the loop asks of a scheduler: diffusers' DDIM (upstream's), DPM-Solver, UniPC and the like."""
+
+    timesteps: torch.Tensor
+
+    def set_timesteps(self, num_inference_steps: int, device: str | torch.device) -> None: ...
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: Any) -> torch.Tensor: ...
+
+    def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor) -> Any: ...
 
 
 @torch.no_grad()
 def denoise(
-    unet: UNet3DConditionModel,
-    scheduler: DDIMScheduler,
+    unet: NoisePredictor,
+    scheduler: Scheduler,
     latents: torch.Tensor,
     mask: torch.Tensor,
     masked_latents: torch.Tensor,
@@ -48,6 +75,7 @@ def denoise(
         audio_embeds = torch.cat([torch.zeros_like(audio_embeds), audio_embeds])
         mask, masked_latents, ref_latents = (torch.cat([t] * 2) for t in (mask, masked_latents, ref_latents))
     cache = DeepCache() if deepcache_interval > 1 else None  # a fresh cache per chunk: step 0 is always full
+    step_options = _step_options(scheduler)
 
     for i, t in enumerate(scheduler.timesteps):
         x = torch.cat([latents] * 2) if guided else latents
@@ -59,7 +87,13 @@ def denoise(
         if guided:
             uncond, cond = noise.chunk(2)
             noise = uncond + guidance_scale * (cond - uncond)
-        latents = scheduler.step(noise, t, latents, eta=0.0).prev_sample
+        latents = scheduler.step(noise, t, latents, **step_options).prev_sample
         if step_callback is not None:
             step_callback(i)
     return latents
+
+
+def _step_options(scheduler: Scheduler) -> dict[str, Any]:
+    """Upstream's ``eta=0.0`` (DDIM without added noise) where the scheduler's ``step`` takes it; DPM-Solver, UniPC
+    and others refuse arguments they do not know."""
+    return {"eta": 0.0} if "eta" in inspect.signature(scheduler.step).parameters else {}

@@ -16,20 +16,21 @@ take the place of the shipped manifest and configs, each where no flag or variab
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
-import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from latentsync.config import FOLDER_SYNCNET_CONFIG, FOLDER_UNET_CONFIG, folder_file
+from latentsync import download, media
+from latentsync.config import FOLDER_SYNCNET_CONFIG, FOLDER_UNET_CONFIG, folder_file, load_config
 from latentsync.errors import InputError, ResourceError, one_line
 from latentsync.hardware import check_device
 from latentsync.manifest import folder_manifest
 from latentsync.options import DEFAULT_VERSION, DTYPES, VERSIONS, check_version
+
+if TYPE_CHECKING:
+    from latentsync.pipeline import LipSync
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -46,7 +47,7 @@ class Settings:
     device: str | None = None  # None: CUDA when present
     dtype: str | None = None  # None: by device
     compile: bool = False
-    caps: Any = None  # media.MediaCaps
+    caps: media.MediaCaps = media.MediaCaps()  # the input caps; read from the environment by read()
 
     @classmethod
     def read(cls, environ: Mapping[str, str], *, weights_dir: str | Path | None = None, version: str | None = None,
@@ -56,8 +57,6 @@ class Settings:
         """Settings from the flags given (None: not given) and ``environ``; a bad value is an ``InputError``
         naming the flag or the variable it came from. ``download_home``: fill ``download_home/VERSION`` instead of
         the default cache folder when no weights folder is named."""
-        from latentsync import media
-
         named = _pick(weights_dir, "--weights-dir", environ, "LATENTSYNC_WEIGHTS_DIR")
         chosen = _pick(version, "--version", environ, "LATENTSYNC_VERSION")
         compiled = environ.get("LATENTSYNC_COMPILE", "").strip()
@@ -88,47 +87,30 @@ class Settings:
 
     def weights(self) -> Path:
         """Verify (a named folder) or fill (the default one) the weights folder; returns it."""
-        from latentsync.download import ensure_weights
-
         manifest = list(self.manifest) if isinstance(self.manifest, Sequence) else self.manifest
         try:
-            return ensure_weights(manifest, self.weights_dir, self.version, endpoint=self.endpoint,
+            return download.ensure_weights(manifest, self.weights_dir, self.version, endpoint=self.endpoint,
                                   cache_home=self.cache_home, download_dir=self.download_dir)
         except RuntimeError as e:  # the network, not the input
             if isinstance(e, ResourceError):
                 raise
             raise ResourceError(one_line(e)) from e
 
-    def load(self, weights_dir: Path | None = None):
+    def load(self, weights_dir: Path | None = None) -> LipSync:
         """The ``LipSync`` pipeline these settings describe (``weights_dir``: already verified by :meth:`weights`)."""
-        with _no_inductor_folder():
-            from latentsync.models.compiled import default_cache_root
-            from latentsync.pipeline import LipSync
+        # Imported here, not above: the CLI and the batch command check their input without torch.
+        from latentsync.models.compiled import default_cache_root, remove_unused_inductor_folder
+        from latentsync.pipeline import LipSync
 
-            # A folder the user named is never written to: its compiled kernels go to the default cache folder.
-            cache = default_cache_root(self.cache_home) if self.weights_dir is not None else None
+        # A folder the user named is never written to: its compiled kernels go to the default cache folder.
+        cache = default_cache_root(self.cache_home) if self.weights_dir is not None else None
+        try:
             return LipSync.from_pretrained(weights_dir or self.weights(), version=self.version, device=self.device,
                                            dtype=self.dtype, unet_config=self.unet_config,
                                            syncnet_config=self.syncnet_config, compile=self.compile,
                                            caps=self.caps, compile_cache=cache)
-
-
-@contextlib.contextmanager
-def _no_inductor_folder():
-    """Importing ``torch._dynamo`` (diffusers does) creates inductor's cache folder ``torchinductor_<user>`` in the
-    temporary folder and points ``TORCHINDUCTOR_CACHE_DIR`` at it; a run that compiles nothing leaves no such folder
-    behind (an empty one it created is removed, a compiled run's cache is left alone)."""
-    temp = Path(tempfile.gettempdir())
-    chosen = "TORCHINDUCTOR_CACHE_DIR" in os.environ  # set by the user (or a compiled load before): theirs
-    before = set(temp.glob("torchinductor_*"))
-    try:
-        yield
-    finally:
-        for folder in set() if chosen else set(temp.glob("torchinductor_*")) - before:
-            if os.environ.get("TORCHINDUCTOR_CACHE_DIR") == str(folder):
-                with contextlib.suppress(OSError):  # not empty: something was compiled there, and it is kept
-                    folder.rmdir()
-                    del os.environ["TORCHINDUCTOR_CACHE_DIR"]
+        finally:
+            remove_unused_inductor_folder()
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -169,8 +151,6 @@ def _pick(given: Any, flag: str, environ: Mapping[str, str], variable: str) -> t
 def _config(given: Any, flag: str, environ: Mapping[str, str], variable: str, own: Path | None) -> Path | None:
     """A config named by the flag, else the variable, else the weights folder's ``own``; it must be an upstream YAML
     file with a ``model:`` section."""
-    from latentsync.config import load_config
-
     chosen = _pick(given, flag, environ, variable) or (own and (str(own), "the weights folder's config"))
     if not chosen:
         return None

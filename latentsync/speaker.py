@@ -11,7 +11,7 @@ from latentsync import media
 from latentsync import video as video_mod
 from latentsync.align import FaceAligner
 from latentsync.errors import InputError
-from latentsync.face import FaceLandmarker, FaceTracker
+from latentsync.face import FaceTracker, make_detector
 from latentsync.models.syncnet import VIDEO_FPS, WINDOW_FRAMES
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ def active_speaker_point(syncnet, video: Path, fps: float, info: video_mod.Video
         log.warning("%s has no audio track to find the speaker by; editing the largest face", video)
         return None
     wav = audio_mod.load_audio(video, max_duration=max_duration)
-    landmarker = FaceLandmarker()
+    landmarker = make_detector()
     trackers: list[FaceTracker] = []
     aligners: list[FaceAligner] = []
     tracks: list[list[np.ndarray]] = []
@@ -57,14 +57,14 @@ def active_speaker_point(syncnet, video: Path, fps: float, info: video_mod.Video
                     aligners.append(FaceAligner(syncscore.RESOLUTION))
                     tracks.append([])
                     first_boxes.append(centre)
-            for tracker, aligner, track in zip(trackers, aligners, tracks):
-                face = tracker.track(frame)
-                if face is None:
+            for tracker, aligner, track in zip(trackers, aligners, tracks, strict=True):  # the three grow together
+                tracked = tracker.track(frame)
+                if tracked is None:
                     aligner.reset()
                     if track:  # a missing frame repeats the last crop, so every track covers the same frames
                         track.append(track[-1])
                     continue
-                crop, _ = aligner.align(frame, face.anchors)
+                crop, _ = aligner.align(frame, tracked.anchors)
                 track.append(crop)
     finally:
         frames.close()
@@ -74,11 +74,12 @@ def active_speaker_point(syncnet, video: Path, fps: float, info: video_mod.Video
     # Every track ends on the last frame read; keep the span they all cover.
     total = max(len(t) for t in tracks)
     n = min(len(t) for t in tracks)
-    tracks = [np.stack(t[len(t) - n:]) for t in tracks]
+    clips = [np.stack(t[len(t) - n:]) for t in tracks]
+    del tracks  # its crops are copied into clips: not held twice
     if n < WINDOW_FRAMES * fps / VIDEO_FPS:
         log.warning("active speaker: too few frames with every face to compare; editing the largest face")
         return None
     first = skipped + total - n
     wav = wav[int(round(first / fps * audio_mod.SAMPLE_RATE)):]
-    best = syncscore.choose_active_speaker(tracks, wav, syncscore.SyncScorer(syncnet, fps=fps))
+    best = syncscore.choose_active_speaker(clips, wav, syncscore.SyncScorer(syncnet, fps=fps))
     return first_boxes[best]

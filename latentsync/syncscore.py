@@ -13,7 +13,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from latentsync.devices import upload
 from latentsync.models.syncnet import VIDEO_FPS, StableSyncNet
 
 log = logging.getLogger(__name__)
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
 
 MEL_FPS = 80.0  # Wav2Lip mel frames per second: 16 kHz, hop 200
 RESOLUTION = 256  # aligned-face size SyncNet was trained on; the lower half is its input
@@ -257,12 +258,13 @@ def score_span(model: StableSyncNet, span: tuple[int, int], crops: dict[int, np.
     return scorer(np.stack([crops[j] for j in range(start, stop)]), wav[a:b])
 
 
-def pin_flat(module: torch.nn.Module) -> torch.nn.Module:
+def pin_flat(module: ModuleT) -> ModuleT:
     """``module`` with every parameter and buffer a view of one pinned CPU buffer per dtype (``module.pinned_flat``):
     one fast copy up per scoring (:func:`syncnet_on`), and pinned memory the size of the weights (pinning each
     tensor on its own rounds every block up, up to twice the size)."""
     state = module.state_dict(keep_vars=True)
-    module.pinned_flat = {}
+    flats: dict[torch.dtype, torch.Tensor] = {}
+    module.pinned_flat = flats  # type: ignore[assignment]  # torch types Module attributes as tensors or modules
     for dtype in {t.dtype for t in state.values()}:
         group = [t for t in state.values() if t.dtype == dtype]
         flat = torch.empty(sum(t.numel() for t in group), dtype=dtype).pin_memory()
@@ -272,7 +274,7 @@ def pin_flat(module: torch.nn.Module) -> torch.nn.Module:
             view.copy_(t)
             t.data = view  # CPU to CPU: the tensor keeps its place in the module
             offset += t.numel()
-        module.pinned_flat[dtype] = flat
+        flats[dtype] = flat
     return module
 
 

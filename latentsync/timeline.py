@@ -127,13 +127,32 @@ def edit_weights(spans: list[tuple[int, int]], num_out: int) -> np.ndarray:
 def touched_chunks(spans: list[tuple[int, int]], size: int, num_out: int | None = None) -> list[int]:
     """The chunks holding a frame of ``spans`` or of their fades (cut at ``num_out``; None: no end): the only ones
     the model must generate."""
-    chunks: set[int] = set()
+    return sorted({c for run in chunk_runs(spans, size, num_out) for c in run})
+
+
+def chunk_runs(spans: list[tuple[int, int]] | tuple[tuple[int, int], ...], size: int, num_out: int | None = None
+               ) -> list[range]:
+    """:func:`touched_chunks` as one range of chunks per span (however far a span reaches, a few numbers)."""
+    runs = []
     for first, stop in spans:
         a, b = max(first - FADE_FRAMES, 0), stop + FADE_FRAMES
         if num_out is not None:
             b = min(b, num_out)
-        chunks.update(range(a // size, (b - 1) // size + 1))
-    return sorted(chunks)
+        runs.append(range(a // size, (b - 1) // size + 1))
+    return runs
+
+
+def check_ranges(ranges: tuple[tuple[float, float], ...], fps: float, longest: float | None = None) -> None:
+    """An ``InputError`` naming a range in which no frame starts at ``fps`` (so it edits nothing), or, with
+    ``longest`` (seconds the output can last at most), ranges that all begin after the output's end."""
+    for start, stop in ranges:
+        if not range_frames(((start, stop),), fps):
+            raise InputError(f"range {start:g}-{stop:g} holds no frame: at {fps:g} fps a frame starts every "
+                             f"{1 / fps:.3f} s; widen it")
+    if longest is not None and ranges and all(start >= longest - 1e-6 for start, _ in ranges):
+        listed = ", ".join(f"{a:g}-{b:g}" for a, b in ranges)
+        raise InputError(f"ranges {listed} lie past the end of the output ({longest:.2f} s at most); give times "
+                         "within it")
 
 
 @dataclass(frozen=True)
@@ -146,30 +165,32 @@ class Edits:
     fps: float
     size: int  # output frames per chunk
     spans: tuple[tuple[int, int], ...]  # frames whose start time lies in a range
-    chunks: tuple[int, ...]  # chunks holding a frame of a span or of its fades
+    chunks: tuple[range, ...]  # per span, the chunks holding a frame of it or of its fades
 
     @classmethod
     def of(cls, ranges: tuple[tuple[float, float], ...], fps: float, size: int) -> Edits | None:
         """The edits of ``ranges`` (None without ranges: the whole video is edited)."""
         if not ranges:
             return None
+        check_ranges(ranges, fps)
         spans = range_frames(ranges, fps)
-        return cls(ranges, fps, size, tuple(spans), tuple(touched_chunks(spans, size)))
+        return cls(ranges, fps, size, tuple(spans), tuple(chunk_runs(spans, size)))
 
     @property
     def face_window(self) -> tuple[int, int]:
         """The source frames pass 1 must track, ``[first, horizon)``: from the start of the first chunk edited to
         the end of the last. Before the horizon an output frame is its own source frame (each chunk aligns and
         pastes with its own frames' matrices); ranges that cover the whole output reach past its end: all."""
-        return self.chunks[0] * self.size, (self.chunks[-1] + 1) * self.size
+        return self.chunks[0].start * self.size, self.chunks[-1].stop * self.size
 
     @property
     def feature_rows(self) -> list[tuple[int, int]]:
-        """The Whisper feature rows each edited chunk reads (its frames' windows, a row of margin each side)."""
+        """The Whisper feature rows the edited chunks read, a run of rows per span's chunks (their frames' windows,
+        a row of margin each side)."""
         per_frame = FEATURES_PER_SECOND / self.fps
         lo, hi = int(WINDOW_OFFSETS.min()), int(WINDOW_OFFSETS.max())
-        return [(math.floor(c * self.size * per_frame) + lo - 1, math.ceil(((c + 1) * self.size - 1) * per_frame) + hi + 2)
-                for c in self.chunks]
+        return [(math.floor(run.start * self.size * per_frame) + lo - 1,
+                 math.ceil((run.stop * self.size - 1) * per_frame) + hi + 2) for run in self.chunks]
 
     def blend(self, num_out: int, frames: int | None = None) -> np.ndarray:
         """Per output frame ``0 … frames − 1`` (default ``num_out``) of an output of ``num_out`` frames, the

@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import itertools
 import math
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +19,11 @@ import numpy as np
 
 from latentsync import video as video_mod
 from latentsync.align import FaceAligner, SmoothingBounds
+from latentsync.control import Cancel, StageClock, check_cancel
 from latentsync.errors import InputError
-from latentsync.face import Face, FaceLandmarker, FaceTracker, no_face_message
-from latentsync.face import FaceLandmarker as make_detector  # TEMP until the factory lands
+from latentsync.face import Face, FaceLandmarker, FaceTracker, make_detector, no_face_message
 from latentsync.facepool import FacePool
 from latentsync.progress import FACES, Progress, as_progress
-from latentsync.control import Cancel, StageClock, check_cancel
 
 
 class _Detected:
@@ -40,6 +39,7 @@ class _Detected:
 REPICK_SECONDS = 1.0  # how long the followed face may be lost before any face is picked afresh (a cut)
 CONTEXT_FRAMES = 96  # frames before the first edited one that a late pass 1 tries first, doubled until they suffice
 _NO_LANDMARKS = np.zeros((0, 2))
+_NO_FRAME = np.zeros((0, 0, 3), np.uint8)  # what the tracker hands ``_Detected``, which has the faces already
 
 
 class FaceFinder:
@@ -52,7 +52,7 @@ class FaceFinder:
         self.cancel = cancel
 
     def detect(self, start: int, stop: int | None, landmarker: FaceLandmarker | None = None
-               ) -> Iterator[list[Face]]:
+               ) -> Generator[list[Face], None, None]:
         """The faces of frames ``start`` … ``stop``−1 (to the end when None), on the pool or on ``landmarker``
         (default: the finder's own)."""
         def check() -> None:
@@ -69,7 +69,7 @@ class FaceFinder:
                     check()
                 yield landmarker.detect(frame)
 
-    def frames(self, start: int, stop: int | None) -> Iterator[np.ndarray]:
+    def frames(self, start: int, stop: int | None) -> Generator[np.ndarray, None, None]:
         """Frames ``start`` … ``stop``−1 (to the end when None); close it to stop the reader's ffmpeg."""
         count = None if stop is None else stop - start
         with contextlib.closing(video_mod.read_frames(self.video, self.fps, start=start, count=count,
@@ -137,7 +137,7 @@ class LateStart:
             tracker = make_tracker(_Detected(itertools.chain(earlier, log, ahead)), point, finder.fps)
             aligner = FaceAligner(self.resolution)
             for _ in range(i + 1):
-                face = tracker.track(None)
+                face = tracker.track(_NO_FRAME)
                 matrix = _smooth(aligner, face)
         finally:
             earlier.close()
@@ -216,7 +216,7 @@ class FaceTrack:
         """The smoothed matrix of source frame ``src`` (tracked already)."""
         return self.matrices[src]
 
-    def _all(self, context: list[list[Face]], first: int) -> Iterator[list[Face]]:
+    def _all(self, context: list[list[Face]], first: int) -> Generator[list[Face], None, None]:
         """Every frame's faces from ``start`` on, logged while a replay may need them."""
         with contextlib.closing(self._stream(first)) as stream:
             for faces in itertools.chain(context, stream):
@@ -224,7 +224,7 @@ class FaceTrack:
                     self.late.logged(faces)
                 yield faces
 
-    def _stream(self, first: int) -> Iterator[list[Face]]:
+    def _stream(self, first: int) -> Generator[list[Face], None, None]:
         """The faces of frames ``first`` … to the end: detected up to the horizon, then (the face seen) empty lists
         for frames read only to be counted."""
         limit, horizon, finder = self.limit, self.horizon, self.finder
@@ -249,7 +249,7 @@ class FaceTrack:
                 check_cancel(self.finder.cancel)
             with self.clock("faces"):
                 try:
-                    face = self._tracker.track(None)
+                    face = self._tracker.track(_NO_FRAME)
                 except StopIteration:
                     self.ended = True
                     self.progress.end(FACES)  # the bar closes when the pass does, with its real rate
@@ -308,7 +308,7 @@ class FaceTrack:
             self._own.close()
 
 
-def _no_faces() -> Iterator[list[Face]]:
+def _no_faces() -> Generator[list[Face], None, None]:
     yield from ()
 
 
@@ -327,11 +327,13 @@ def forgotten_from(faces: list[list[Face]], point: tuple[float, float] | None, f
     every one of them followed here: a pass from earlier either followed one of those faces too (and from there
     both go alike) or lost the face for all of them and so picks this one afresh."""
     tracker = make_tracker(_Detected(iter(faces)), point, fps)
-    picked = [tracker.track(None) for _ in faces]
+    picked = [tracker.track(_NO_FRAME) for _ in faces]
+    repick_after = tracker.repick_after
+    assert repick_after is not None  # make_tracker always sets it
     run = 0  # frames so far, up to this one, that show at most one face and whose face (if any) is followed
-    for i, (seen, face) in enumerate(zip(faces, picked)):
+    for i, (seen, face) in enumerate(zip(faces, picked, strict=True)):
         run = run + 1 if len(seen) <= 1 and (face is not None or not seen) else 0
-        if run > tracker.repick_after and face is not None:
+        if run > repick_after and face is not None:
             bounds = SmoothingBounds(resolution)
             agree = [bounds.agree(None if f is None else f.anchors) for f in picked[i:]]
             return i if agree[-1] else None

@@ -1,5 +1,5 @@
-"""Loading checkpoints in the upstream formats (SyncNet, U-Net, VAE, scheduler, Whisper), strictly: a missing,
-unexpected or mis-shaped key is an error."""
+"""Loading checkpoints in the upstream formats (SyncNet, U-Net, VAE, Whisper), strictly: a missing, unexpected or
+mis-shaped key is an error."""
 from __future__ import annotations
 
 import json
@@ -8,10 +8,13 @@ import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
+from latentsync.config import config_path, load_config
 from latentsync.errors import InputError, one_line
 
 log = logging.getLogger(__name__)
@@ -19,12 +22,6 @@ log = logging.getLogger(__name__)
 # What torch.load / safetensors raise for a truncated, foreign or corrupt file (a zip without its directory, a text
 # file, an empty file, a pickle holding code). Anything else is our bug and keeps its traceback.
 _UNREADABLE = (RuntimeError, pickle.UnpicklingError, EOFError, KeyError, ValueError, OSError)
-
-
-def _safetensor_error() -> type[Exception]:
-    from safetensors import SafetensorError
-
-    return SafetensorError
 
 
 # torch.save writes a zip archive (since 1.6) or, in the legacy format, a pickle of protocol 2 or higher.
@@ -61,11 +58,9 @@ def read_state_dict(path: str | Path, *, key: str | None = "state_dict") -> dict
     if not path.is_file():
         raise InputError(f"checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(path))
-        except (*_UNREADABLE, _safetensor_error()) as e:  # a truncated or foreign file: say which one
+        except (*_UNREADABLE, SafetensorError) as e:  # a truncated or foreign file: say which one
             raise InputError(f"cannot read checkpoint {path}: {one_line(e)}") from e
     obj = _torch_load(path)
     if isinstance(obj, Mapping) and key is not None and key in obj:
@@ -115,23 +110,22 @@ def load_strict(
 def load_syncnet(
     config: str | Path | Mapping, checkpoint_path: str | Path, device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
-) -> torch.nn.Module:
+) -> StableSyncNet:
     """StableSyncNet from a SyncNet YAML path (or its ``model:`` dict) and a checkpoint, strictly, in eval mode."""
-    from latentsync.config import load_config
     from latentsync.models.syncnet import StableSyncNet
 
-    if not isinstance(config, Mapping):
-        config = load_config(config, "SyncNet config", section="model")
-    if "model" in config:  # a whole upstream YAML rather than its model: section
-        config = config["model"]
+    settings: Mapping[str, Any] = (
+        config if isinstance(config, Mapping) else load_config(config, "SyncNet config", section="model"))
+    if "model" in settings:  # a whole upstream YAML rather than its model: section
+        settings = settings["model"]
     with torch.device("meta"):  # no random init of ~400 M parameters that the checkpoint overwrites
-        model = StableSyncNet.from_config(config)
+        model = StableSyncNet.from_config(settings)
     state_dict = read_state_dict(checkpoint_path)
     load_strict(model, state_dict, f"SyncNet checkpoint {checkpoint_path}", dtype=dtype)
     return model.to(device).eval().requires_grad_(False)
 
 
-# ------------------------------------------------------------------------------------ U-Net, VAE, scheduler
+# ------------------------------------------------------------------------------------------- U-Net, VAE
 # The shipped config of each release; the two differ only in data.resolution (same network).
 UNET_CONFIGS = {"1.5": "unet/stage2.yaml", "1.6": "unet/stage2_512.yaml"}
 
@@ -147,16 +141,17 @@ VAE_SCALING_FACTOR = 0.18215  # sd-vae-ft-mse, as upstream sets it
 VAE_SHIFT_FACTOR = 0.0
 
 if TYPE_CHECKING:  # each loader imports what it builds: importing this module needs neither diffusers nor transformers
-    from diffusers import AutoencoderKL, DDIMScheduler
+    # From its own module: to a type checker, diffusers' top-level names are its placeholders for a missing torch.
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
     from transformers import WhisperConfig
 
+    from latentsync.models.syncnet import StableSyncNet
     from latentsync.models.unet import UNet3DConditionModel
+    from latentsync.models.whisper import AudioEncoder
 
 
 def unet_config_for(version: str) -> Path:
     """The U-Net config matching a LatentSync checkpoint release: ``"1.5"`` (256 px) or ``"1.6"`` (512 px)."""
-    from latentsync.config import config_path
-
     if version not in UNET_CONFIGS:
         raise InputError(f"unknown LatentSync version {version!r}: choose one of {', '.join(UNET_CONFIGS)}")
     return config_path(UNET_CONFIGS[version])
@@ -181,20 +176,21 @@ def load_unet(
     Reads upstream ``latentsync_unet.pt`` ({"state_dict", "global_step"}), bare state dicts and .safetensors;
     1.0 key names are mapped. The model is built on the meta device and takes the checkpoint's tensors as they are.
     """
-    from latentsync.config import load_config
     from latentsync.models.unet import UNet3DConditionModel
 
     source, resolution = None, None
-    if not isinstance(config, Mapping):
+    if isinstance(config, Mapping):
+        settings: Mapping[str, Any] = config
+    else:
         source = str(config)
         if not Path(config).is_file():
             raise InputError(f"U-Net config not found: {config}")
-        config = load_config(config, "U-Net config", section="model")
-    if "model" in config:  # a whole upstream YAML rather than its model: section
-        resolution = (config.get("data") or {}).get("resolution")
-        config = config["model"]
+        settings = load_config(config, "U-Net config", section="model")
+    if "model" in settings:  # a whole upstream YAML rather than its model: section
+        resolution = (settings.get("data") or {}).get("resolution")
+        settings = settings["model"]
     with torch.device("meta"):  # no random init of 1.27 B parameters that the checkpoint overwrites
-        model = UNet3DConditionModel.from_config(config)
+        model = UNet3DConditionModel.from_config(settings)
     state_dict = read_state_dict(checkpoint_path)
     renamed = sum(any(old in k for old in UNET_V10_KEY_MAP) for k in state_dict)
     if renamed:
@@ -216,7 +212,7 @@ def load_vae(
     folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> AutoencoderKL:
     """diffusers ``AutoencoderKL`` from a local folder (like stabilityai/sd-vae-ft-mse), scaling 0.18215, eval mode."""
-    from diffusers import AutoencoderKL
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
@@ -226,23 +222,10 @@ def load_vae(
         )
     try:
         vae = AutoencoderKL.from_pretrained(folder, local_files_only=True, torch_dtype=dtype)
-    except (*_UNREADABLE, _safetensor_error()) as e:  # missing weights file (OSError), foreign config, bad tensors
+    except (*_UNREADABLE, SafetensorError) as e:  # missing weights file (OSError), foreign config, bad tensors
         raise InputError(f"cannot load the VAE from {folder}: {e}") from e
     vae.register_to_config(scaling_factor=VAE_SCALING_FACTOR, shift_factor=VAE_SHIFT_FACTOR)
     return vae.to(device).eval().requires_grad_(False)
-
-
-def load_scheduler() -> DDIMScheduler:
-    """The DDIM scheduler of ``configs/scheduler_config.json`` (upstream's)."""
-    import json
-
-    from diffusers import DDIMScheduler
-
-    from latentsync.config import config_path
-
-    cfg = json.loads(config_path("scheduler_config.json").read_text())
-    cfg.pop("skip_prk_steps", None)  # a PNDM option upstream's file carries; DDIM has no such setting
-    return DDIMScheduler.from_config(cfg)
 
 
 # ------------------------------------------------------------------------------------------------------ Whisper
@@ -358,3 +341,20 @@ def read_whisper(path: str | Path) -> tuple[WhisperConfig, dict[str, torch.Tenso
         config, state_dict = _read_openai_checkpoint(path)
         return config, state_dict, f"Whisper checkpoint {path} (OpenAI names mapped to transformers')"
     raise InputError(f"Whisper weights not found: {path}")
+
+
+def load_whisper(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> AudioEncoder:
+    """LatentSync's Whisper encoder from OpenAI's checkpoint format (upstream's ``whisper/tiny.pt``) or a
+    transformers Whisper folder, strictly."""
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    from latentsync.models.whisper import AudioEncoder
+
+    config, state_dict, what = read_whisper(path)
+    config._attn_implementation = "sdpa"
+    with torch.device("meta"):  # no random init to pay for: every tensor is assigned below
+        encoder = WhisperEncoder(config)
+    load_strict(encoder, state_dict, what, dtype=dtype)
+    return AudioEncoder(encoder).to(device)

@@ -20,6 +20,7 @@ from scipy.signal import correlate
 
 from latentsync import InputError, audio, media
 from latentsync.models.whisper import AudioEncoder
+from latentsync.weights import load_whisper
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -37,12 +38,12 @@ def whisper_cases(parity_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def tiny_en(parity_dir: Path) -> AudioEncoder:
-    return AudioEncoder.from_pretrained(parity_dir / "whisper_tiny_en_openai.pt")
+    return load_whisper(parity_dir / "whisper_tiny_en_openai.pt")
 
 
 @pytest.fixture(scope="module")
 def tiny_en_float64(parity_dir: Path) -> AudioEncoder:
-    return AudioEncoder.from_pretrained(parity_dir / "whisper_tiny_en_openai.pt", dtype=torch.float64)
+    return load_whisper(parity_dir / "whisper_tiny_en_openai.pt", dtype=torch.float64)
 
 
 @pytest.fixture(scope="module")
@@ -315,7 +316,7 @@ def test_an_ffmpeg_crash_is_not_blamed_on_the_file(parity_dir, monkeypatch):
 
 
 def test_load_audio_refuses_a_missing_file(tmp_path):
-    with pytest.raises(InputError, match="not found"):
+    with pytest.raises(InputError, match="does not exist"):
         audio.load_audio(tmp_path / "nothing.wav")
 
 
@@ -385,7 +386,7 @@ def random_openai_file(tmp_path_factory) -> Path:
 
 def test_openai_checkpoint_with_decoder_loads(random_openai_file, short_speech):
     ckpt = torch.load(random_openai_file, weights_only=True)["model_state_dict"]
-    enc = AudioEncoder.from_pretrained(random_openai_file)
+    enc = load_whisper(random_openai_file)
     layer = enc.encoder.layers[1]
     assert torch.equal(layer.self_attn.q_proj.weight, ckpt["encoder.blocks.1.attn.query.weight"])
     assert torch.equal(layer.fc2.bias, ckpt["encoder.blocks.1.mlp.2.bias"])
@@ -401,7 +402,7 @@ def test_openai_checkpoint_missing_an_encoder_key_is_refused(tmp_path):
     path = tmp_path / "broken.pt"
     torch.save(ckpt, path)
     with pytest.raises(InputError, match=r"missing keys: 1 \(layers\.1\.fc2\.bias\)") as err:
-        AudioEncoder.from_pretrained(path)
+        load_whisper(path)
     assert str(path) in str(err.value)
 
 
@@ -411,7 +412,7 @@ def test_a_wrong_weights_file_is_refused_naming_it(tmp_path, parity_dir, name):
     if name.endswith(".txt"):
         path.write_text("hello")
     with pytest.raises(InputError) as err:
-        AudioEncoder.from_pretrained(path)
+        load_whisper(path)
     assert str(path) in str(err.value)
 
 
@@ -419,13 +420,13 @@ def test_a_wrong_weights_file_is_refused_naming_it(tmp_path, parity_dir, name):
 def test_transformers_folder_round_trip(random_openai_file, short_speech, tmp_path, architecture):
     from transformers.models.whisper import modeling_whisper
 
-    enc = AudioEncoder.from_pretrained(random_openai_file)
+    enc = load_whisper(random_openai_file)
     model = getattr(modeling_whisper, architecture)(enc.encoder.config)
     encoder = {"WhisperEncoder": lambda m: m, "WhisperModel": lambda m: m.encoder,
                "WhisperForConditionalGeneration": lambda m: m.model.encoder}[architecture](model)
     encoder.load_state_dict(enc.encoder.state_dict(), strict=True)
     model.save_pretrained(tmp_path / architecture)
-    again = AudioEncoder.from_pretrained(tmp_path / architecture)
+    again = load_whisper(tmp_path / architecture)
     assert torch.equal(encode(again, short_speech), encode(enc, short_speech))
 
 
@@ -434,31 +435,31 @@ def test_a_truncated_checkpoint_is_the_users_and_our_bugs_are_ours(random_openai
     cut = tmp_path / "cut.pt"
     cut.write_bytes(data[: len(data) // 2])
     with pytest.raises(InputError, match="cannot read Whisper checkpoint .*cut.pt"):
-        AudioEncoder.from_pretrained(cut)
+        load_whisper(cut)
 
     def broken_load(*args, **kwargs):
         raise TypeError("a bug of ours")
 
     monkeypatch.setattr(torch, "load", broken_load)
     with pytest.raises(TypeError, match="a bug of ours"):
-        AudioEncoder.from_pretrained(random_openai_file)
+        load_whisper(random_openai_file)
 
 
 def test_a_folder_with_a_broken_config_is_refused(tmp_path):
     (tmp_path / "config.json").write_text("{ not json")
     with pytest.raises(InputError, match="not a readable JSON config"):
-        AudioEncoder.from_pretrained(tmp_path)
+        load_whisper(tmp_path)
 
 
 def test_a_folder_of_another_model_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(InputError, match="not Whisper"):
-        AudioEncoder.from_pretrained(tmp_path)
+        load_whisper(tmp_path)
 
 
 def test_windows_are_encoded_independently(random_openai_file, parity_dir):
     # Rows past 30 s depend only on the second window's mel, right-padded with 0.0 (context resets, as upstream).
-    enc = AudioEncoder.from_pretrained(random_openai_file)
+    enc = load_whisper(random_openai_file)
     mel = audio.log_mel(audio.load_audio(parity_dir / "speech_35s.wav"))
     assert audio.N_FRAMES < mel.shape[1] < 2 * audio.N_FRAMES
     whole = enc.features_from_log_mel(mel)

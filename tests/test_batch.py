@@ -12,9 +12,10 @@ import pytest
 
 from latentsync import InputError
 from latentsync.batch.command import main
-from latentsync.batch.jobs import WORK_SUFFIX, is_complete, read_jobs
+from latentsync.batch.jobs import WORK_SUFFIX, read_jobs
 from latentsync.options import parse_ranges
 from latentsync.timeline import FADE_FRAMES, range_frames, touched_chunks
+from latentsync.video.check import is_complete
 from media_utils import decode_video, face_clip, probe_streams, speech
 from test_ranges import plain_reencode
 from tiny_weights import tiny_weights_with_manifest

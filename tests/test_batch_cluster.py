@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from latentsync.batch.jobs import is_complete
+from latentsync.video.check import is_complete
 from media_utils import face_clip, speech
-from test_batch import media, weights  # noqa: F401 — the same module fixtures: tiny weights, short clips
+from test_batch import media, weights  # noqa: F401 — the same module fixtures: tiny weights, short clips (F811 below)
 
 ray = pytest.importorskip("ray")
 
@@ -81,7 +81,7 @@ def long_media(tmp_path_factory):
 
 
 @pytest.fixture
-def batch(nodes, weights, tmp_path):
+def batch(nodes, weights, tmp_path):  # noqa: F811
     """Start ``python -m latentsync.batch`` on the two-node cluster; returns the process (results: ``.results``)."""
     address, _ = nodes
     folder, cfg, manifest = weights
@@ -119,13 +119,13 @@ def _left(folders) -> list[str]:
     return sorted(str(p) for folder in folders for p in Path(folder).glob("latentsync-*"))
 
 
-def _jobs(media, tmp_path, n: int, clip: str = "clip25", audio: str = "speech_1s") -> list[dict]:
-    return [{"video": str(media[clip]), "audio": str(media[audio]), "output": str(tmp_path / f"o{i}.mp4"),
+def _jobs(clips, tmp_path, n: int, clip: str = "clip25", audio: str = "speech_1s") -> list[dict]:
+    return [{"video": str(clips[clip]), "audio": str(clips[audio]), "output": str(tmp_path / f"o{i}.mp4"),
              "seed": i, **FAST} for i in range(n)]
 
 
 @pytest.mark.parametrize("flags", [(), ("--workers", "3")], ids=["default-workers", "three-workers"])
-def test_workers_fit_one_cpu_nodes_and_leave_nothing_on_any_node(batch, nodes, media, tmp_path, flags):
+def test_workers_fit_one_cpu_nodes_and_leave_nothing_on_any_node(batch, nodes, media, tmp_path, flags):  # noqa: F811
     p = batch(_jobs(media, tmp_path, 3), *flags)
     status, lines, err = _finish(p)
     assert status == 0, err
@@ -133,7 +133,7 @@ def test_workers_fit_one_cpu_nodes_and_leave_nothing_on_any_node(batch, nodes, m
     assert _left([*nodes[1].values(), *p.temps]) == [], "a worker's temporary folder was left on a node"
 
 
-def test_workers_the_cluster_cannot_place_fail_every_job_in_one_line(batch, nodes, media, tmp_path):
+def test_workers_the_cluster_cannot_place_fail_every_job_in_one_line(batch, nodes, media, tmp_path):  # noqa: F811
     from ray.util.placement_group import placement_group, remove_placement_group
 
     ray.init(address=nodes[0], include_dashboard=False, log_to_driver=False)

@@ -3,8 +3,8 @@ are read, and nothing of the user's touched; SIGINT/SIGTERM stop a run and leave
 from __future__ import annotations
 
 import hashlib
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +15,8 @@ import pytest
 from conftest import REPO
 from latentsync import InputError
 from latentsync.cli import main
-from latentsync.preflight import check_run_paths
+from latentsync.media import MediaCaps
+from latentsync.preflight import check_inputs
 from media_utils import face_clip, speech
 from tiny_weights import make_tiny_weights, manifest_for
 
@@ -224,7 +225,7 @@ def test_full_disk_during_the_run_is_exit_1(env, weights, media, tmp_path, capsy
     def full(self, *args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "o.mp4"))
 
-    monkeypatch.setattr(LipSync, "lipsync", full)
+    monkeypatch.setattr(LipSync, "run", full)
     folder, cfg = weights
     status, err = run_cli(capsys, media["video"], media["audio"], "-o", tmp_path / "o.mp4", "--weights-dir", folder,
                           "--unet-config", cfg, "--device", "cpu", "-q")
@@ -237,11 +238,11 @@ def test_options_reach_the_pipeline_as_one_run_options(env, weights, media, tmp_
 
     seen = {}
 
-    def record(self, video, audio, output, options=None, *, cancel=None, progress=False, **overrides):
+    def record(self, inputs, options, *, cancel=None, progress=False, **overrides):
         seen.update(options=options, overrides=overrides, cancel=cancel, progress=progress)
         raise InputError("stop here")
 
-    monkeypatch.setattr(LipSync, "lipsync", record)
+    monkeypatch.setattr(LipSync, "run", record)  # the CLI hands the files it checked to LipSync.run
     folder, cfg = weights
     status, _ = run_cli(capsys, media["video"], media["audio"], "-o", tmp_path / "o.mp4", "--weights-dir", folder,
                         "--unet-config", cfg, "--device", "cpu", "--seed", "5", "--face-point", "10", "20", "-q")
@@ -265,12 +266,13 @@ def test_the_api_checks_paths_before_reading_a_frame(weights, media, tmp_path):
         pipe.lipsync(media["video"], media["audio"], media["video"], inference_steps=2)
 
 
-def test_check_run_paths_accepts_a_new_nested_output(media, tmp_path):
+def test_check_inputs_accepts_a_new_nested_output(media, tmp_path):
     out = tmp_path / "a" / "b" / "out.MP4"
-    assert check_run_paths(media["video"], media["audio"], out) == (media["video"], media["audio"], out)
+    inputs = check_inputs(media["video"], media["audio"], out, MediaCaps())
+    assert (inputs.video, inputs.audio, inputs.output) == (media["video"], media["audio"], out)
     assert not (tmp_path / "a").exists(), "checking creates nothing"
     with pytest.raises(InputError, match="audio .* does not exist"):
-        check_run_paths(media["video"], tmp_path / "none.wav", out)
+        check_inputs(media["video"], tmp_path / "none.wav", out, MediaCaps())
 
 
 @pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
@@ -306,7 +308,7 @@ def test_a_signal_stops_the_run_and_leaves_nothing(env, weights, media, tmp_path
     assert list(out_dir.iterdir()) == [], "an output or partial file was left"
     assert not [p for p in tmp.iterdir() if p.name.startswith("latentsync-")], "a temporary folder was left"
     assert any("ffmpeg" in n for n in names), f"ffmpeg should have been running at the signal, not just {names}"
-    alive = [n for c, n in zip(children, names) if _alive(c)]
+    alive = [n for c, n in zip(children, names, strict=True) if _alive(c)]
     assert not alive, f"processes left running: {alive}"
 
 
@@ -496,7 +498,7 @@ def test_a_weights_folder_that_describes_itself_runs_with_only_its_name(weights,
 
     for name in [n for n in os.environ if n.startswith("LATENTSYNC_")]:
         monkeypatch.delenv(name)
-    monkeypatch.setattr(LipSync, "lipsync", record)
+    monkeypatch.setattr(LipSync, "run", record)
     folder, _ = weights
     status, err = run_cli(capsys, media["video"], media["audio"], "-o", tmp_path / "o.mp4", "--weights-dir", folder,
                           "--device", "cpu", "-q")

@@ -17,10 +17,10 @@ import socket
 import subprocess
 import sys
 import threading
-import wave
 import time
 import urllib.error
 import urllib.request
+import wave
 from pathlib import Path
 
 import numpy as np
@@ -288,6 +288,7 @@ def test_samples_lipsync_over_data_uris(server, tmp_path):
     metrics = body["metrics"]
     assert metrics["seed"] == 11 and metrics["frames"] > 0 and 0 < metrics["frames_with_face"] <= metrics["frames"]
     assert {"faces", "denoise", "mux"} <= set(metrics["seconds"])
+    assert metrics["ranges"] == []  # the whole video
     out = decode_output(body["output"], tmp_path / "out.mp4")
     streams = probe_streams(out)["streams"]
     video = [s for s in streams if s["codec_type"] == "video"]
@@ -302,6 +303,7 @@ def test_generated_clip_succeeds_and_reports_a_random_seed(server, media, tmp_pa
                           **FAST)
     assert body["status"] == "succeeded", body.get("error")
     assert isinstance(body["metrics"]["seed"], int)
+    assert body["metrics"]["ranges"] == []  # the whole video
     out = decode_output(body["output"], tmp_path / "out.mp4")
     streams = probe_streams(out)["streams"]
     assert int(next(s for s in streams if s["codec_type"] == "video")["nb_read_frames"]) == body["metrics"]["frames"]

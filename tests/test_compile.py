@@ -33,7 +33,7 @@ def test_compiled_passes_equal_eager_and_skip_other_shapes():
     unet = UNet3DConditionModel.from_config(UNET_MODEL).eval()
     for p in unet.parameters():  # the zero-initialised output conv would hide every difference
         p.add_(0.05 * torch.randn_like(p))
-    from latentsync.weights import load_scheduler
+    from latentsync.loader import load_scheduler
 
     compiled = CompiledUNet(unet)
     calls = {"full": 0, "shallow": 0}
@@ -88,8 +88,9 @@ def test_from_pretrained_compiles_with_a_cache_beside_the_weights(tmp_path, monk
 
 @torch.inference_mode()
 def test_compiled_vae_gives_the_eager_vaes_numbers():
-    from latentsync.models.compiled import compile_vae
     from diffusers import AutoencoderKL
+
+    from latentsync.models.compiled import compile_vae
 
     torch.manual_seed(0)
     vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
@@ -133,7 +134,8 @@ def _graph_label(gm: torch.fx.GraphModule, example_inputs: list) -> tuple[str, i
     """``("unet full" | "unet shallow" | "vae encode" | "vae decode", batch)`` from the graph's input names (dynamo
     names a placeholder after the argument it came from: ``x``, ``deep``, the VAE halves' ``sample``)."""
     names = [node.name.lower() for node in gm.graph.find_nodes(op="placeholder")]
-    shapes = {name: tuple(t.shape) for name, t in zip(names, example_inputs) if isinstance(t, torch.Tensor)}
+    shapes = {name: tuple(t.shape) for name, t in zip(names, example_inputs, strict=True)
+              if isinstance(t, torch.Tensor)}
     if "l_x_" in shapes:
         return ("unet shallow" if "l_deep_" in shapes else "unet full", shapes["l_x_"][0])
     if "l_sample_" in shapes:

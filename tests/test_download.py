@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, shared_file
-from mounts import read_only_tmpfs
-from latentsync import InputError, ResourceError
-from latentsync import download, manifest as manifest_mod
+from latentsync import InputError, ResourceError, download
+from latentsync import manifest as manifest_mod
 from latentsync.download import ensure_weights
 from latentsync.manifest import default_weights_dir, files_for, read_manifest
+from mounts import read_only_tmpfs
 
 RNG = random.Random(0)
 FILES = {  # what the server holds; sizes make a cut mid-file and several reads per file meaningful

@@ -1,6 +1,8 @@
 """Face landmarks and tracking on real faces (skimage's astronaut and LFW faces)."""
 from __future__ import annotations
 
+import itertools
+
 import cv2
 import numpy as np
 import pytest
@@ -235,7 +237,7 @@ def test_tiles_cover_the_frame_with_overlap():
     assert covered.min() >= 1
     # Neighbours overlap by at least a quarter tile, so any face the first pass misses lies whole in one tile.
     xs = sorted({x0 for x0, _, _, _ in tiles})
-    assert all(640 - (b - a) >= 160 for a, b in zip(xs, xs[1:]))
+    assert all(640 - (b - a) >= 160 for a, b in itertools.pairwise(xs))
 
 
 def test_no_face_message_names_the_smallest_face_we_find(landmarker):

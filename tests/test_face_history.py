@@ -9,11 +9,11 @@ import pytest
 
 from latentsync import video as video_mod
 from latentsync.align import BIAS_BOUND, FaceAligner, SmoothingBounds
+from latentsync.control import StageClock
 from latentsync.face import Face, FaceTracker
 from latentsync.facepool import FacePool
 from latentsync.options import RunOptions
 from latentsync.pipeline import LipSync
-from latentsync.control import StageClock
 from latentsync.tracking import CONTEXT_FRAMES, FaceTrack, forgotten_from, make_tracker
 from media_utils import face_clip, read_stamp, speech
 from tiny_weights import make_tiny_weights
@@ -53,8 +53,9 @@ def track(faces: list[list[Face]]) -> tuple[list[np.ndarray | None], list[Face |
 
 
 def same(a: list[np.ndarray | None], b: list[np.ndarray | None]) -> bool:
-    return len(a) == len(b) and all((x is None and y is None) or (x is not None and y is not None and
-                                                                  np.array_equal(x, y)) for x, y in zip(a, b))
+    return len(a) == len(b) and all(
+        (x is None and y is None) or (x is not None and y is not None and np.array_equal(x, y))
+        for x, y in zip(a, b, strict=True))
 
 
 # --- the tracker ------------------------------------------------------------------------------------------------------

@@ -14,10 +14,9 @@ import pytest
 import torch
 
 from latentsync.devices import HIGH, LOW, MID, GpuThread, StageThreads, pick_device, use_expandable_segments, vae_slice
-from latentsync.loader import run_memory, syncnet_fits
+from latentsync.loader import load_scheduler, run_memory, syncnet_fits
 from latentsync.sampling import denoise
 from latentsync.stages import cuda as cuda_mod
-from latentsync.weights import load_scheduler
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -224,10 +223,9 @@ def _old_denoise(unet, scheduler, latents, mask, masked_latents, ref_latents, au
 
 @torch.inference_mode()
 def test_the_loop_gives_the_old_loops_latents_bit_for_bit():
+    from latentsync.models.unet import UNet3DConditionModel
     from test_sampling import chunk_inputs
     from test_unet import TINY, random_state_dict
-
-    from latentsync.models.unet import UNet3DConditionModel
 
     unet = UNet3DConditionModel.from_config(TINY)
     unet.load_state_dict(random_state_dict(unet, seed=5))

@@ -141,7 +141,7 @@ def test_pasting_on_cuda_runs_no_convolution(fake_cuda, monkeypatch):
     convs.clear()
     on_gpu = aligner.restore_batch(frames, faces, matrices)
     assert convs == []  # no convolution, so no cuDNN plan per window shape
-    for a, b in zip(cpu, on_gpu):
+    for a, b in zip(cpu, on_gpu, strict=True):
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
 
 

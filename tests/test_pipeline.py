@@ -11,8 +11,7 @@ import pytest
 from latentsync import InputError
 from latentsync.pipeline import LipSync
 from latentsync.timeline import nearest_with_face, source_index
-from media_utils import (decode_audio, decode_video, face_clip, probe_streams, psnr, read_stamp, speech,
-                         write_clip)
+from media_utils import decode_audio, decode_video, face_clip, probe_streams, psnr, read_stamp, speech, write_clip
 from tiny_weights import make_tiny_weights, manifest_for
 
 FAST = {"inference_steps": 2, "guidance_scale": 1.5}

@@ -17,8 +17,8 @@ import pytest
 
 from conftest import REPO
 from latentsync import InputError
-from mounts import read_only_tmpfs
 from media_utils import face_clip, probe_streams, tone, write_clip
+from mounts import read_only_tmpfs
 from tiny_weights import DESTS, manifest_for, tiny_weights_with_manifest
 
 sys.path.insert(0, str(REPO))
@@ -112,6 +112,7 @@ def test_metrics_report_the_seed_frames_and_stage_times(predictor, media, metric
     stages = {k.split(".", 1)[1] for k in metrics if k.startswith("seconds.")}
     assert {"faces", "denoise", "mux"} <= stages
     assert {"sync.offset0_cosine", "sync.best_offset", "sync.confidence"} <= set(metrics)
+    assert metrics["ranges"] == []  # the whole video
     call(predictor, video=media["clip"], audio=media["speech"], **FAST)
     assert isinstance(metrics["seed"], int)
 
@@ -155,6 +156,7 @@ def test_file_extensions_are_not_trusted(predictor, media, metrics, tmp_path):
 def test_ranges_reach_the_run_and_a_bad_one_is_refused(predictor, media, metrics):
     out = call(predictor, video=media["clip"], audio=media["speech"], seed=2, ranges="0.2-0.4", **FAST)
     assert out.is_file() and metrics["frames_with_face"] == 5  # the frames of the range only
+    assert metrics["ranges"] == [[0.2, 0.4]]
     with pytest.raises(InputError, match=r"range '0.2-x': 'x' is not a time"):
         call(predictor, video=media["clip"], audio=media["speech"], ranges="0.2-x", **FAST)
 

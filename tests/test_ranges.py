@@ -12,12 +12,12 @@ import torch
 
 from latentsync import InputError
 from latentsync import video as video_mod
+from latentsync.control import StageClock
 from latentsync.face import FaceLandmarker
 from latentsync.facepool import FacePool
 from latentsync.options import RunOptions, parse_ranges
 from latentsync.pipeline import LipSync
 from latentsync.plan import _features
-from latentsync.control import StageClock
 from latentsync.timeline import FADE_FRAMES, Edits, edit_weights, range_frames, source_index, touched_chunks
 from latentsync.tracking import FaceTrack
 from media_utils import decode_video, face_clip, speech
@@ -67,7 +67,8 @@ def test_ranges_parse_seconds_and_clock_times_sorted_and_merged():
 
 @pytest.mark.parametrize("text, named", [("18-12.5", "18-12.5"), ("3-3", "3-3"), ("12.5", "'12.5'"),
                                          ("1-2,x-4", "'x-4'"), ("1-2,,3-4", "empty range"),
-                                         ("1:75-2:00", "'1:75-2:00'"), ("1-nan", "'1-nan'")])
+                                         ("1:75-2:00", "'1:75-2:00'"), ("1-nan", "'1-nan'"),
+                                         ("1.5:30-2:00", "'1.5:30' is not a time")])
 def test_an_unparsable_or_empty_range_is_refused_naming_it(text, named):
     with pytest.raises(InputError, match="range") as info:
         RunOptions(ranges=text)
@@ -82,6 +83,37 @@ def test_the_cli_takes_ranges_and_checks_them_before_any_weights(tmp_path, capsy
     assert main([str(tmp_path / "v.mp4"), str(tmp_path / "a.wav"), "-o", str(tmp_path / "o.mp4"),
                  "--ranges", "4-2"]) == 2
     assert "error: range 4-2 is empty or negative" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("ranges, said", [("2.001-2.02", "range 2.001-2.02 holds no frame: at 25 fps"),
+                                          ("0-1e-9", "range 0-1e-09 holds no frame"),
+                                          ("1e12-1e13", "ranges 1e+12-1e+13 lie past the end of the output")])
+def test_a_range_that_edits_no_frame_is_one_line_before_any_weights(media, tmp_path, capsys, ranges, said):
+    from latentsync.cli import main
+
+    status = main([str(media["clip"]), str(media["speech"]), "-o", str(tmp_path / "o.mp4"), "--ranges", ranges,
+                   "--weights-dir", str(tmp_path / "no-weights"), "--device", "cpu", "-q"])
+    err = capsys.readouterr().err
+    assert status == 2 and said in err and err.count("\n") == 1 and "weights" not in err
+
+
+@pytest.mark.parametrize("ranges, said", [("2.001-2.02", "holds no frame"), ("1e12-1e13", "lie past the end")])
+def test_the_api_refuses_a_range_that_edits_no_frame_in_one_line(pipe, media, tmp_path, ranges, said):
+    with pytest.raises(InputError, match=said):
+        pipe.lipsync(media["clip"], media["speech"], tmp_path / "o.mp4", ranges=ranges, **FAST)
+    with pytest.raises(InputError, match=said):
+        pipe.plan(media["clip"], media["speech"], RunOptions(ranges=ranges, **FAST))
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_a_range_where_no_frame_shows_the_face_is_named_in_a_warning(pipe, tmp_path, media, caplog):
+    clip = face_clip(tmp_path / "hidden.mp4", 100, hide=range(40, 80))
+    with caplog.at_level(logging.WARNING):
+        plan = pipe.plan(clip, media["speech"], RunOptions(ranges="0.4-0.8,2-2.6", **FAST))
+        pipe.lipsync(clip, media["speech"], tmp_path / "o.mp4", ranges="0.4-0.8,2-2.6", **FAST)
+    assert plan.faceless_ranges() == [(2.0, 2.6)]
+    warned = [r.getMessage() for r in caplog.records if "shows no face" in r.getMessage()]
+    assert warned == ["range 2.00-2.60 s shows no face: nothing is edited there"] * 2  # the plan's, the run's
 
 
 def test_a_batch_job_carries_ranges(tmp_path):

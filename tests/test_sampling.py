@@ -5,11 +5,13 @@ import json
 
 import pytest
 import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
 from safetensors.torch import load_file
 
+from latentsync.loader import load_scheduler
 from latentsync.models.unet import UNet3DConditionModel
 from latentsync.sampling import denoise
-from latentsync.weights import load_scheduler, load_unet
+from latentsync.weights import load_unet
 from test_unet import TINY, random_state_dict
 
 
@@ -67,6 +69,10 @@ def test_scheduler_is_upstreams_ddim(parity_dir):
     for run in meta["runs"]:
         scheduler.set_timesteps(run["num_inference_steps"])
         assert scheduler.timesteps.tolist() == run["timesteps"]
+
+
+def test_the_default_scheduler_is_ddim():
+    assert type(load_scheduler()) is DDIMScheduler
 
 
 # ------------------------------------------------------------------------------------------ loop contract
@@ -146,6 +152,23 @@ def test_runs_in_the_unets_dtype(tiny_unet, dtype):
     assert out.dtype == dtype and out.shape == (1, 4, 3, 8, 8) and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("kind", [DPMSolverMultistepScheduler, UniPCMultistepScheduler])
+def test_other_diffusers_schedulers_run_the_loop(tiny_unet, kind):
+    """Schedulers whose ``step`` takes no ``eta`` run the same loop, at the timesteps they choose."""
+    spy = Spy(tiny_unet)
+    scheduler = load_scheduler(kind)
+    assert type(scheduler) is kind
+    out = denoise(spy, scheduler, *chunk_inputs(), guidance_scale=1.5, num_inference_steps=4, deepcache_interval=3)
+    assert out.shape == (1, 4, 3, 8, 8) and torch.isfinite(out).all()
+    expected = load_scheduler(kind)
+    expected.set_timesteps(4)
+    assert [c["t"] for c in spy.calls] == expected.timesteps.tolist()
+    # the next chunk reuses the scheduler, as a run does: nothing of the first chunk's steps is carried over
+    again = denoise(tiny_unet, scheduler, *chunk_inputs(), guidance_scale=1.5, num_inference_steps=4,
+                    deepcache_interval=3)
+    torch.testing.assert_close(again, out, rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------------------------- parity
 def _denoise_chunks(unet, data, run, chunks) -> list[torch.Tensor]:
     outs, start = [], 0
@@ -191,7 +214,7 @@ def test_denoise_matches_upstream_on_every_fixture_run(parity_dir):
         out = torch.cat(outs, dim=2)
         assert out.shape == ref.shape and out.dtype == torch.float32
         start = 0
-        for i, (n, chunk) in enumerate(zip(chunks, outs)):
+        for i, (n, chunk) in enumerate(zip(chunks, outs, strict=True)):
             err = (chunk - ref[:, :, start:start + n]).abs().max().item()
             bound, note = tol, ""
             if err > tol and (run["name"], i) in CHAOTIC_CHUNKS:  # is float32 itself this imprecise on this chunk?

@@ -1,6 +1,7 @@
-"""The Quick start's two commands (``.ci/samples``, ``.ci/tests``) and CI's ``.ci/run``, on a copy of the project
-whose apt, dpkg, sudo and Python are stand-ins that log what they are asked: each command installs only what is
-missing, then runs its job; ``.ci/install`` waits for another apt's lock instead of failing."""
+"""The Quick start's two commands (``.ci/samples``, ``.ci/tests``), the checks (``.ci/lint``) and CI's ``.ci/run``,
+on a copy of the project whose apt, dpkg, sudo, Python, ruff and mypy are stand-ins that log what they are asked:
+each command installs only what is missing, then runs its job; ``.ci/install`` waits for another apt's lock instead
+of failing."""
 from __future__ import annotations
 
 import os
@@ -12,7 +13,7 @@ import pytest
 
 from conftest import REPO
 
-SCRIPTS = [".ci/install", ".ci/tests", ".ci/samples", ".ci/run"]
+SCRIPTS = [".ci/install", ".ci/tests", ".ci/samples", ".ci/lint", ".ci/run"]
 PINS = ["requirements.txt", "requirements-dev.txt", "setup.py", "pyproject.toml"]
 
 # The stand-ins. apt-get fails `update` while the lists' lock counter is above zero, as apt does when another apt
@@ -32,12 +33,17 @@ fi
     "dpkg-query": """package="${@: -1}"
 [ -e "$STATE/installed-$package" ] && printf installed || printf not-installed
 """,
-    # The interpreter that makes the venv: its python and pip log their arguments.
+    # The interpreter that makes the venv: its python, pip, ruff and mypy log their arguments; ruff and mypy fail
+    # when the test names them in $FAIL.
     "python-for-venv": """echo "python $*" >> "$LOG"
 mkdir -p .venv/bin
 printf '#!/usr/bin/env bash\\n[ "$1" = -c ] && exit 0\\necho "venv-python $*" >> "$LOG"\\n' > .venv/bin/python
 printf '#!/usr/bin/env bash\\necho "pip $*" >> "$LOG"\\n' > .venv/bin/pip
-chmod +x .venv/bin/python .venv/bin/pip
+for tool in ruff mypy; do
+  printf '#!/usr/bin/env bash\\necho "%s${*:+ $*}" >> "$LOG"\\n' $tool > .venv/bin/$tool
+  printf '[[ " $FAIL " != *" %s "* ]]\\n' $tool >> .venv/bin/$tool
+done
+chmod +x .venv/bin/python .venv/bin/pip .venv/bin/ruff .venv/bin/mypy
 """,
 }
 
@@ -59,7 +65,8 @@ class Project:
         self.hold_lock(0)
         self.log.touch()
         self.env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "LOG": str(self.log),
-                    "STATE": str(self.state), "PYTHON": str(bin_dir / "python-for-venv"), "APT_LOCK_POLL_S": "0"}
+                    "STATE": str(self.state), "PYTHON": str(bin_dir / "python-for-venv"), "APT_LOCK_POLL_S": "0",
+                    "FAIL": ""}
 
     def hold_lock(self, tries: int) -> None:
         (self.state / "lock_held").write_text(str(tries))
@@ -152,3 +159,27 @@ def test_ci_installs_everything_from_scratch_then_runs_the_test_command(project)
     proc, calls = project.run(".ci/run")
     assert proc.returncode == 0, proc.stderr
     assert "python -m venv .venv" in calls and calls[-1] == "venv-python -m pytest -q"
+
+
+def test_ci_runs_ruff_and_mypy_after_the_install_and_before_the_tests(project):
+    project.have(*ALL_PACKAGES)
+    proc, calls = project.run(".ci/run")
+    assert proc.returncode == 0, proc.stderr
+    steps = [c for c in calls if c.startswith(("python -m venv", "ruff", "mypy", "venv-python"))]
+    assert steps == ["python -m venv .venv", "ruff check .", "mypy", "venv-python -m pytest -q"]
+
+
+@pytest.mark.parametrize("tool", ["ruff", "mypy"])
+def test_a_finding_of_ruff_or_mypy_fails_ci_before_the_tests_run(project, tool):
+    project.have(*ALL_PACKAGES)
+    proc, calls = project.run(".ci/run", FAIL=tool)
+    assert proc.returncode != 0
+    assert calls[-1].startswith(tool) and not any(c.startswith("venv-python -m pytest") for c in calls)
+
+
+def test_the_lint_command_installs_what_is_missing_then_runs_both_checks(project):
+    proc, calls = project.run(".ci/lint")
+    assert proc.returncode == 0, proc.stderr
+    assert "pip install -q -r requirements-dev.txt" in calls and calls[-2:] == ["ruff check .", "mypy"]
+    proc, calls = project.run(".ci/lint")
+    assert proc.returncode == 0 and installs(calls) == [] and calls == ["ruff check .", "mypy"]

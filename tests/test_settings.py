@@ -3,11 +3,15 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import signal
+import tempfile
 
 import pytest
 
 from latentsync import InputError
+from latentsync.config import folder_configs
+from latentsync.download import ensure_weights
 from latentsync.errors import OUT_OF_MEMORY, Interrupted, ResourceError, describe
 from latentsync.settings import Settings, add_model_arguments
 
@@ -139,7 +143,6 @@ def test_a_malformed_config_of_the_folder_is_named_as_the_folders(tmp_path):
 
 
 def test_a_named_folder_is_verified_against_its_own_manifest(tmp_path):
-    from latentsync.download import ensure_weights
     from tiny_weights import make_tiny_weights
 
     folder, _ = make_tiny_weights(tmp_path / "tiny", syncnet=False)
@@ -150,8 +153,6 @@ def test_a_named_folder_is_verified_against_its_own_manifest(tmp_path):
 
 
 def test_the_api_finds_the_folders_own_configs(tmp_path):
-    from latentsync.config import folder_configs
-
     folder = _self_describing_folder(tmp_path / "mine")
     assert folder_configs(folder) == (folder / "unet.yaml", folder / "syncnet.yaml")
     assert folder_configs(folder, "mine.yaml") == ("mine.yaml", folder / "syncnet.yaml")
@@ -168,3 +169,29 @@ def test_a_device_name_is_checked_without_torch(given, expected):
 def test_an_unknown_device_is_one_input_error(given):
     with pytest.raises(InputError, match=f"unknown device {given!r}; use cpu, cuda, cuda:N or mps"):
         Settings.read({}, device=given)
+
+
+@pytest.mark.parametrize("kernels", [False, True])
+def test_inductors_folder_in_the_temporary_folder_is_removed_only_while_empty(tmp_path, monkeypatch, kernels):
+    from latentsync.models.compiled import remove_unused_inductor_folder
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    folder = tmp_path / "torchinductor_someone"  # what importing torch._dynamo makes
+    folder.mkdir()
+    if kernels:
+        (folder / "kernel.py").write_text("# compiled\n")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(folder))
+    remove_unused_inductor_folder()
+    assert folder.exists() == kernels
+    assert ("TORCHINDUCTOR_CACHE_DIR" in os.environ) == kernels
+
+
+def test_an_inductor_folder_named_elsewhere_is_left_alone(tmp_path, monkeypatch):
+    from latentsync.models.compiled import remove_unused_inductor_folder
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    chosen = tmp_path / "torchinductor_mine"  # the user's, or a compiled load's cache folder
+    chosen.mkdir()
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(chosen))
+    remove_unused_inductor_folder()
+    assert chosen.is_dir() and os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(chosen)

@@ -9,11 +9,11 @@ import numpy as np
 import psutil
 import pytest
 
-from latentsync import InputError
-from latentsync.pipeline import LipSync
-from latentsync.errors import Cancelled
-from latentsync.stages import QUEUE_DEPTH, run_stages
 from cancel_utils import CancelAfter
+from latentsync import InputError
+from latentsync.errors import Cancelled
+from latentsync.pipeline import LipSync
+from latentsync.stages import QUEUE_DEPTH, run_stages
 from media_utils import face_clip, speech
 from tiny_weights import make_tiny_weights
 

@@ -17,9 +17,9 @@ import torch
 from latentsync import audio as audio_mod
 from latentsync import plan as plan_mod
 from latentsync import video as video_mod
+from latentsync.length import _clean_windows, _padded_windows, _span_prefix, scored_spans
 from latentsync.options import RunOptions
 from latentsync.pipeline import LipSync
-from latentsync.length import _clean_windows, _padded_windows, _span_prefix, scored_spans
 from latentsync.timeline import Edits, pad_with_silence, range_frames
 from latentsync.tracking import FaceTrack
 from media_utils import decode_audio, decode_video, face_clip, speech
@@ -82,14 +82,16 @@ def runs(pipe, media, tmp_path_factory):
         tracks: list[FaceTrack] = []
 
         class Recording(FaceTrack):  # records each track made, to look at it mid-run
+            made = tracks
+
             def __init__(self, *args, **kwargs):
                 super().__init__(*args, **kwargs)
-                tracks.append(self)
+                self.made.append(self)
 
         first: list[tuple[int, bool]] = []
         streamed: dict[int, np.ndarray] = {}
 
-        def tap(j, frame, seen=streamed):
+        def tap(j, frame, seen=streamed, first=first, tracks=tracks):
             if not seen:  # serial: no chunk after this one has been asked of the track yet
                 first.append((len(tracks[-1].matrices), tracks[-1].ended))
             seen.setdefault(j, frame.copy())
@@ -103,7 +105,7 @@ def runs(pipe, media, tmp_path_factory):
         try:
             result = pipe.lipsync(media[video], media[audio], d / f"{k}-streamed.mp4", options=opts)
             whole: dict[int, np.ndarray] = {}
-            mp.setattr(pipe, "frame_tap", lambda j, frame: whole.setdefault(j, frame.copy()))
+            mp.setattr(pipe, "frame_tap", lambda j, frame, whole=whole: whole.setdefault(j, frame.copy()))
             plan = pipe.plan(media[video], media[audio], opts)
             part = pipe.render(plan, d / f"{k}-part.mp4")
             reference = pipe.finish(plan, [part], d / f"{k}-whole.mp4")

@@ -158,7 +158,7 @@ def test_scorer_matches_windows_built_by_hand(tiny_net):
     starts = [2, 10, 18]  # offsets ±2 fit from frame 2; 16-frame windows end by frame 40
     assert score.windows == len(starts)
     assert score.offsets == (-2, -1, 0, 1, 2)
-    for offset, got in zip(score.offsets, score.mean_cosines):
+    for offset, got in zip(score.offsets, score.mean_cosines, strict=True):
         want = np.mean([_by_hand(tiny_net, crops, wav, s, s + offset) for s in starts])
         assert abs(got - want) < 1e-5, offset
     assert score.offset0_cosine == score.mean_cosines[2]

@@ -7,13 +7,13 @@ import numpy as np
 import psutil
 import pytest
 
+from cancel_utils import CancelAfter
 from latentsync import InputError
 from latentsync import video as video_mod
-from latentsync.facepool import FacePool
-from latentsync.errors import Cancelled
 from latentsync.control import StageClock
+from latentsync.errors import Cancelled
+from latentsync.facepool import FacePool
 from latentsync.tracking import FaceTrack
-from cancel_utils import CancelAfter
 from media_utils import face_clip
 
 

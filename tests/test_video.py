@@ -17,6 +17,7 @@ import pytest
 from latentsync import InputError, media, video
 from latentsync.video import read as video_read
 from latentsync.video.probe import exact_rate
+from latentsync.video.write import _temp_beside
 from media_utils import frame_times, probe_streams
 
 FFMPEG = media.ffmpeg_exe()
@@ -182,7 +183,7 @@ def test_start_count_matches_full_read(clip, request):
     for start in (1, 7, 42, 77, 120, 150, 160, len(full) - 16, len(full) - 5):
         block = list(video.read_frames(path, 25, start=start, count=16, info=info))
         assert len(block) == len(full[start:start + 16]), start
-        assert all(np.array_equal(a, b) for a, b in zip(block, full[start:start + 16])), start
+        assert all(np.array_equal(a, b) for a, b in zip(block, full[start:start + 16], strict=True)), start
     assert list(video.read_frames(path, 25, start=len(full) + 3, count=16, info=info)) == []
 
 
@@ -196,7 +197,7 @@ def test_unseekable_container_reads_blocks_too(media_dir):
     path = make_clip(media_dir / "clip.ts", rate="30", seconds=3.0, audio=None, vcodec=["-c:v", "libx264"])
     full = list(video.read_frames(path, 25))
     block = list(video.read_frames(path, 25, start=50, count=16))
-    assert len(block) == 16 and all(np.array_equal(a, b) for a, b in zip(block, full[50:66]))
+    assert len(block) == 16 and all(np.array_equal(a, b) for a, b in zip(block, full[50:66], strict=True))
 
 
 def test_source_rate_by_default(media_dir):
@@ -578,8 +579,6 @@ def test_caps_come_from_the_entry_points_environment():
 
 
 def test_the_hidden_temporary_name_of_a_longest_legal_name_stays_legal(tmp_path):
-    from latentsync.video.write import _temp_beside
-
     limit = media.name_max(tmp_path)
     for name in ("a" * (limit - 4) + ".mp4", "é" * ((limit - 4) // 2) + ".mov", "short.mkv"):
         temp = _temp_beside(tmp_path / name)

@@ -15,11 +15,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from latentsync.batch.jobs import Job, Results, check_results, is_complete, read_jobs, result_line
+from latentsync.batch.jobs import Job, Results, check_results, read_jobs, result_line
 from latentsync.batch.worker import message
 from latentsync.errors import InputError, Interrupted
 from latentsync.settings import Settings, add_model_arguments
 from latentsync.signals import Stop, exit_with, run_door
+from latentsync.video.check import is_complete
 
 log = logging.getLogger("latentsync.batch")
 
@@ -133,8 +134,9 @@ def _run_on_ray(args: argparse.Namespace, settings: Settings, todo: list[Job],
     from latentsync.batch.driver import Batch, connect, plan_workers
     from latentsync.manifest import read_manifest
 
-    # Nodes need no copy of the manifest file: the workers get its parsed lines.
-    settings = dataclasses.replace(settings, manifest=tuple(read_manifest(settings.manifest)))
+    # Nodes need no copy of the manifest file: the workers get its parsed lines (parsed here unless they already are).
+    if not isinstance(settings.manifest, tuple):
+        settings = dataclasses.replace(settings, manifest=tuple(read_manifest(settings.manifest)))
     with connect(args.address, stop, verbose=args.verbose) as local:
         if local:  # verify or fetch the weights once here, not in every worker at once
             settings.weights()

@@ -18,6 +18,7 @@ through a small status board actor that the workers post to and the driver reads
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import secrets
@@ -27,9 +28,10 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import ray
+from ray.actor import ActorHandle
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
@@ -74,7 +76,7 @@ def split_chunks(num_chunks: int, segments: int, edited: list[int] | None = None
     edited = list(range(num_chunks)) if edited is None else edited
     n = max(1, min(segments, len(edited)))
     bounds = [0, *(edited[round(i * len(edited) / n)] for i in range(1, n)), num_chunks]
-    return [range(a, b) for a, b in zip(bounds, bounds[1:])]
+    return [range(a, b) for a, b in itertools.pairwise(bounds)]
 
 
 class StatusBoard:
@@ -107,7 +109,9 @@ class Batch:
         self.handles: list[Any] = []
         self.pids: dict[int, int] = {}
         self._closed = False
-        self.board = ray.remote(StatusBoard).options(num_cpus=0).remote() if status else None
+        # ray types what .remote() makes as "the handle or the class" (for editors' completion): it is the handle
+        self.board: ActorHandle[StatusBoard] | None = cast(
+            "ActorHandle[StatusBoard]", ray.remote(StatusBoard).options(num_cpus=0).remote()) if status else None
         bundle = {name: resources[key] for key, name in (("num_cpus", "CPU"), ("num_gpus", "GPU"))
                   if resources.get(key)}
         self.group = placement_group([bundle] * workers, strategy="SPREAD")

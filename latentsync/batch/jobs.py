@@ -1,16 +1,15 @@
 """The jobs file and the results file: :class:`Job`, :func:`read_jobs`, :func:`check_results`, :func:`result_line`,
-:class:`Results`, :func:`is_complete`.
+:class:`Results`.
 
 Each line of JOBS is ``{"video": …, "audio": …, "output": …}`` plus any run option (``RunOptions`` names) and
 ``"segments"``. Outputs appear only by rename from a per-job work folder beside them, and a re-run skips an output
-only when it is a finished mp4 (its boxes span the whole file and it probes with video and audio), so a file left
-by a killed worker never counts as done. No Ray here.
+only when it is a finished mp4 (``video.check.is_complete``: its boxes span the whole file and it probes with video
+and audio), so a file left by a killed worker never counts as done. No Ray here.
 """
 from __future__ import annotations
 
 import errno
 import json
-import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -172,46 +171,3 @@ class Results:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-def is_complete(path: Path) -> bool:
-    """A finished output: a probe finds video and audio in it and, for MP4/MOV, its top-level boxes tile the whole
-    file (a cut-off write does not). Outputs only ever appear by rename, so this is the second line of defence."""
-    from latentsync import video as video_mod
-
-    if not path.is_file():
-        return False
-    with path.open("rb") as f:
-        iso = f.read(8)[4:] == b"ftyp"
-    if iso and not _boxes_complete(path):
-        return False
-    try:
-        # No input caps here: an output may rightly outlast them (a short video looped over long audio).
-        info = video_mod.probe(path, max_side=2**31, max_duration=math.inf)
-    except InputError:
-        return False
-    return info.has_audio and info.frame_count > 0
-
-
-def _boxes_complete(path: Path) -> bool:
-    """The ISO-BMFF box walk: ftyp, moov and mdat present, and the last box ends exactly at the end of the file."""
-    size = path.stat().st_size
-    seen = set()
-    with path.open("rb") as f:
-        pos = 0
-        while pos < size:
-            f.seek(pos)
-            head = f.read(16)
-            if len(head) < 8:
-                return False
-            length, kind = int.from_bytes(head[:4], "big"), head[4:8]
-            if length == 1:  # 64-bit size follows the type
-                if len(head) < 16:
-                    return False
-                length = int.from_bytes(head[8:16], "big")
-            elif length == 0:  # "to the end of the file": what a writer leaves before it finalises
-                return False
-            if length < 8:
-                return False
-            seen.add(kind)
-            pos += length
-    return pos == size and {b"ftyp", b"moov", b"mdat"} <= seen

@@ -19,6 +19,7 @@ from typing import Any
 from latentsync.batch.jobs import Job
 from latentsync.errors import InputError, describe, one_line
 from latentsync.progress import LogLines, Progress
+from latentsync.result import LipSyncResult, metrics
 from latentsync.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -130,10 +131,8 @@ def _failure(error: Exception) -> dict[str, Any]:
     return {"pid": os.getpid(), "error": message(error)}
 
 
-def _success(result: Any, started: float) -> dict[str, Any]:
-    sync = None if result.sync is None else {
-        "offset0_cosine": round(float(result.sync.offset0_cosine), 4), "best_offset": int(result.sync.best_offset),
-        "confidence": round(float(result.sync.confidence), 4), "windows": int(result.sync.windows)}
-    return {"pid": os.getpid(), "error": None, "seed": result.seed, "frames": result.frames,
-            "seconds": round(time.perf_counter() - started, 3), "sync": sync,
-            "ranges": [[round(a, 3), round(b, 3)] for a, b in result.ranges]}  # milliseconds: finer than a frame
+def _success(result: LipSyncResult, started: float) -> dict[str, Any]:
+    """A finished job's answer: the result's figures, with the task's wall seconds for ``seconds``."""
+    figures = metrics(result)
+    return {"pid": os.getpid(), "error": None, "seed": figures["seed"], "frames": figures["frames"],
+            "seconds": round(time.perf_counter() - started, 3), "sync": figures["sync"], "ranges": figures["ranges"]}

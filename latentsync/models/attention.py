@@ -9,8 +9,9 @@ from torch import nn
 from latentsync.models.resnet import batch_to_frames, frames_to_batch
 
 
-class Attention(nn.Module):
-    """Multi-head attention (PyTorch SDPA) with upstream's parameter names ``to_q/to_k/to_v/to_out.0``."""
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention (PyTorch SDPA) with upstream's parameter names ``to_q/to_k/to_v/to_out.0``; each
+    subclass's ``forward`` says what attends to what."""
 
     def __init__(self, query_dim: int, heads: int, head_dim: int, context_dim: int | None = None):
         super().__init__()
@@ -25,12 +26,18 @@ class Attention(nn.Module):
         b, n, d = x.shape
         return x.reshape(b, n, self.heads, d // self.heads).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        context = x if context is None else context
+    def attend(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         q, k, v = self._split(self.to_q(x)), self._split(self.to_k(context)), self._split(self.to_v(context))
         out = F.scaled_dot_product_attention(q, k, v)  # scale head_dim ** -0.5, no mask
         b, _, n, _ = out.shape
         return self.to_out[1](self.to_out[0](out.transpose(1, 2).reshape(b, n, -1)))
+
+
+class Attention(MultiHeadAttention):
+    """Self-attention, or cross-attention to ``context``."""
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        return self.attend(x, x if context is None else context)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -41,8 +48,8 @@ class BasicTransformerBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim)
         self.attn1 = Attention(dim, heads, head_dim)
         if add_audio_layer:
-            self.norm2 = nn.LayerNorm(dim)
-            self.attn2 = Attention(dim, heads, head_dim, context_dim=cross_attention_dim)
+            self.norm2: nn.LayerNorm | None = nn.LayerNorm(dim)
+            self.attn2: Attention | None = Attention(dim, heads, head_dim, context_dim=cross_attention_dim)
         else:
             self.norm2 = self.attn2 = None
         self.ff = FeedForward(dim, activation_fn="geglu")
@@ -50,7 +57,7 @@ class BasicTransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, audio: torch.Tensor | None = None) -> torch.Tensor:
         x = self.attn1(self.norm1(x)) + x
-        if self.attn2 is not None and audio is not None:
+        if self.attn2 is not None and self.norm2 is not None and audio is not None:
             # batch row (b·f) of the image tokens meets batch row (b·f) of the audio: each frame hears its own window
             x = self.attn2(self.norm2(x), audio) + x
         return self.ff(self.norm3(x)) + x

@@ -1,23 +1,31 @@
 """Opt-in ``torch.compile`` of the U-Net's two passes (full, DeepCache-shallow), behind the U-Net's own call, and
-of the VAE's encoder and decoder.
+of the VAE's encoder and decoder; and the removal of the empty cache folder that merely importing torch's compiler
+leaves in the temporary folder.
 
 Inductor fuses the memory-bound work that takes ~40 % of an eager step (elementwise ops, layout copies, norms):
 1.49× on a full step and 1.74× on a shallow one at 512 px on an H200. Dynamo compiles a graph for the exact sizes,
 strides and dtypes of the inputs it first sees, so the loader warms the modules up by generating a chunk as a run
-does (``loader.warm_up_compiled``), with and without guidance. Each U-Net pass is compiled only for the input
+does (``loader.compile_models``), with and without guidance. Each U-Net pass is compiled only for the input
 shapes of that warm-up; any other shape (a video's last, shorter chunk) runs eagerly rather than paying a second
 compilation in the middle of a request.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from latentsync.models.unet import DeepCache, UNet3DConditionModel, UNet3DConditionOutput
+
+if TYPE_CHECKING:
+    # From its own module: to a type checker, diffusers' top-level names are its placeholders for a missing torch.
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 
 BACKEND = "inductor"  # torch.compile's default; tests swap in "eager" to check the plumbing in seconds
 
@@ -30,6 +38,24 @@ def use_cache_dir(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
     return folder
+
+
+def remove_unused_inductor_folder() -> None:
+    """Remove inductor's folder in the temporary folder while it is empty: a load that compiles nothing leaves none.
+
+    Importing ``torch._dynamo`` (diffusers does, so every load does) creates ``torchinductor_<user>`` in the temporary
+    folder and points ``TORCHINDUCTOR_CACHE_DIR`` at it. A folder that holds compiled kernels is kept, and so is one
+    named elsewhere: the user's choice, or a compiled load's cache (:func:`use_cache_dir`).
+    """
+    chosen = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if chosen is None:
+        return
+    folder = Path(chosen)
+    if folder.parent != Path(tempfile.gettempdir()) or not folder.name.startswith("torchinductor_"):
+        return
+    with contextlib.suppress(OSError):  # not empty: something was compiled there, and it is kept
+        folder.rmdir()
+        del os.environ["TORCHINDUCTOR_CACHE_DIR"]
 
 
 def default_cache_root(cache_home: str | Path | None = None) -> Path:
@@ -68,6 +94,8 @@ class CompiledUNet:
     def _full_pass(self, x: torch.Tensor, t: torch.Tensor, audio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cache = DeepCache()
         noise = self.unet(x, t, audio, cache=cache).sample
+        if cache.deep is None:  # a full pass given a cache always fills it
+            raise RuntimeError("the U-Net's full pass left its DeepCache empty")
         return noise, cache.deep
 
     def _shallow_pass(self, x: torch.Tensor, t: torch.Tensor, audio: torch.Tensor, deep: torch.Tensor) -> torch.Tensor:
@@ -83,6 +111,8 @@ class CompiledUNet:
         elif key not in self._compiled:  # never warmed up: eager, without asking dynamo for a new graph
             return self.unet(x, t, audio, cache=cache, shallow=shallow)
         if shallow:
+            if cache is None or cache.deep is None:  # as the eager U-Net refuses it
+                raise ValueError("a shallow DeepCache pass needs a cache filled by a full pass")
             return UNet3DConditionOutput(self._shallow(x, t, audio, cache.deep))
         noise, deep = self._full(x, t, audio)
         if cache is not None:
@@ -99,7 +129,7 @@ class CompiledUNet:
             self._warming = False
 
 
-def compile_vae(vae: torch.nn.Module) -> None:
+def compile_vae(vae: AutoencoderKL) -> None:
     """Compile the VAE's encoder and decoder in place; dynamo traces each on its first call (the warm-up's). A call
     of another size (a video's last chunk) compiles again, or runs eagerly once the stance says so."""
     vae.encoder.compile(dynamic=False, backend=BACKEND)

@@ -8,7 +8,7 @@ import torch
 from diffusers.models.attention import FeedForward
 from torch import nn
 
-from latentsync.models.attention import Attention
+from latentsync.models.attention import MultiHeadAttention
 from latentsync.models.resnet import batch_to_frames, frames_to_batch
 
 # Upstream builds TemporalTransformer3DModel without passing the U-Net's norm_num_groups, so its
@@ -32,6 +32,8 @@ class MotionModuleConfig:
 class PositionalEncoding(nn.Module):
     """Sinusoidal frame-position table ``pe (1, max_len, dim)``; a persistent buffer as in the checkpoints."""
 
+    pe: torch.Tensor
+
     def __init__(self, dim: int, max_len: int):
         super().__init__()
         position = torch.arange(max_len, dtype=torch.float32).unsqueeze(1)
@@ -47,7 +49,7 @@ class PositionalEncoding(nn.Module):
         return x + self.pe[:, : x.shape[1]]
 
 
-class TemporalAttention(Attention):
+class TemporalAttention(MultiHeadAttention):
     """Self-attention over the frames of each spatial position (upstream's ``VersatileAttention``, Temporal_Self)."""
 
     def __init__(self, dim: int, heads: int, head_dim: int, position_encoding: bool, max_len: int):
@@ -59,7 +61,7 @@ class TemporalAttention(Attention):
         x = x.reshape(bf // frames, frames, s, c).transpose(1, 2).reshape(-1, frames, c)  # (b·s, f, c)
         if self.pos_encoder is not None:  # only the attention input carries the position, not the residual
             x = self.pos_encoder(x)
-        x = super().forward(x)
+        x = self.attend(x, x)
         return x.reshape(bf // frames, s, frames, c).transpose(1, 2).reshape(bf, s, c)
 
 
@@ -79,7 +81,7 @@ class TemporalTransformerBlock(nn.Module):
         self.ff_norm = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
-        for attention, norm in zip(self.attention_blocks, self.norms):
+        for attention, norm in zip(self.attention_blocks, self.norms, strict=True):
             x = attention(norm(x), frames) + x
         return self.ff(self.ff_norm(x)) + x
 

@@ -39,13 +39,10 @@ class EncoderConfig:
         n = len(d["block_out_channels"])
         if len(d["downsample_factors"]) != n or len(d["attn_blocks"]) != n:
             raise ValueError(f"encoder config lists differ in length: {dict(d)}")
-        factors = tuple(
-            tuple(int(v) for v in f) if isinstance(f, Sequence) else int(f) for f in d["downsample_factors"]
-        )
         return cls(
             in_channels=int(d["in_channels"]),
             block_out_channels=tuple(int(c) for c in d["block_out_channels"]),
-            downsample_factors=factors,
+            downsample_factors=tuple(_factor(f) for f in d["downsample_factors"]),
             attn_blocks=tuple(int(a) for a in d["attn_blocks"]),
             dropout=float(d.get("dropout", 0.0)),
             norm_num_groups=int(d.get("norm_num_groups", 32)),
@@ -62,6 +59,15 @@ class SyncNetConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> SyncNetConfig:
         return cls(EncoderConfig.from_dict(d["audio_encoder"]), EncoderConfig.from_dict(d["visual_encoder"]))
+
+
+def _factor(value: Any) -> Factor:
+    """A stride from the YAML: an int, or an (h, w) pair."""
+    if not isinstance(value, Sequence):
+        return int(value)
+    if len(value) != 2:
+        raise ValueError(f"a downsample factor is an int or an (h, w) pair, got {value!r}")
+    return int(value[0]), int(value[1])
 
 
 def _downsample_pad(factor: Factor) -> tuple[int, int, int, int]:
@@ -84,7 +90,7 @@ class DownsampleResnetBlock2D(ResnetBlock2D):
         super().__init__(
             in_channels=in_channels,
             out_channels=out_channels,
-            temb_channels=None,
+            temb_channels=None,  # type: ignore[arg-type]  # diffusers types it int; None means no time embedding
             groups=groups,
             eps=1e-6,
             dropout=dropout,
@@ -95,7 +101,7 @@ class DownsampleResnetBlock2D(ResnetBlock2D):
         self.pad = _downsample_pad(factor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        x = super().forward(x, None)
+        x = super().forward(x, None)  # type: ignore[arg-type]  # typed Tensor; a block without one takes None
         if self.downsample_conv is not None:
             x = self.downsample_conv(F.pad(x, self.pad))
         return x
@@ -133,7 +139,7 @@ class DownEncoder2D(nn.Module):
         # resnets and attention blocks share one list, so upstream's indices (down_blocks.4 = an attention) hold
         blocks: list[nn.Module] = []
         c_in = widths[0]
-        for c_out, factor, attn in zip(widths, cfg.downsample_factors, cfg.attn_blocks):
+        for c_out, factor, attn in zip(widths, cfg.downsample_factors, cfg.attn_blocks, strict=True):
             blocks.append(
                 DownsampleResnetBlock2D(c_in, c_out, factor, groups=cfg.norm_num_groups, dropout=cfg.dropout)
             )

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, cast
 
 import torch
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
@@ -66,9 +66,9 @@ class UNetConfig:
         unknown = sorted(set(cfg) - names - _IGNORED_KEYS - set(_FIXED_KEYS))
         if unknown:
             raise InputError(f"unknown U-Net config keys: {', '.join(unknown)}")
-        for key, value in _FIXED_KEYS.items():
-            if key in cfg and cfg[key] != value:
-                raise InputError(f"U-Net config {key}={cfg[key]!r} is not supported (only {value!r})")
+        for key, fixed in _FIXED_KEYS.items():
+            if key in cfg and cfg[key] != fixed:
+                raise InputError(f"U-Net config {key}={cfg[key]!r} is not supported (only {fixed!r})")
         values: dict[str, Any] = {}
         for key in names & set(cfg):
             value = cfg[key]
@@ -111,6 +111,14 @@ class UNetConfig:
         return tuple(h) if isinstance(h, tuple) else (h,) * len(self.block_out_channels)
 
 
+def _zeroed(conv: FrameConv2d) -> FrameConv2d:
+    """``conv`` with its weight and bias set to zero."""
+    nn.init.zeros_(conv.weight)
+    if conv.bias is not None:
+        nn.init.zeros_(conv.bias)
+    return conv
+
+
 @dataclass
 class UNet3DConditionOutput:
     sample: torch.Tensor
@@ -143,9 +151,7 @@ class UNet3DConditionModel(nn.Module):
             per_frame_norm=c.use_inflated_groupnorm, motion=c.motion_module_kwargs,
         )
         # upstream zero-initialises conv_in and conv_out (only matters for a model that is trained from here)
-        self.conv_in = FrameConv2d(c.in_channels, channels[0], kernel_size=3, padding=1)
-        nn.init.zeros_(self.conv_in.weight)
-        nn.init.zeros_(self.conv_in.bias)
+        self.conv_in = _zeroed(FrameConv2d(c.in_channels, channels[0], kernel_size=3, padding=1))
         self.time_proj = Timesteps(channels[0], c.flip_sin_to_cos, c.freq_shift)
         self.time_embedding = TimestepEmbedding(channels[0], temb_channels)
 
@@ -180,9 +186,7 @@ class UNet3DConditionModel(nn.Module):
         self.num_upsamplers = n - 1
         self.conv_norm_out = group_norm(c.norm_num_groups, channels[0], c.norm_eps, c.use_inflated_groupnorm)
         self.conv_act = activation("silu")
-        self.conv_out = FrameConv2d(channels[0], c.out_channels, kernel_size=3, padding=1)
-        nn.init.zeros_(self.conv_out.weight)
-        nn.init.zeros_(self.conv_out.bias)
+        self.conv_out = _zeroed(FrameConv2d(channels[0], c.out_channels, kernel_size=3, padding=1))
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any] | UNetConfig) -> UNet3DConditionModel:
@@ -227,7 +231,7 @@ class UNet3DConditionModel(nn.Module):
         if shallow:
             if cache is None or cache.deep is None:
                 raise ValueError("a shallow DeepCache pass needs a cache filled by a full pass")
-            last = self.up_blocks[-1]
+            last = cast(UpBlock3D, self.up_blocks[-1])
             # the shallowest skip of the network is conv_in's output, consumed by the last layer of the last block
             sample = last.upsample(last.layer(len(last.resnets) - 1, cache.deep, sample, emb, audio))
             return UNet3DConditionOutput(self.conv_out(self.conv_act(self.conv_norm_out(sample))))
@@ -239,7 +243,8 @@ class UNet3DConditionModel(nn.Module):
             sample, res = block(sample, emb, audio)
             skips += res
         sample = self.mid_block(sample, emb, audio)
-        for i, block in enumerate(self.up_blocks):
+        for i, module in enumerate(self.up_blocks):
+            block = cast(UpBlock3D, module)
             n = len(block.resnets)
             res, skips = skips[-n:], skips[:-n]
             size = skips[-1].shape[2:] if forward_upsample_size and i < len(self.up_blocks) - 1 else None

@@ -60,7 +60,7 @@ class DownBlock3D(nn.Module):
     def forward(
         self, x: torch.Tensor, temb: torch.Tensor, audio: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        skips = ()
+        skips: tuple[torch.Tensor, ...] = ()
         for i, resnet in enumerate(self.resnets):
             x = resnet(x, temb)
             if self.attentions is not None:
@@ -85,7 +85,7 @@ class UNetMidBlock3DCrossAttn(nn.Module):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor, audio: torch.Tensor | None = None) -> torch.Tensor:
         x = self.resnets[0](x, temb)
-        for i, (attention, resnet) in enumerate(zip(self.attentions, self.resnets[1:])):
+        for i, (attention, resnet) in enumerate(zip(self.attentions, self.resnets[1:], strict=True)):
             x = attention(x, audio)
             if self.motion_modules is not None:
                 x = self.motion_modules[i](x)

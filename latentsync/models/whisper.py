@@ -1,11 +1,10 @@
 """Whisper's encoder as LatentSync uses it: transformers' ``WhisperEncoder`` giving, per 20 ms row, the stack of
 the embeddings and every block's output (without the final layer norm), over independent 30 s log-mel windows.
 
-The log-mel comes from ``latentsync.audio``; the checkpoint formats are read by ``latentsync.weights``.
+The log-mel comes from ``latentsync.audio``; the checkpoint formats are read by ``latentsync.weights``
+(``load_whisper``), which builds this module's ``AudioEncoder``.
 """
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -13,7 +12,6 @@ from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 from latentsync.audio import N_FRAMES
 from latentsync.devices import upload
-from latentsync.weights import load_strict, read_whisper
 
 
 class AudioEncoder(torch.nn.Module):
@@ -25,18 +23,6 @@ class AudioEncoder(torch.nn.Module):
             raise ValueError(f"a Whisper encoder with {N_FRAMES // 2} positions is needed, "
                              f"got {encoder.config.max_source_positions}")
         self.encoder = encoder.eval()
-
-    @classmethod
-    def from_pretrained(
-        cls, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-    ) -> AudioEncoder:
-        """Load OpenAI's checkpoint format (upstream's ``whisper/tiny.pt``) or a transformers Whisper folder."""
-        config, state_dict, what = read_whisper(path)
-        config._attn_implementation = "sdpa"
-        with torch.device("meta"):  # no random init to pay for: every tensor is assigned below
-            encoder = WhisperEncoder(config)
-        load_strict(encoder, state_dict, what, dtype=dtype)
-        return cls(encoder).to(device)
 
     @property
     def device(self) -> torch.device:
@@ -80,7 +66,7 @@ class AudioEncoder(torch.nn.Module):
         rows = [(stop - start) // 2 for start, stop in windows]  # a window keeps only the rows of real audio
         out = torch.empty(sum(rows), self.num_states, self.hidden_size)
         row = 0
-        for (start, stop), keep in zip(windows, rows):
+        for (start, stop), keep in zip(windows, rows, strict=True):
             if keep == 0:
                 continue
             # Windows are encoded independently, right-padded with 0.0 in normalised log-mel (upstream pad_or_trim).

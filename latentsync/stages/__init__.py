@@ -32,7 +32,7 @@ def run_stages(items: Iterable[Any], stages: list[Callable[[Any], Any]], *, conc
     """
     homes = homes or {}
     if not concurrent:
-        calls = [(lambda item, s=s, h=homes[k]: h.run(s, item)) if k in homes else s for k, s in enumerate(stages)]
+        calls = [_at_home(s, homes[k]) if k in homes else s for k, s in enumerate(stages)]
         with torch.inference_mode():
             for item in items:
                 check_cancel(cancel)
@@ -42,7 +42,7 @@ def run_stages(items: Iterable[Any], stages: list[Callable[[Any], Any]], *, conc
 
     failed = threading.Event()
     errors: list[BaseException] = []
-    queues = [queue.Queue(maxsize=QUEUE_DEPTH) for _ in stages[1:]]
+    queues: list[queue.Queue[Any]] = [queue.Queue(maxsize=QUEUE_DEPTH) for _ in stages[1:]]
 
     def put(q: queue.Queue, item: Any) -> bool:
         while not failed.is_set():
@@ -120,3 +120,8 @@ def run_stages(items: Iterable[Any], stages: list[Callable[[Any], Any]], *, conc
         raise
     if errors:
         raise errors[0]
+
+
+def _at_home(stage: Callable[[Any], Any], home: Any) -> Callable[[Any], Any]:
+    """``stage`` run on its long-lived thread ``home`` (a ``GpuThread``)."""
+    return lambda item: home.run(stage, item)

@@ -5,15 +5,15 @@ import numpy as np
 import torch
 
 from latentsync.align import FaceAligner
-from latentsync.devices import Staging
 from latentsync.control import StageClock
-from latentsync.frames import FrameFetcher
+from latentsync.devices import Staging
 from latentsync.length import OpenPlan
 from latentsync.loader import Models
 from latentsync.plan import Plan
 from latentsync.stages.cuda import made
 from latentsync.stages.work import FaceSource, Work
 from latentsync.timeline import Chunk, nearest_with_face
+from latentsync.video.frames import FrameFetcher
 
 
 class AlignStage:
@@ -36,7 +36,8 @@ class AlignStage:
             fill = nearest_with_face(list(chunk.has_face))
             sources = sorted({chunk.src[f] for f in fill})
             crops = dict(zip(sources, self.aligner.warp_batch([frames[s] for s in sources],
-                                                              [self.faces.matrix(s) for s in sources])))
+                                                              [self.faces.matrix(s) for s in sources]),
+                             strict=True))
             pixels = crop_pixels(self.staging, np.stack([crops[chunk.src[f]] for f in fill]), self.dtype)
             return Work(chunk, frames, pixels, ready=made(self.device))
 

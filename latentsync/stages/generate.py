@@ -16,8 +16,9 @@ activations, the peak of a run's memory.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, cast
 
 import numpy as np
 import torch
@@ -25,8 +26,8 @@ import torch.nn.functional as F
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from latentsync import audio as audio_mod
-from latentsync.devices import Staging, upload, vae_slice
 from latentsync.control import Cancel, StageClock, check_cancel
+from latentsync.devices import Staging, upload, vae_slice
 from latentsync.loader import Models
 from latentsync.options import OUTPUT_FPS, RunOptions
 from latentsync.sampling import denoise
@@ -36,7 +37,26 @@ from latentsync.stages.work import FeatureSource, Work
 from latentsync.syncscore import SyncScorer
 from latentsync.timeline import Chunk
 
+if TYPE_CHECKING:
+    # From its own module: to a type checker, diffusers' top-level names are its placeholders for a missing torch.
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+
 DEEPCACHE_INTERVAL = 3  # upstream's DeepCacheSDHelper(cache_interval=3, cache_branch_id=0)
+
+
+class _VaeConfig(Protocol):
+    """The VAE settings the stage reads."""
+
+    block_out_channels: Sequence[int]
+    latent_channels: int
+    scaling_factor: float
+    shift_factor: float
+
+
+def _vae_config(vae: AutoencoderKL) -> _VaeConfig:
+    """``vae.config``, typed. diffusers declares it a dict; it is a ``FrozenDict``, which also sets every key as an
+    attribute of the same value."""
+    return cast(_VaeConfig, vae.config)
 
 
 def sliced(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, size: int | None) -> torch.Tensor:
@@ -84,21 +104,24 @@ class GenerateStage:
         return torch.randn(shape, generator=self.generator, dtype=dtype)
 
     def _latent_shape(self, frames: int) -> tuple[int, ...]:
-        cfg = self.models.vae.config
+        cfg = _vae_config(self.models.vae)
         down = 2 ** (len(cfg.block_out_channels) - 1)
         return (frames, cfg.latent_channels, self.models.resolution // down, self.models.resolution // down)
 
     def skip(self, chunk: Chunk) -> None:
         """Advance the generator exactly as generating ``chunk`` would (the VAE's two posterior samples)."""
-        self._posterior_noise(len(chunk.src), keep=False)
+        self._posterior_draws(len(chunk.src))
 
-    def _posterior_noise(self, n: int, *, keep: bool = True) -> torch.Tensor | None:
-        """The two posterior draws of an ``n``-frame chunk (masked face's, then reference face's), as one CPU batch
-        (only drawn, without ``keep``)."""
+    def _posterior_draws(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two posterior draws of an ``n``-frame chunk, on the CPU: the masked face's, then the reference face's."""
         shape, dtype = self._latent_shape(n), self.models.vae.dtype
         masked = self._draw(shape, dtype)
         ref = self._draw(shape, dtype)
-        return torch.cat([masked, ref]) if keep else None
+        return masked, ref
+
+    def _posterior_noise(self, n: int) -> torch.Tensor:
+        """The two posterior draws of an ``n``-frame chunk as one CPU batch (masked face's, then reference face's)."""
+        return torch.cat(self._posterior_draws(n))
 
     def _encode(self, pixels: torch.Tensor, mask: torch.Tensor, noise: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,7 +132,9 @@ class GenerateStage:
                          self.slice)
         dist = DiagonalGaussianDistribution(moments)
         latents = dist.mean + dist.std * noise  # DiagonalGaussianDistribution.sample
-        return ((latents - vae.config.shift_factor) * vae.config.scaling_factor).chunk(2)
+        cfg = _vae_config(vae)
+        masked, whole = ((latents - cfg.shift_factor) * cfg.scaling_factor).chunk(2)
+        return masked, whole
 
     def __call__(self, work: Work) -> Work:
         chunk = work.chunk
@@ -135,7 +160,7 @@ class GenerateStage:
                 step_callback=lambda _: check_cancel(self.cancel))
         with self.clock("vae_decode"):
             lat = latents[0].permute(1, 0, 2, 3)  # (f, 4, h, w)
-            cfg = models.vae.config
+            cfg = _vae_config(models.vae)
             decoded = sliced(lambda z: models.vae.decode(z).sample, lat / cfg.scaling_factor + cfg.shift_factor,
                              self.slice)
             # Outside the mouth mask the original aligned pixels come back exactly; only the mouth is generated.

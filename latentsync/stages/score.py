@@ -32,6 +32,7 @@ class ScoreStage:
     def __call__(self, work: Work) -> None:
         self.crops.update(work.sync)
         for span in [s for s in self.todo if all(j in self.crops for j in range(*s))]:
+            assert self.syncnet is not None  # a plan lists sync spans only when SyncNet is loaded
             with self.clock("sync"):
                 self.scores[span] = score_span(self.syncnet, span, self.crops, self.wav, self.fps)
             self.todo.remove(span)

@@ -39,7 +39,7 @@ class VideoInfo:
 _PICTURE_CODECS = ("mjpeg", "png", "bmp", "webp", "tiff", "gif", "jpegls")
 
 
-def exact_rate(fps: float) -> Fraction:
+def exact_rate(fps: float | Fraction) -> Fraction:
     """A frame rate as an exact fraction (29.97… → 30000/1001), the form ffmpeg options take without drift."""
     try:
         rate = fps if isinstance(fps, Fraction) else Fraction(float(fps))
@@ -77,7 +77,7 @@ def packet_times(path: Path, limit: int | None = None) -> list[tuple[float | Non
     """(pts, duration) in seconds of the first ``limit`` (all) packets of the video stream, without decoding."""
     import av
 
-    times = []
+    times: list[tuple[float | None, float | None]] = []
     with media.open_input(path, "video") as container:
         stream = next((s for s in container.streams.video if not _is_picture(s)), None)
         if stream is None:
@@ -106,8 +106,10 @@ def probe(path: str | os.PathLike, *, max_side: int = media.MAX_SIDE_PX,
           max_duration: float = media.MAX_DURATION_S) -> VideoInfo:
     """Describe a user's video, refusing what cannot or should not be processed with an InputError."""
     path = check_file("video", path)
+    # Returned after the block: PyAV's stubs type Container.__exit__ as -> bool (it returns None, swallowing nothing).
     with media.open_input(path, "video") as container:
-        return _describe(path, container, max_side, max_duration)
+        info = _describe(path, container, max_side, max_duration)
+    return info
 
 
 def _describe(path: Path, container, max_side: int, max_duration: float) -> VideoInfo:

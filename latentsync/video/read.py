@@ -7,12 +7,13 @@ the same frames as a read from the start.
 from __future__ import annotations
 
 import functools
+import io
 import logging
 import os
 import re
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Generator
 from fractions import Fraction
 from pathlib import Path
 
@@ -111,7 +112,7 @@ def _seek_point(path: Path, info: VideoInfo, rate: Fraction, wanted: int) -> flo
 
 
 def read_frames(path: str | os.PathLike, fps: float | None = None, *, start: int = 0, count: int | None = None,
-                info: VideoInfo | None = None) -> Iterator[np.ndarray]:
+                info: VideoInfo | None = None) -> Generator[np.ndarray, None, None]:
     """Yield RGB uint8 (H, W, 3) frames ``start`` … ``start+count-1`` of the video resampled to constant ``fps``.
 
     ``fps=None`` keeps the source's average rate. Rotation metadata is applied. One ffmpeg process decodes and
@@ -121,11 +122,11 @@ def read_frames(path: str | os.PathLike, fps: float | None = None, *, start: int
     """
     if start < 0 or (count is not None and count < 0):
         raise ValueError(f"start and count must be >= 0, got start={start}, count={count}")
-    path = check_file("video", path)
-    info = info or probe(path)
+    path = Path(path)
+    info = info or probe(path)  # the probe checks the file: a caller holding the probe had it checked
     rate = exact_rate(fps if fps is not None else info.fps)
     if count == 0:
-        return iter(())
+        return _no_frames()
     width, height = info.width, info.height
     cmd = media.ffmpeg_command(*_decode_args(path, info, rate, start))
     # A fixed output size keeps the byte stream framed even if the source changes size mid-stream.
@@ -138,7 +139,7 @@ def read_frames(path: str | os.PathLike, fps: float | None = None, *, start: int
     return _stream(cmd, path, width, height, start=start, count=count, expected=expected_frames(info, rate))
 
 
-def expected_frames(info: VideoInfo, fps: float | None = None) -> int:
+def expected_frames(info: VideoInfo, fps: float | Fraction | None = None) -> int:
     """How many frames ``read_frames`` should give at ``fps`` (default: the source's rate), from the container."""
     rate = exact_rate(fps if fps is not None else info.fps)
     if abs(float(rate) - info.fps) < 1e-6:
@@ -146,20 +147,28 @@ def expected_frames(info: VideoInfo, fps: float | None = None) -> int:
     return max(1, round(info.duration * rate))
 
 
+def _no_frames() -> Generator[np.ndarray, None, None]:
+    """An empty read: a generator like any other, so that callers may close it."""
+    yield from ()
+
+
 def _stream(cmd: list[str], path: Path, width: int, height: int, *, start: int, count: int | None,
-            expected: int) -> Iterator[np.ndarray]:
+            expected: int) -> Generator[np.ndarray, None, None]:
     frame_bytes = width * height * 3
     with tempfile.TemporaryFile() as errors:
         log.debug("decoding %s: %s", path.name, cmd)
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errors,
                                 env=media.ffmpeg_env())
+        # stdout=PIPE with the default bufsize: Popen opens the pipe as an io.BufferedReader.
+        stdout = proc.stdout
+        assert isinstance(stdout, io.BufferedIOBase)
         produced = 0
         try:
             while True:
                 buf = bytearray(frame_bytes)
                 view, got = memoryview(buf), 0
                 while got < frame_bytes:
-                    n = proc.stdout.readinto(view[got:])
+                    n = stdout.readinto(view[got:])
                     if not n:
                         break
                     got += n
@@ -175,6 +184,7 @@ def _stream(cmd: list[str], path: Path, width: int, height: int, *, start: int, 
             if returncode < 0:  # killed by a signal: ffmpeg crashed, which is not the file's fault
                 raise RuntimeError(f"ffmpeg crashed (signal {-returncode}) decoding {path.name!r}")
             if returncode != 0:
+                check_file("video", path)  # a file gone or emptied since it was probed is said as such
                 reason = _last_line(stderr, f"exit status {returncode}")
                 raise InputError(f"video {path.name!r} could not be decoded ({reason})")
             if produced == 0 and start == 0:
@@ -185,7 +195,7 @@ def _stream(cmd: list[str], path: Path, width: int, height: int, *, start: int, 
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
-            proc.stdout.close()
+            stdout.close()
 
 
 # Frames a decode may end short of the container's count without a warning: the frame-rate conversion rounds

@@ -145,8 +145,9 @@ class VideoWriter:
                              f"got {frame.dtype} {frame.shape}")
         if any(self._pad):
             frame = np.pad(frame, ((0, self._pad[0]), (0, self._pad[1]), (0, 0)), mode="edge")
+        assert self._proc.stdin is not None  # ffmpeg is started with stdin=PIPE
         try:
-            self._proc.stdin.write(memoryview(np.ascontiguousarray(frame)).cast("B"))
+            self._proc.stdin.write(np.ascontiguousarray(frame).data.cast("B"))  # .data: the array's memoryview
         except BrokenPipeError:
             self._proc.wait()
             raise self._failure("ffmpeg stopped while encoding") from None
@@ -156,6 +157,7 @@ class VideoWriter:
         """Finish the file and move it into place; returns its path."""
         if self._done:
             return self.path
+        assert self._proc.stdin is not None  # ffmpeg is started with stdin=PIPE
         try:
             self._proc.stdin.close()
         except BrokenPipeError:
