@@ -10,11 +10,13 @@ a pre-filled, possibly read-only weights folder, ``LATENTSYNC_VERSION``, ``LATEN
 """
 from __future__ import annotations
 
+import atexit
 import gc
 import logging
 import os
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +36,7 @@ from latentsync.settings import Settings
 # Literal copies of latentsync.options.LOOP_MODES / FACE_SELECTS (Cog's static parser cannot follow an import).
 LOOP_MODES = ["bounce", "loop", "cut_off", "silence"]
 FACE_SELECTS = ["largest", "active_speaker"]
+SAMPLERS = ["ddim", "dpmpp_2m", "unipc"]  # latentsync.options.SAMPLERS
 # The prediction's logs get each stage's name as it starts, then a line with percent, frames and ETA each time
 # another PROGRESS_EVERY_PERCENT of its frames is done or PROGRESS_EVERY_S have passed, whichever comes first.
 PROGRESS_EVERY_PERCENT = 10.0
@@ -68,6 +71,14 @@ class Predictor(BasePredictor):
         # One folder per worker; each prediction gets its own sub-folder and removes the previous one.
         self.work_root = FsPath(tempfile.mkdtemp(prefix="latentsync-cog-"))
         self.last_run: FsPath | None = None
+        # Cog's copies of URL and data: inputs and the pipeline's temporary folders are made with `tempfile`: in Cog's
+        # worker process (a process of its own, coglet.server.active) they go into the worker's folder too, so that
+        # whatever a stopped server leaves lies under one folder.
+        self.scratch = self.work_root / "tmp"
+        self.scratch.mkdir()
+        if getattr(getattr(sys.modules.get("coglet"), "server", None), "active", False):
+            tempfile.tempdir = str(self.scratch)
+        self.reaper = _remove_at_exit(self.work_root)
         log.info("setup done in %.1f s: LatentSync %s from %s (weights %.1f s) on %s, %s%s",
                  time.perf_counter() - started, settings.version, weights_dir, weights_s, self.pipe.models.device,
                  str(self.pipe.models.dtype).removeprefix("torch."), ", compiled" if settings.compile else "")
@@ -86,9 +97,17 @@ class Predictor(BasePredictor):
             description="Classifier-free guidance on the audio: higher follows the speech more closely; 1.0 is off.",
             ge=1.0, le=3.0, default=1.5,
         ),
-        inference_steps: int = Input(
-            description="Denoising steps: more is slower and a little sharper; 20-50 for results, fewer to preview.",
-            ge=1, le=100, default=20,
+        inference_steps: int | None = Input(
+            description="Denoising steps, empty for the sampler's (ddim 20, dpmpp_2m 10, unipc 10); fewer to preview.",
+            ge=1, le=100, default=None,
+        ),
+        sampler: str = Input(
+            description="ddim (upstream's), or the multistep solvers dpmpp_2m and unipc, made for fewer steps.",
+            choices=SAMPLERS, default="ddim",
+        ),
+        guidance_until: float = Input(
+            description="Guide only this first fraction of the steps; the rest run at half the U-Net cost. 1.0: all.",
+            ge=0.0, le=1.0, default=1.0,
         ),
         seed: int | None = Input(
             description="Random seed: empty for a random one (see the metrics); 0 is an ordinary seed, not random.",
@@ -115,9 +134,9 @@ class Predictor(BasePredictor):
             default="",
         ),
     ) -> Path:
-        run = self._fresh_folder()
-        output = run / f"lipsync-{run.name}.mp4"
         video, audio = _local(video), _local(audio)
+        run = self._fresh_folder(keep=(video, audio))
+        output = run / f"lipsync-{run.name}.mp4"
         names = {video: "<video>", audio: "<audio>", output: "<output>", run: "<run folder>"}
         scrubber = _PathScrubber(names)
         handlers = logging.getLogger().handlers
@@ -125,7 +144,8 @@ class Predictor(BasePredictor):
             handler.addFilter(scrubber)
         out_of_memory = None
         try:
-            options = RunOptions(guidance_scale=guidance_scale, inference_steps=inference_steps, seed=seed,
+            options = RunOptions(guidance_scale=guidance_scale, inference_steps=inference_steps, sampler=sampler,
+                                 guidance_until=guidance_until, seed=seed,
                                  loop_mode=loop_mode, deepcache=enable_deepcache, keep_fps=keep_fps,
                                  face_select=face_select, ranges=parse_ranges(ranges))
             progress = Progress(LogLines(log.info, every_percent=PROGRESS_EVERY_PERCENT, every_s=PROGRESS_EVERY_S))
@@ -154,10 +174,16 @@ class Predictor(BasePredictor):
         return Path(result.output)
 
     # ------------------------------------------------------------------------------------------------ helpers
-    def _fresh_folder(self) -> FsPath:
-        """A new, uniquely named folder for this prediction; the previous one (already returned) is removed."""
+    def _fresh_folder(self, keep: tuple[FsPath, ...] = ()) -> FsPath:
+        """A new, uniquely named folder for this prediction; the previous one (already returned) is removed, and so
+        is what earlier predictions left in the scratch folder (Cog keeps an input copy after a failed download or
+        an early cancel): with one prediction at a time, only this one's inputs (``keep``) are in use there."""
         if self.last_run is not None:
             shutil.rmtree(self.last_run, ignore_errors=True)
+        kept = {path.resolve() for path in keep}
+        for leftover in self.scratch.iterdir():
+            if leftover.resolve() not in kept:
+                _remove(leftover)
         run = self.work_root / uuid.uuid4().hex[:12]
         run.mkdir(parents=True)
         self.last_run = run
@@ -202,6 +228,32 @@ def _replace_paths(text: str, names: dict[FsPath, str]) -> str:
         for form in (str(path.resolve()), str(path), path.name):
             text = re.sub(rf"(?<![\w./-]){re.escape(form)}(?![\w.-])", label, text)
     return text
+
+
+def _remove(path: FsPath) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+# Waits until the worker's end of its stdin pipe closes, which happens however the worker ends (a normal exit, or the
+# SIGKILL Cog sends a worker that is still predicting 10 s after a SIGTERM or /shutdown), then removes the folder.
+# ffmpeg children may still be closing their files: a second try catches what they wrote meanwhile.
+_REAPER = """import shutil, sys, time
+sys.stdin.buffer.read()
+for delay in (0.0, 0.5, 2.0):
+    time.sleep(delay)
+    shutil.rmtree(sys.argv[1], ignore_errors=True)
+"""
+
+
+def _remove_at_exit(folder: FsPath) -> subprocess.Popen[bytes]:
+    """Start the process that removes ``folder`` once this one has ended (its own session: a signal to the server's
+    process group does not stop it first); also removed here at a normal exit, in case that process was stopped."""
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return subprocess.Popen([sys.executable, "-c", _REAPER, str(folder)], stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 def _free_gpu_memory() -> None:

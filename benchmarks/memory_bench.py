@@ -61,11 +61,13 @@ def main() -> None:
             for run in range(args.repeat):
                 peaks = {}
                 for seconds, (clip, audio) in clips.items():
-                    argv = [sys.executable, "-m", "latentsync", str(clip), str(audio), "-o",
-                            str(tmp / f"o{seconds:g}.mp4"), "--weights-dir", str(weights), "--unet-config", str(cfg),
+                    out = tmp / f"o-{mode}-{run}-{seconds:g}.mp4"  # a new name each run: the CLI replaces none
+                    argv = [sys.executable, "-m", "latentsync", str(clip), str(audio), "-o", str(out),
+                            "--weights-dir", str(weights), "--unet-config", str(cfg),
                             "--syncnet-config", str(weights / "syncnet.yaml"), "--device", "cpu", "--seed", "0",
                             "--inference-steps", str(args.steps), "--loop-mode", mode, "-q"]
                     peaks[seconds], wall = peak_rss_mb(argv, env)
+                    out.unlink()
                     print(f"{mode} {args.height}p {seconds:g} s: peak RSS {peaks[seconds]:.0f} MB (wall {wall:.0f} s)",
                           flush=True)
                 first = min(peaks)

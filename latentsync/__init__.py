@@ -8,6 +8,8 @@ folder; ``video`` reads and writes media through one pinned ffmpeg. The front do
 ``predict.py``) share ``settings`` (environment + flags), ``options`` (every run option, once), ``errors``,
 ``signals`` and ``progress``.
 """
+import importlib
+
 from latentsync.errors import InputError, LatentSyncError, ResourceError
 
 __all__ = ["InputError", "LatentSyncError", "LipSync", "ResourceError", "RunOptions"]
@@ -20,6 +22,4 @@ def __getattr__(name: str):
     """``from latentsync import LipSync`` without making ``import latentsync`` load torch."""
     if name not in _LAZY:
         raise AttributeError(f"module 'latentsync' has no attribute {name!r}")
-    import importlib
-
     return getattr(importlib.import_module(_LAZY[name]), name)

@@ -11,7 +11,9 @@ about 6 % of the frame's long side (115 px in 1080p) vanishes; when this first p
 larger than ``TILE_FROM_PX``, a second pass runs the detectors on overlapping tiles a third of the long side wide,
 which finds faces down to about 2 % of it (under 40 px in 1080p). Frames where the first pass finds a face are never
 tiled, so their results do not change. The 468-point mesh is then fitted on a square crop around each detection,
-in static-image mode, so every frame's result depends on that frame alone and is deterministic.
+in static-image mode, so every frame's result depends on that frame alone and is deterministic. A detection counts
+only when the mesh model sees a face there (``_MIN_PRESENCE``) and the mesh has a roughly frontal face's geometry
+(:func:`plausible_face`); that the face persists over neighbouring frames is pass 1's rule (``tracking``).
 Every detector the pipeline uses comes from :func:`make_detector`.
 """
 from __future__ import annotations
@@ -66,6 +68,19 @@ TILE_FROM_PX = 640  # frames with a longer side get the tiled pass; smaller ones
 _TILES_PER_SIDE = 3  # tile side = long side / 3: a face is shrunk 3 times less than in the first pass
 _TILE_OVERLAP = 0.25  # of a tile: any face narrower than this (all the first pass misses) lies whole in one tile
 _FOUND_FRACTION = (0.05, 0.02)  # narrowest face found, as a fraction of the long side: whole frame, tiled
+# The mesh model's own face-presence score, which mediapipe 0.10.21 thresholds by ``min_tracking_confidence`` in
+# static-image mode too. The detectors' scores do not tell scenery from faces (a nose-cone logo in rocket() scores
+# 0.6–0.8 in the tiles, real 30–60 px faces 0.6–0.9); this does: the logo's crops fail a bar of 0.9, the faces
+# of astronaut() (full size and 30–60 px in 1080p) and of lfw_subset() pass even 0.9999.
+_MIN_PRESENCE = 0.9
+
+# A plausible face, read off the mesh (mediapipe indices): the eye centres (33+133, 362+263), forehead top 10, chin
+# 152, nose tip 1, mouth corners 61 and 291. ``_MIN_EYE_SPAN``: inter-ocular distance over forehead-to-chin length,
+# which turning the head shrinks (roll does not change it): astronaut() gives 0.41, the 91 faces of lfw_subset()
+# meshed 0.32–0.47 (1 % below 0.36), the cameraman's near profile in camera() 0.23–0.25. LatentSync needs a roughly
+# frontal face.
+_MIN_EYE_SPAN = 0.30
+_EYES, _TOP, _CHIN, _NOSE, _MOUTH = ((33, 133), (362, 263)), 10, 152, 1, (61, 291)
 
 
 # What mediapipe and TFLite print from C++ straight to file descriptor 2 when their graphs start (no setting or
@@ -126,6 +141,27 @@ def anchors_from_mesh(landmarks: np.ndarray) -> np.ndarray:
     return out
 
 
+def eye_span(landmarks: np.ndarray) -> float:
+    """Inter-ocular distance over the forehead-to-chin length of a (468, 2) mesh: about 0.4 for a frontal face,
+    less the more the head is turned away."""
+    left, right = (landmarks[list(eye)].mean(0) for eye in _EYES)
+    length = float(np.hypot(*(landmarks[_CHIN] - landmarks[_TOP])))
+    return float(np.hypot(*(right - left))) / length if length > 0 else 0.0
+
+
+def plausible_face(landmarks: np.ndarray) -> bool:
+    """Whether a mesh has a roughly frontal face's geometry: eyes far enough apart (``_MIN_EYE_SPAN``), and along
+    the face's axis (forehead to chin) eyes, nose tip, mouth and chin in that order."""
+    if not np.isfinite(landmarks).all() or eye_span(landmarks) < _MIN_EYE_SPAN:
+        return False
+    top, chin = landmarks[_TOP], landmarks[_CHIN]
+    axis = (chin - top) / np.hypot(*(chin - top))
+    eyes = float((landmarks[[i for eye in _EYES for i in eye]].mean(0) - top) @ axis)
+    nose = float((landmarks[_NOSE] - top) @ axis)
+    mouth = float((landmarks[list(_MOUTH)].mean(0) - top) @ axis)
+    return 0 < eyes < nose < mouth < float((chin - top) @ axis)
+
+
 def box_iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
     """Intersection over union of two (x1, y1, x2, y2) boxes."""
     iw = min(a[2], b[2]) - max(a[0], b[0])
@@ -158,7 +194,7 @@ class FaceLandmarker:
             # Static-image mode: no state between calls, so results do not depend on frame order.
             self._mesh = FaceMesh(static_image_mode=True, max_num_faces=2, refine_landmarks=False,
                                   min_detection_confidence=self.min_confidence,
-                                  min_tracking_confidence=self.min_confidence)
+                                  min_tracking_confidence=max(self.min_confidence, _MIN_PRESENCE))
             # A graph opens its calculators (and they print) in its own threads after it starts; one run on a
             # blank image waits for that. Every graph is stateless between images, so results do not change.
             blank = np.zeros((64, 64, 3), dtype=np.uint8)
@@ -199,6 +235,9 @@ class FaceLandmarker:
             landmarks = self._mesh_in_box(frame, box)
             if landmarks is None:
                 log.debug("no face mesh for the detection at %s (score %.2f); skipped", box, score)
+                continue
+            if not plausible_face(landmarks):
+                log.debug("the mesh at %s (score %.2f) is no frontal face; skipped", box, score)
                 continue
             x1, y1 = landmarks.min(0)
             x2, y2 = landmarks.max(0)

@@ -96,7 +96,7 @@ class OpenPlan:
             track.check()
         if index >= self.num_chunks:
             return None
-        track.ensure((index + 1) * size)
+        track.ensure((index + 1) * size + FADE_FRAMES)  # a face's fade at the chunk's end looks that far ahead
         track.check()
         return chunk_at(index, size, self.num_out, self.order, track.has_face, self.blend)
 
@@ -142,7 +142,7 @@ class OpenLength:
         start, stop = index * size, (index + 1) * size
         # Every length still possible is at least this: cut_off's the video's so far, silence's also the audio's.
         shortest = tracked if self.mode == "cut_off" else max(tracked, self.audio_frames)
-        if stop > tracked:
+        if stop + FADE_FRAMES > tracked:  # the faces' fades at the chunk's end are not known yet
             return None
         blend = None
         if self.edits is not None:

@@ -17,6 +17,8 @@ import torch
 from diffusers.configuration_utils import ConfigMixin
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 from diffusers.schedulers.scheduling_ddim import DDIMScheduler
+from diffusers.schedulers.scheduling_dpmsolver_multistep import DPMSolverMultistepScheduler
+from diffusers.schedulers.scheduling_unipc_multistep import UniPCMultistepScheduler
 
 from latentsync.align import load_mask
 from latentsync.config import config_path, folder_configs, load_config
@@ -32,6 +34,11 @@ from latentsync.weights import load_syncnet, load_unet, load_vae, load_whisper, 
 
 log = logging.getLogger(__name__)
 
+# The scheduler class of each sampler name of ``latentsync.options.SAMPLERS``; diffusers' defaults for each
+# (DPM-Solver++ of order 2, UniPC's bh2 corrector) on the shipped noise schedule.
+SCHEDULERS: dict[str, type[ConfigMixin]] = {"ddim": DDIMScheduler, "dpmpp_2m": DPMSolverMultistepScheduler,
+                                            "unipc": UniPCMultistepScheduler}
+
 
 @dataclass(frozen=True)
 class Models:
@@ -40,7 +47,6 @@ class Models:
     unet: UNet3DConditionModel | CompiledUNet
     vae: AutoencoderKL
     audio_encoder: AudioEncoder
-    scheduler: Scheduler  # DDIM unless a caller passes another diffusers scheduler
     mask: torch.Tensor  # (1, R, R) mouth mask, 1 = keep, on ``device`` in ``dtype``
     resolution: int  # face crop size R
     num_frames: int  # frames the U-Net sees at once
@@ -58,7 +64,7 @@ class Models:
 
 def load_models(weights_dir: Path, version: str, device: str | torch.device | None, dtype: str | torch.dtype | None,
                 unet_config: str | Path | None, syncnet_config: str | Path | None) -> Models:
-    """VAE, U-Net, Whisper, scheduler, mask, sizes, SyncNet if present, on ``device`` (None: the best one here).
+    """VAE, U-Net, Whisper, mask, sizes, SyncNet if present, on ``device`` (None: the best one here).
 
     SyncNet (fp32, 1.6 GB at full size) stays on the CPU until a score is computed: it is needed once per run,
     and the GPU's memory is the U-Net's.
@@ -90,14 +96,16 @@ def load_models(weights_dir: Path, version: str, device: str | torch.device | No
     log.info("loaded LatentSync %s (U-Net config %s, %d px, %s %s) in %.1f s", version, unet_config, resolution,
              device, str(dtype).removeprefix("torch."), time.perf_counter() - t0)
     mask = load_mask(weights_dir / "mask.png", resolution).to(device=device, dtype=dtype)
-    return Models(unet=unet, vae=vae, audio_encoder=encoder, scheduler=load_scheduler(), mask=mask,
-                  resolution=resolution, num_frames=int(data.get("num_frames", 16)), device=device, dtype=dtype,
+    return Models(unet=unet, vae=vae, audio_encoder=encoder, mask=mask, resolution=resolution,
+                  num_frames=int(data.get("num_frames", 16)), device=device, dtype=dtype,
                   threads=StageThreads.on(device), syncnet=syncnet, version=version)
 
 
-def load_scheduler(kind: type[ConfigMixin] = DDIMScheduler) -> Scheduler:
-    """A diffusers scheduler of class ``kind`` (upstream's DDIM by default) on the noise schedule the U-Net was
-    trained with, the shipped ``configs/scheduler_config.json``."""
+def load_scheduler(kind: type[ConfigMixin] | str = DDIMScheduler) -> Scheduler:
+    """A diffusers scheduler of class ``kind`` or of the sampler named ``kind`` (:data:`SCHEDULERS`; upstream's DDIM
+    by default) on the noise schedule the U-Net was trained with, the shipped ``configs/scheduler_config.json``.
+    About a millisecond: the generate stage builds one per run, so no two runs share a multistep solver's state."""
+    kind = SCHEDULERS[kind] if isinstance(kind, str) else kind
     cfg = json.loads(config_path("scheduler_config.json").read_text())
     cfg.pop("skip_prk_steps", None)  # a PNDM option upstream's file carries; DDIM has no such setting
     return cast(Scheduler, kind.from_config(cfg))  # the instance: from_config returns a pair only when asked

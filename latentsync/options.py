@@ -24,8 +24,15 @@ DTYPES = ("fp32", "fp16", "bf16")
 
 GUIDANCE_SCALE = 1.5  # upstream's documented default (its CLI's 1.0 silently turns guidance off)
 GUIDANCE_RANGE = (1.0, 3.0)  # 1.0 = no guidance; beyond 3 the mouth over-articulates and artefacts grow
-INFERENCE_STEPS = 20
+SAMPLERS = ("ddim", "dpmpp_2m", "unipc")  # diffusers' DDIM (upstream's), DPM-Solver++(2M), UniPC
+SAMPLER = "ddim"
+# Each sampler's step count when ``inference_steps`` is None. The multistep solvers are second order: half DDIM's
+# steps is their usual operating point (their quality on the official weights is not checked here).
+SAMPLER_STEPS = {"ddim": 20, "dpmpp_2m": 10, "unipc": 10}
+INFERENCE_STEPS = SAMPLER_STEPS[SAMPLER]  # upstream's
 STEPS_RANGE = (1, 100)  # DDIM gains nothing visible past 50; 1–9 are for tests and previews
+GUIDANCE_UNTIL = 1.0  # guidance at every step, as upstream
+GUIDANCE_UNTIL_RANGE = (0.0, 1.0)  # fractions of the steps; 0 guides none, as guidance_scale 1.0 does
 SEED_RANGE = (0, 2**32 - 1)  # what torch.Generator.manual_seed takes without wrapping
 OUTPUT_FPS = 25.0  # upstream's processing and output rate, unless keep_fps
 LOOP_MODE = "bounce"
@@ -39,7 +46,11 @@ class RunOptions:
     """What one lip-sync run may vary; construction validates every field (``InputError`` naming the field)."""
 
     guidance_scale: float = GUIDANCE_SCALE
-    inference_steps: int = INFERENCE_STEPS
+    inference_steps: int | None = None  # None: the sampler's own count (SAMPLER_STEPS); read it as ``steps``
+    sampler: str = SAMPLER
+    # Guidance at the steps of index < ceil(guidance_until × steps) only, the U-Net's batch halved after them;
+    # 1.0: every step.
+    guidance_until: float = GUIDANCE_UNTIL
     seed: int | None = None  # None: a random seed, reported in the result; 0 is an ordinary seed
     loop_mode: str = LOOP_MODE
     deepcache: bool = DEEPCACHE
@@ -56,7 +67,15 @@ class RunOptions:
         if not lo <= g <= hi:
             raise InputError(f"guidance_scale must be between {lo:g} and {hi:g} (1.0 = no guidance), got {g:g}")
         object.__setattr__(self, "guidance_scale", g)
-        object.__setattr__(self, "inference_steps", _integer("inference_steps", self.inference_steps, STEPS_RANGE))
+        if self.inference_steps is not None:
+            object.__setattr__(self, "inference_steps", _integer("inference_steps", self.inference_steps, STEPS_RANGE))
+        _choice("sampler", self.sampler, SAMPLERS)
+        lo, hi = GUIDANCE_UNTIL_RANGE
+        until = _number("guidance_until", self.guidance_until)
+        if not lo <= until <= hi:
+            raise InputError(f"guidance_until must be a fraction of the steps between {lo:g} and {hi:g} (1.0 = every "
+                             f"step), got {until:g}")
+        object.__setattr__(self, "guidance_until", until)
         if self.seed is not None:
             object.__setattr__(self, "seed", _integer("seed", self.seed, SEED_RANGE))
         _choice("loop_mode", self.loop_mode, LOOP_MODES)
@@ -70,6 +89,19 @@ class RunOptions:
                 raise InputError(f"face_point must be two numbers (x, y) in pixels, got {point!r}")
             object.__setattr__(self, "face_point", tuple(_number("face_point", v) for v in point))
         object.__setattr__(self, "ranges", parse_ranges(self.ranges))
+
+    @property
+    def steps(self) -> int:
+        """The denoising steps a run takes: ``inference_steps``, else the sampler's own count."""
+        return SAMPLER_STEPS[self.sampler] if self.inference_steps is None else self.inference_steps
+
+    @property
+    def guided_steps(self) -> int:
+        """How many of the first steps are guided: ``ceil(guidance_until × steps)`` (a product within 1e-9 of a whole
+        number counts as that number: 0.3 × 10 is 3 steps); 0 without guidance (``guidance_scale`` 1.0)."""
+        if self.guidance_scale <= 1.0:
+            return 0
+        return math.ceil(self.guidance_until * self.steps - 1e-9)
 
     @classmethod
     def make(cls, options: RunOptions | dict[str, Any] | None = None, **overrides: Any) -> RunOptions:

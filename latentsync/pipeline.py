@@ -23,6 +23,7 @@ from latentsync import media, preflight
 from latentsync.context import RunContext
 from latentsync.control import Cancel
 from latentsync.facepool import Detectors, default_workers
+from latentsync.hardware import map_large_buffers
 from latentsync.loader import Models, compile_models, load_models
 from latentsync.options import RunOptions
 from latentsync.plan import Plan, RenderPart, close_plan, make_plan, open_plan
@@ -64,6 +65,7 @@ class LipSync:
         the first time; cached in ``compile_cache``, default ``weights_dir/compile-cache``). ``face_workers``:
         face-detection processes (None: by core count).
         """
+        map_large_buffers()  # before the weights and the first frames are allocated: flat host memory
         models = load_models(Path(weights_dir), version, device, dtype, unet_config, syncnet_config)
         if compile:  # compiled by a warm-up
             models = compile_models(models, Path(compile_cache or Path(weights_dir) / "compile-cache"), warm_up)
@@ -80,18 +82,20 @@ class LipSync:
     # ------------------------------------------------------------------------------------------------ public API
     def lipsync(self, video: str | Path, audio: str | Path, output: str | Path,
                 options: RunOptions | dict[str, object] | None = None, *, cancel: Cancel | None = None,
-                progress: bool | Progress = False, **overrides: object) -> LipSyncResult:
+                progress: bool | Progress = False, overwrite: bool = False, **overrides: object) -> LipSyncResult:
         """Lip-sync ``video`` to ``audio`` and write an H.264/AAC mp4 to ``output``: plan → render → finish.
 
         ``options`` is a :class:`RunOptions` (or a dict of its fields); keyword ``overrides`` name the same fields
         (``guidance_scale=``, ``seed=``, …). ``cancel`` is any object with ``is_set()`` (a ``threading.Event``);
         it is checked between chunks and denoising steps. ``progress``: True for tqdm bars on stderr, or a
         :class:`latentsync.progress.Progress` that hears each stage start and its frames (log lines, a status).
+        An existing ``output`` is an ``InputError`` unless ``overwrite``; it is then replaced in one rename, once the
+        new file is complete.
         """
         opts = RunOptions.make(options, **overrides)
         # Before any model runs or frame is decoded: one line.
-        return self.run(preflight.check_inputs(video, audio, output, self.caps), opts, cancel=cancel,
-                        progress=progress)
+        inputs = preflight.check_inputs(video, audio, output, self.caps, overwrite=overwrite)
+        return self.run(inputs, opts, cancel=cancel, progress=progress)
 
     def run(self, inputs: preflight.Inputs, options: RunOptions, *, cancel: Cancel | None = None,
             progress: bool | Progress = False) -> LipSyncResult:

@@ -1,9 +1,10 @@
 """Checks on a run's files that take milliseconds, made before any model loads or frame is decoded.
 
 The inputs must be existing files; the output must be a file name LatentSync may write: not a folder, not one of
-the inputs (we never overwrite a user's file), in a folder that exists or can be created and is writable, with an
-extension whose container holds H.264 video and AAC audio. Each problem is one ``InputError`` line. The video is
-probed once, within the deployment's caps, and the run goes on with what the probe found (``Inputs.info``). Then
+the inputs, not an existing file unless the caller allows replacing it (we never overwrite a user's file unasked), in
+a folder that exists or can be created and is writable, with an extension whose container holds H.264 video and AAC
+audio. Each problem is one ``InputError`` line. The video is probed once, within the deployment's caps, and the run
+goes on with what the probe found (``Inputs.info``); the audio must hold an audio stream within the duration cap. Then
 the temporary folder (``TMPDIR``) and the output's folder must have room for a rough upper estimate of what the
 run writes (``ResourceError`` naming the full one).
 """
@@ -45,12 +46,16 @@ def check_sources(video: str | os.PathLike, audio: str | os.PathLike, caps: medi
 
 
 def check_inputs(video: str | os.PathLike, audio: str | os.PathLike, output: str | os.PathLike,
-                 caps: media.MediaCaps) -> Inputs:
+                 caps: media.MediaCaps, *, overwrite: bool = False) -> Inputs:
     """Every file of a run checked once and the video probed once within ``caps``; an ``InputError`` naming the first
-    problem, a ``ResourceError`` for a disk without room. Creates and writes nothing."""
+    problem (an existing output too, unless ``overwrite``), a ``ResourceError`` for a disk without room. Creates and
+    writes nothing."""
     video_path = check_file("video", video)
     audio_path = check_file("audio", audio)
     output_path = check_output(output, inputs=(video_path, audio_path))
+    if not overwrite and os.path.lexists(output_path):  # a dangling link too: the rename would replace it
+        raise InputError(f"output {output_path} already exists; LatentSync never replaces a file unasked: choose "
+                         "another name, or allow it (--overwrite, or overwrite=True in Python)")
     sources = _probed(video_path, audio_path, caps)
     check_free_space(sources, output_path)
     return Inputs(video=sources.video, audio=sources.audio, info=sources.info, audio_seconds=sources.audio_seconds,
@@ -59,7 +64,7 @@ def check_inputs(video: str | os.PathLike, audio: str | os.PathLike, output: str
 
 def _probed(video: Path, audio: Path, caps: media.MediaCaps) -> Sources:
     info = video_mod.probe(video, max_side=caps.max_side, max_duration=caps.max_duration)
-    return Sources(video=video, audio=audio, info=info, audio_seconds=_duration(audio))
+    return Sources(video=video, audio=audio, info=info, audio_seconds=_audio_seconds(audio, caps.max_duration))
 
 
 def check_options(sources: Sources, options: RunOptions) -> None:
@@ -84,13 +89,27 @@ def check_free_space(sources: Sources, output: Path) -> None:
     media.check_free_space(tempfile.gettempdir(), output, needed)
 
 
-def _duration(path: Path) -> float:
-    """Seconds of a media file as its container states them (0 when it does not)."""
+# Encoder padding (AAC priming, mp3 frames) may lengthen a file cut exactly at the cap by a few ms (audio.py's slack).
+_AUDIO_SLACK_S = 0.1
+
+
+def _audio_seconds(path: Path, max_duration: float) -> float:
+    """Seconds of the audio file as its container states them (0 when it does not); an ``InputError`` for a file
+    without an audio stream or longer than ``max_duration``."""
     import av  # PyAV, which the batch command's checks of its jobs (check_output) do without
 
     with media.open_input(path, "audio") as container:
+        has_sound = bool(container.streams.audio)
         duration = container.duration
-    return duration / av.time_base if duration else 0.0
+    if not has_sound:
+        raise InputError(f"audio {path.name!r} has no audio track; upload an audio file or a video with sound")
+    seconds = duration / av.time_base if duration else 0.0
+    if seconds > max_duration + _AUDIO_SLACK_S:
+        raise InputError(
+            f"audio {path.name!r} lasts {seconds:.1f} s; the limit is {max_duration:g} s. Trim it, or raise the "
+            f"limit with the environment variable {media.ENV_MAX_DURATION} or the max_duration argument"
+        )
+    return seconds
 
 
 def check_output(output: str | os.PathLike, inputs: tuple[Path, ...] = ()) -> Path:
@@ -104,8 +123,9 @@ def check_output(output: str | os.PathLike, inputs: tuple[Path, ...] = ()) -> Pa
                          f"e.g. {text}out.mp4")
     path = Path(text)
     limit = media.name_max(path.parent)
-    if len(path.name.encode()) > limit:
-        raise InputError(f"output name {path.name[:40]}… is {len(path.name.encode())} bytes long; this file system "
+    size = len(os.fsencode(path.name))  # the bytes the OS gave (argv's undecodable bytes are surrogate escapes)
+    if size > limit:
+        raise InputError(f"output name {path.name[:40]}… is {size} bytes long; this file system "
                          f"takes at most {limit}: choose a shorter name")
     if path.is_dir():
         raise InputError(f"output {path} is an existing folder; name the file to write, e.g. {path / 'out.mp4'}")

@@ -19,9 +19,10 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
 from tqdm.auto import tqdm
+
+from latentsync.control import Cancel
 
 WEIGHTS, FACES, SYNTHESIS, ENCODING, SCORING = STAGES = ("weights", "faces", "synthesis", "encoding", "scoring")
 EVERY_PERCENT = 10.0  # LogLines: a line each time another 10 % of a stage's frames is done,
@@ -109,7 +110,7 @@ class Watched:
     time the run checks it (between chunks and denoising steps), so a long stretch without a finished frame still
     gets its "still running" line."""
 
-    def __init__(self, cancel: Any, progress: Progress):
+    def __init__(self, cancel: Cancel | None, progress: Progress):
         self.cancel, self.progress = cancel, progress
 
     def is_set(self) -> bool:

@@ -50,6 +50,7 @@ def denoise(
     guidance_scale: float,
     num_inference_steps: int,
     deepcache_interval: int = 0,
+    guided_steps: int | None = None,
     step_callback: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """Denoise one chunk as upstream does; returns the final latents ``(1, 4, f, h, w)`` in the U-Net's dtype.
@@ -57,7 +58,9 @@ def denoise(
     ``latents`` ``(1, 4, f, h, w)`` is the initial noise, ``mask`` ``(1, 1, f, h, w)`` (1 = keep),
     ``masked_latents``/``ref_latents`` ``(1, 4, f, h, w)``, ``audio_embeds`` ``(f, tokens, D)``.
     Guidance applies when ``guidance_scale > 1`` (all-zero audio is the unconditional input, batch order
-    ``[uncond, cond]``). With ``deepcache_interval = k > 1`` the full U-Net runs at step indices 0, k, 2k, … and
+    ``[uncond, cond]``) at the first ``guided_steps`` steps (None: every step); the later steps run the conditional
+    half alone, a batch of 1 (a DeepCache shallow pass keeps the conditional half of the guided pass's features).
+    With ``deepcache_interval = k > 1`` the full U-Net runs at step indices 0, k, 2k, … and
     only its shallowest branch in between. ``step_callback(i)`` runs after step ``i`` (it may raise to cancel).
     """
     device, dtype = unet.device, unet.dtype
@@ -70,14 +73,19 @@ def denoise(
     # for every timestep).
     scheduler.set_timesteps(num_inference_steps, device="cpu")
     device_timesteps = upload(scheduler.timesteps, device)
-    guided = guidance_scale > 1.0
-    if guided:
-        audio_embeds = torch.cat([torch.zeros_like(audio_embeds), audio_embeds])
-        mask, masked_latents, ref_latents = (torch.cat([t] * 2) for t in (mask, masked_latents, ref_latents))
+    guided_until = 0 if guidance_scale <= 1.0 else len(scheduler.timesteps) if guided_steps is None else guided_steps
+    single = (mask, masked_latents, ref_latents, audio_embeds)
+    # batch order [uncond, cond]; the unconditional input is all-zero audio
+    pair = (*(torch.cat([t] * 2) for t in single[:3]), torch.cat([torch.zeros_like(audio_embeds), audio_embeds])
+            ) if guided_until else single
     cache = DeepCache() if deepcache_interval > 1 else None  # a fresh cache per chunk: step 0 is always full
     step_options = _step_options(scheduler)
 
     for i, t in enumerate(scheduler.timesteps):
+        guided = i < guided_until
+        if i == guided_until and cache is not None and cache.deep is not None:
+            cache.deep = cache.deep[1:].clone()  # the conditional half, for the shallow passes of batch 1
+        mask, masked_latents, ref_latents, audio_embeds = pair if guided else single
         x = torch.cat([latents] * 2) if guided else latents
         x = scheduler.scale_model_input(x, t)
         # channel order of the 13 input channels: [noisy 4 | mask 1 | masked image 4 | reference 4]

@@ -5,7 +5,9 @@ In the main thread a signal raises :class:`~latentsync.errors.Interrupted`, so e
 runs (ffmpeg killed, temporary files removed, Ray workers stopped). While :attr:`Stop.defer` is true (the lip-sync
 run itself) it only sets :attr:`Stop.cancel`: the run stops at its next check (between chunks, denoising steps,
 face-pass frames). An exception raised at an arbitrary line could land inside ``subprocess.Popen`` between fork and
-exec and orphan the child.
+exec and orphan the child. Once the run's output is in place (:meth:`Stop.finished`) a signal no longer stops
+anything: the run has succeeded, the summary still prints, and one during the interpreter's teardown ends the
+process at once with status 0 (never a traceback, never -N).
 """
 from __future__ import annotations
 
@@ -25,14 +27,16 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 class Stop:
     """The signal that stopped the run (None until one came), and the event that cancels a deferred run."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, exits: bool = False) -> None:
+        self.exits = exits  # the process exits right after the handling block (a command's entry point)
         self.cancel = threading.Event()
         self.signum: int | None = None
         self.defer = False
+        self.done = False
 
     def handle(self, signum: int, frame) -> None:
-        if self.signum is not None:
-            return  # the first signal's clean-up is running; a second one must not cut it short
+        if self.done or self.signum is not None:
+            return  # the run succeeded; or the first signal's clean-up is running and must not be cut short
         self.signum = signum
         self.cancel.set()
         if self.defer:
@@ -55,8 +59,13 @@ class Stop:
             yield self
         finally:
             for s, handler in previous.items():
-                signal.signal(s, handler)
+                signal.signal(s, _exit_done if self.done and self.exits else handler)
             sys.unraisablehook = hook
+
+    def finished(self) -> None:
+        """The run's output is in place: from here to the process's end a signal changes nothing of the outcome (the
+        status is 0); after the handling block, where the process exits next, it ends the process at once with 0."""
+        self.done = True
 
     @contextlib.contextmanager
     def deferred(self) -> Iterator[threading.Event]:
@@ -72,17 +81,28 @@ def _ignore(unraisable) -> None:
     pass
 
 
-def stop_on_signals() -> contextlib.AbstractContextManager[Stop]:
+def _exit_done(signum: int, frame) -> None:
+    """A signal after a successful run: what was printed goes out, then the process ends with 0, skipping the
+    rest of the teardown (the run's own clean-up is done; face workers exit when their pipe closes)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(0)
+
+
+def stop_on_signals(*, exits: bool = False) -> contextlib.AbstractContextManager[Stop]:
     """A fresh :class:`Stop` handling SIGINT and SIGTERM for the block (in the main thread; elsewhere none)."""
-    return Stop().handling()
+    return Stop(exits=exits).handling()
 
 
-def run_door(body: Callable[[Stop], int], *, stopped: str, progress: bool = False) -> int:
+def run_door(body: Callable[[Stop], int], *, stopped: str, progress: bool = False, exits: bool = False) -> int:
     """Run a front door's ``body(stop)`` with SIGINT and SIGTERM handled, and return its exit status. A failure
     meant for the user (:func:`~latentsync.errors.describe`) becomes one ``error: …`` line on stderr and its status;
     a bug is re-raised. ``stopped`` ends the line after a signal (what was left behind); ``progress``: bars may be
-    on screen, and a signal may have cut a redraw short, mid-line, so the line then starts on a line of its own."""
-    with stop_on_signals() as stop:
+    on screen, and a signal may have cut a redraw short, mid-line, so the line then starts on a line of its own.
+    ``exits``: the process exits with the status next (:func:`exit_with`), and a signal after the body called
+    :meth:`Stop.finished` ends it at once with 0."""
+    with stop_on_signals(exits=exits) as stop:
         try:
             return body(stop)
         except BaseException as e:  # noqa: B036 — sorted by describe(); anything it cannot name is re-raised

@@ -7,27 +7,25 @@ from pathlib import Path
 import numpy as np
 
 from latentsync import audio as audio_mod
-from latentsync import media
+from latentsync import media, syncscore
 from latentsync import video as video_mod
 from latentsync.align import FaceAligner
 from latentsync.errors import InputError
 from latentsync.face import FaceTracker, make_detector
-from latentsync.models.syncnet import VIDEO_FPS, WINDOW_FRAMES
+from latentsync.models.syncnet import VIDEO_FPS, WINDOW_FRAMES, StableSyncNet
 
 log = logging.getLogger(__name__)
 
 ACTIVE_SPEAKER_SECONDS = 5.0  # how much of the video the speaker is chosen on
 
 
-def active_speaker_point(syncnet, video: Path, fps: float, info: video_mod.VideoInfo,
+def active_speaker_point(syncnet: StableSyncNet | None, video: Path, fps: float, info: video_mod.VideoInfo,
                          max_duration: float = media.MAX_DURATION_S) -> tuple[float, float] | None:
     """Score every face of the first seconds against the video's own audio; the speaker's box centre.
 
     None (edit the largest face) when there is one face, no soundtrack, or too few frames to compare.
     ``max_duration`` is the deployment's cap, already applied to the video by its probe.
     """
-    from latentsync import syncscore
-
     if syncnet is None:
         raise InputError("face_select='active_speaker' needs stable_syncnet.pt in the weights folder")
     if not info.has_audio:

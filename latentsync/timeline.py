@@ -13,7 +13,8 @@ from latentsync.errors import InputError
 
 log = logging.getLogger(__name__)
 
-FADE_FRAMES = 6  # frames beyond each inner edge of a range over which the lip-synced face fades in or out
+FADE_FRAMES = 6  # frames beyond each inner edge of a range, and inside each end of a face's run in the video,
+# over which the lip-synced face fades in or out
 
 
 def source_index(j: int, num_source: int, loop_mode: str) -> int:
@@ -87,14 +88,34 @@ class Chunk:
         return any(h and self.share(k) > 0 for k, h in enumerate(self.has_face))
 
 
+def face_share(has_face: np.ndarray | list[bool], s: int) -> float:
+    """How much of the lip-synced face source frame ``s`` shows, by where the face is: 0 without it, rising over
+    the ``FADE_FRAMES`` frames at each end of a run of frames with the face where the face appears or leaves
+    (the video's first and last frames are no such end), 1 elsewhere. Needs ``has_face`` up to ``s + FADE_FRAMES``
+    (or the video's end)."""
+    if not has_face[s]:
+        return 0.0
+    for d in range(1, FADE_FRAMES + 1):
+        if (s - d >= 0 and not has_face[s - d]) or (s + d < len(has_face) and not has_face[s + d]):
+            return d / (FADE_FRAMES + 1)
+    return 1.0
+
+
 def chunk_at(index: int, size: int, num_out: int, order: str, has_face: np.ndarray | list[bool],
              blend: np.ndarray | None = None) -> Chunk:
-    """Chunk ``index`` of ``size`` output frames; ``has_face`` says per source frame whether the face was found,
-    ``blend`` per output frame how much of the lip-synced face it shows (None: all of it, everywhere)."""
+    """Chunk ``index`` of ``size`` output frames; ``has_face`` says per source frame whether the face was found
+    (known to ``FADE_FRAMES`` past the chunk's sources, or to the video's end), ``blend`` per output frame how
+    much of the lip-synced face the edit gives it (None: all of it, everywhere). A frame's weight is the product
+    of its blend and its source's :func:`face_share`."""
     start = index * size
     stop = min(start + size, num_out)
     src = tuple(source_index(j, len(has_face), order) for j in range(start, stop))
-    weight = () if blend is None else tuple(float(w) for w in blend[start:stop])
+    shares = [face_share(has_face, s) if has_face[s] else 1.0 for s in src]  # a frame without the face is kept
+    weight: tuple[float, ...] = ()
+    if blend is not None:
+        weight = tuple(float(w) * share for w, share in zip(blend[start:stop], shares, strict=True))
+    elif any(share != 1 for share in shares):
+        weight = tuple(shares)
     return Chunk(index, start, src, tuple(bool(has_face[s]) for s in src), weight)
 
 

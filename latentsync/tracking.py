@@ -24,6 +24,7 @@ from latentsync.errors import InputError
 from latentsync.face import Face, FaceLandmarker, FaceTracker, make_detector, no_face_message
 from latentsync.facepool import FacePool
 from latentsync.progress import FACES, Progress, as_progress
+from latentsync.timeline import FADE_FRAMES
 
 
 class _Detected:
@@ -38,6 +39,11 @@ class _Detected:
 
 REPICK_SECONDS = 1.0  # how long the followed face may be lost before any face is picked afresh (a cut)
 CONTEXT_FRAMES = 96  # frames before the first edited one that a late pass 1 tries first, doubled until they suffice
+# A face followed in fewer consecutive frames than this is no face (has_face False): a false hit on scenery or a
+# face glimpsed for a frame or two, which an edit would make flicker. A clip shorter than this whose every frame
+# shows the face keeps it. A ranged run detects this many frames (and a fade's) past its horizon, so its frames
+# up to the horizon are decided as a whole run decides them.
+PERSIST_FRAMES = 5
 _NO_LANDMARKS = np.zeros((0, 2))
 _NO_FRAME = np.zeros((0, 0, 3), np.uint8)  # what the tracker hands ``_Detected``, which has the faces already
 
@@ -158,6 +164,9 @@ class FaceTrack:
     A run that edits only frames ``first`` … ``horizon``−1 needs no more. Once ``horizon`` frames are tracked and
     the face was seen, later frames are only counted (no face, NaN matrix); with ``late`` tracking starts at
     ``late.start`` (:class:`LateStart`).
+
+    A frame's face is known once ``PERSIST_FRAMES`` frames from the start of its run are tracked (or the video has
+    ended): the tracker runs up to that many frames ahead of ``matrices`` and ``has_face``.
     """
 
     def __init__(self, finder: FaceFinder, limit: int | None, point: tuple[float, float] | None, resolution: int,
@@ -166,7 +175,8 @@ class FaceTrack:
         self.finder, self.limit, self.point, self.resolution = finder, limit, point, resolution
         self.clock, self.progress, self.first, self.horizon, self.late = clock, progress, first, horizon, late
         self.video, self.info = finder.video, finder.info
-        self.ended = self._closed = self._seen = False
+        self.ended = self._closed = self._seen = self._raw_ended = self._in_run = False
+        self._pending: list[tuple[np.ndarray, bool]] = []  # tracked frames whose run is not yet known to persist
         self._aligner = FaceAligner(resolution)
         self._own = own  # the landmarker :meth:`open` made, closed with the track
         self.start = late.start if late is not None and late.start else 0
@@ -174,6 +184,7 @@ class FaceTrack:
             self.late = None
         self.matrices: list[np.ndarray] = [np.full((2, 3), np.nan, np.float32)] * self.start
         self.has_face: list[bool] = [False] * self.start
+        self._raw = self.start  # frames tracked, pending ones included
         self.progress.advance(FACES, self.start)
         context = late.context if late is not None else []
         self._faces = self._all(context, first if context else 0)
@@ -227,12 +238,15 @@ class FaceTrack:
     def _stream(self, first: int) -> Generator[list[Face], None, None]:
         """The faces of frames ``first`` … to the end: detected up to the horizon, then (the face seen) empty lists
         for frames read only to be counted."""
-        limit, horizon, finder = self.limit, self.horizon, self.finder
+        finder = self.finder
+        # Runs of the face that reach the limit are decided by the frames after it, as in a longer run.
+        limit = None if self.limit is None else self.limit + PERSIST_FRAMES - 1
+        horizon = None if self.horizon is None else self.horizon + PERSIST_FRAMES + FADE_FRAMES
         if horizon is None or (limit is not None and limit <= horizon):
             yield from finder.detect(first, limit)
             return
         yield from finder.detect(first, horizon)
-        if len(self.has_face) < horizon:  # the video ended before the horizon
+        if self._raw < horizon:  # the video ended before the horizon
             return
         if not self._seen:  # no face yet: detect on, so a face found later is followed as in a whole run
             yield from finder.detect(horizon, limit)
@@ -244,27 +258,71 @@ class FaceTrack:
     def ensure(self, n: float) -> None:
         """Track until ``n`` frames are known or the video has ended."""
         while not self.ended and len(self.matrices) < n:
-            i = len(self.matrices)
-            if i % 16 == 0:
-                check_cancel(self.finder.cancel)
-            with self.clock("faces"):
-                try:
-                    face = self._tracker.track(_NO_FRAME)
-                except StopIteration:
-                    self.ended = True
-                    self.progress.end(FACES)  # the bar closes when the pass does, with its real rate
-                    break
-                late = self.late
-                if late is not None and not late.agrees(i, face) and i >= self.first:
-                    self._tracker, self._aligner, face, matrix = late.replay(i, self.finder, self._faces, self.point)
-                    self.late = None
-                else:
-                    matrix = _smooth(self._aligner, face)
-                if self.late is not None and self.horizon is not None and i + 1 >= self.horizon:
-                    self.late.done()
-                self.matrices.append(matrix)
-                self.has_face.append(face is not None)
-                self._seen = self._seen or face is not None
+            if not self._settle():
+                self._track_one()
+
+    def _settle(self) -> bool:
+        """Move the tracked frames whose face is certain to ``matrices`` and ``has_face`` (a face dropped where its
+        run is shorter than ``PERSIST_FRAMES``); whether any moved or the pass ended. Frames past ``limit`` are
+        tracked only to decide the runs that reach it, as the video decides them."""
+        pending, moved = self._pending, False
+        while pending and not self._full():
+            if pending[0][1] and not self._in_run:  # a run of frames with the face starts here
+                length = next((k for k, (_, has) in enumerate(pending) if not has), None)
+                if length is None and not self._raw_ended and len(pending) < PERSIST_FRAMES:
+                    return moved  # not known yet
+                whole = length is None and len(self.matrices) == 0  # the face is in every frame of the clip
+                length = len(pending) if length is None else length
+                if length < PERSIST_FRAMES and not whole:
+                    for _ in range(length):
+                        pending.pop(0)
+                        self._decided(np.full((2, 3), np.nan, np.float32), False)
+                    moved = True
+                    continue
+                self._in_run = True
+            matrix, has = pending.pop(0)
+            self._in_run = self._in_run and has
+            self._decided(matrix, has)
+            moved = True
+        if (self._full() or self._raw_ended and not pending) and not self.ended:
+            self.ended = moved = True
+            self.progress.end(FACES)  # the bar closes when the pass does, with its real rate
+        return moved
+
+    def _full(self) -> bool:
+        return self.limit is not None and len(self.matrices) >= self.limit
+
+    def _decided(self, matrix: np.ndarray, has: bool) -> None:
+        if self._full():  # a frame past the limit, tracked only to decide a run
+            return
+        self.matrices.append(matrix)
+        self.has_face.append(has)
+
+    def _track_one(self) -> None:
+        """Track the next frame into the pending ones (at the video's end, mark the tracking ended)."""
+        if self._raw_ended:
+            return
+        i = self._raw
+        if i % 16 == 0:
+            check_cancel(self.finder.cancel)
+        with self.clock("faces"):
+            try:
+                face = self._tracker.track(_NO_FRAME)
+            except StopIteration:
+                self._raw_ended = True
+                return
+            late = self.late
+            if late is not None and not late.agrees(i, face) and i >= self.first:
+                self._tracker, self._aligner, face, matrix = late.replay(i, self.finder, self._faces, self.point)
+                self.late = None
+            else:
+                matrix = _smooth(self._aligner, face)
+            if self.late is not None and self.horizon is not None and i + 1 >= self.horizon:
+                self.late.done()
+            self._pending.append((matrix, face is not None))
+            self._raw += 1
+            self._seen = self._seen or face is not None and (self.horizon is None or i < self.horizon)
+        if self.limit is None or i < self.limit:
             self.progress.advance(FACES)
 
     def check(self) -> None:

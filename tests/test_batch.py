@@ -228,6 +228,19 @@ def test_a_cut_off_mp4_is_not_complete(media, tmp_path):
     assert not is_complete(tmp_path / "missing.mp4")
 
 
+def test_a_job_line_takes_the_sampler_and_guidance_until(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("a.mp4", "a.wav"):
+        (tmp_path / name).write_bytes(b"x")
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"video": "a.mp4", "audio": "a.wav", "output": "o.mp4", "sampler": "unipc", '
+                    '"guidance_until": 0.5}\n{"video": "a.mp4", "audio": "a.wav", "output": "p.mp4", '
+                    '"sampler": "euler"}\n')
+    good, bad = read_jobs(jobs)
+    assert [(j.options.sampler, j.options.steps, j.options.guided_steps) for j in good] == [("unipc", 10, 5)]
+    assert [r["line"] for r in bad] == [2] and "sampler must be one of ddim, dpmpp_2m, unipc" in bad[0]["error"]
+
+
 def test_bad_lines_fail_with_one_line_messages_before_any_work(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for name in ("a.mp4", "a.wav"):  # the inputs exist: the checks before Ray look at paths, not at media
@@ -252,3 +265,31 @@ def test_bad_lines_fail_with_one_line_messages_before_any_work(tmp_path, monkeyp
     assert "also the output of line 1" in dup["error"]
     with pytest.raises(InputError, match="does not exist"):
         read_jobs(tmp_path / "nothing.jsonl")
+
+
+def test_a_signal_stops_a_wait_on_workers_that_are_still_loading_at_once(cluster):
+    import time
+
+    from latentsync.batch.cluster import get
+
+    class Stopped(Exception):
+        pass
+
+    def stop(signum, frame):
+        raise Stopped
+
+    def load() -> None:  # a worker still loading its models
+        time.sleep(20)
+
+    loading = ray.remote(num_cpus=0)(load).remote()
+    previous = signal.signal(signal.SIGALRM, stop)
+    started = time.monotonic()
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.5)  # SIGTERM would come the same way: to the driver's main thread
+        with pytest.raises(Stopped):
+            get([loading])
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        ray.cancel(loading, force=True)
+    assert time.monotonic() - started < 3, "the signal waited for the workers to load"

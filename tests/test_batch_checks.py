@@ -11,6 +11,7 @@ import time
 import pytest
 
 from latentsync import InputError, ResourceError
+from latentsync.batch import cluster as cluster_mod
 from latentsync.batch import command as command_mod
 from latentsync.batch import driver as driver_mod
 from latentsync.batch.jobs import Results, check_results, read_jobs
@@ -138,11 +139,55 @@ def test_sigterm_while_the_workers_load_gives_every_job_its_line(files, monkeypa
         with stop.handling():
             yield False
 
-    monkeypatch.setattr(driver_mod, "connect", connect)
-    monkeypatch.setattr(driver_mod, "plan_workers", lambda workers, device: (1, {"num_cpus": 1}))
+    monkeypatch.setattr(cluster_mod, "connect", connect)
+    monkeypatch.setattr(cluster_mod, "plan_workers", lambda workers, device: (1, {"num_cpus": 1}))
     monkeypatch.setattr(driver_mod, "Batch", Loading)
     started = time.monotonic()
     status, lines = _command(files)
     assert status == 143 and time.monotonic() - started < 20
     assert sorted(r["line"] for r in lines) == [1, 2, 3, 4]
     assert [r["error"] for r in lines if r["line"] != 4] == ["interrupted (Ctrl-C or SIGTERM) before it finished"] * 3
+
+
+def test_a_byte_order_mark_is_no_part_of_line_one_and_a_line_not_utf8_fails_alone(files):
+    jobs = files / "jobs.jsonl"
+    good = json.dumps({"video": "a.mp4", "audio": "a.wav", "output": "o1.mp4"}).encode()
+    latin1 = b'{"video": "caf\xe9.mp4", "audio": "a.wav", "output": "o2.mp4"}'  # a Latin-1 editor's line
+    jobs.write_bytes(b"\xef\xbb\xbf" + good + b"\r\n" + latin1 + b"\n" + good.replace(b"o1", b"o3") + b"\n")
+    ok, bad = read_jobs(jobs)
+    assert [j.line for j in ok] == [1, 3]
+    assert bad == [{"line": 2, "video": None, "output": None, "status": "failed", "seed": None, "frames": None,
+                    "seconds": None, "sync": None, "ranges": None,
+                    "error": "line 2 is not UTF-8 text (byte 0xe9 at column 15); save the jobs file as UTF-8"}]
+
+
+def test_paths_that_are_not_utf8_work_as_the_os_gives_them(files, capsys):
+    folder = files / os.fsdecode(b"caf\xe9")  # a name the OS holds as bytes that are not UTF-8
+    folder.mkdir()
+    (folder / "a.mp4").write_bytes(b"x")
+    jobs = _jobs(folder, {"video": str(folder / "a.mp4"), "audio": "a.wav", "output": str(folder / "o.mp4")})
+    results = folder / os.fsdecode(b"r\xe9sults.jsonl")
+    assert command_mod.main([str(jobs), "--results", str(results), "-q", "--address", "127.0.0.1:9"]) == 1
+    [line] = [json.loads(text) for text in results.read_text(errors="surrogateescape").splitlines()]
+    assert line["video"] == str(folder / "a.mp4") and line["error"].startswith("no Ray cluster answers")
+
+
+@pytest.mark.parametrize("value", ["inf", "1e20", "nan", "0", "-1"])
+def test_a_placement_timeout_out_of_range_is_refused_in_one_line(files, capsys, value):
+    jobs = _jobs(files, {"video": "a.mp4", "audio": "a.wav", "output": "o1.mp4"})
+    assert command_mod.main([str(jobs), "--results", "results.jsonl", "-q", "--placement-timeout", value]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: --placement-timeout must be more than 0 and at most 86400 seconds, got {float(value):g}"]
+    assert not (files / "results.jsonl").exists()
+
+
+def test_no_results_file_appears_before_its_first_line(tmp_path):
+    path = tmp_path / "results.jsonl"
+    with Results(path):
+        pass  # a batch killed before any job ended
+    assert not path.exists()
+    path.write_text('{"line": 1}\n')  # an earlier run's results stay until this run has a line of its own
+    with Results(path) as results:
+        assert path.read_text() == '{"line": 1}\n'
+        results.add({"line": 2})
+    assert path.read_text() == '{"line": 2}\n'

@@ -179,3 +179,27 @@ def test_sigterm_leaves_nothing_on_any_node_and_every_job_a_line(batch, nodes, l
     assert not list(tmp_path.glob(".*latentsync-work")) and not any(Path(r["output"]).exists() for r in stopped)
     # A job that ended as the batch stopped (its output renamed into place) says so, as its re-run will.
     assert all(is_complete(Path(r["output"])) for r in lines if r["status"] == "succeeded")
+
+
+def test_a_job_whose_node_died_moves_to_a_worker_on_a_live_node(batch, nodes, long_media, tmp_path):
+    # A third node, ours to kill: a worker on each node, the killed one's job goes to the first worker free.
+    address, temps = nodes
+    extra = tmp_path / "tmp-extra"
+    extra.mkdir()
+    node = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--address", address,
+                             "--node-ip-address", "127.0.0.4", "--num-cpus", "1", "--num-gpus", "0",
+                             "--disable-usage-stats"], env={**os.environ, "RAY_AUTH_MODE": "disabled",
+                                                            "PYTHONPATH": str(ROOT), "TMPDIR": str(extra)},
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        out, _ = node.communicate(timeout=120)
+        assert node.returncode == 0, out.decode(errors="replace")[-2000:]
+        p = batch(_jobs(long_media, tmp_path, 3, "clip100", "speech_4s"), "--workers", "3")  # a job on each
+        _wait_for("latentsync-batch-*/**/*.part.mp4", [extra], p)  # the extra node's worker is rendering
+        os.killpg(node.pid, signal.SIGKILL)  # the node's raylet and its workers, all at once
+        status, lines, err = _finish(p, timeout=200)
+    finally:
+        _stop(node)
+    assert status == 0, err
+    assert sorted((r["line"], r["status"]) for r in lines) == [(1, "succeeded"), (2, "succeeded"), (3, "succeeded")]
+    assert all(is_complete(Path(r["output"])) for r in lines)

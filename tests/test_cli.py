@@ -102,7 +102,7 @@ def test_output_folder_below_a_file(env, media, tmp_path, capsys):
 
 def test_output_extension_that_cannot_hold_h264_and_aac(env, media, tmp_path, capsys):
     status, err = run_cli(capsys, media["video"], media["audio"], "-o", tmp_path / "out.txt", *NO_WEIGHTS)
-    assert status == 2 and ".mp4, .mov or .mkv" in one_line(err) and ".txt" in one_line(err)
+    assert status == 2 and ".mp4, .mov, .mkv or .m4v" in one_line(err) and ".txt" in one_line(err)
 
 
 def _tmpfs(target: Path, options: str):
@@ -159,6 +159,8 @@ def test_an_output_disk_without_room_is_exit_1(env, media, small_disk, capsys):
     (("--face-point", "nan", "nan"), "face_point must be a finite number"),
     (("--seed", "-1"), "seed must be between 0 and 4294967295"),
     (("--inference-steps", "0"), "inference_steps must be between 1 and 100"),
+    (("--guidance-until", "2"), "guidance_until must be a fraction of the steps between 0 and 1"),
+    (("--sampler", "euler"), "invalid choice: 'euler'"),
     (("--unet-config", "/nonexistent/unet.yaml"), "--unet-config /nonexistent/unet.yaml does not exist"),
     (("--seed", "abc"), "invalid int value: 'abc'"),
     (("--version", "1.7"), "--version must be one of 1.5, 1.6, not '1.7'"),
@@ -266,6 +268,55 @@ def test_the_api_checks_paths_before_reading_a_frame(weights, media, tmp_path):
         pipe.lipsync(media["video"], media["audio"], media["video"], inference_steps=2)
 
 
+def test_an_existing_output_is_refused_unless_overwrite_is_given(env, weights, media, tmp_path, capsys, monkeypatch):
+    from latentsync.pipeline import LipSync
+
+    out = tmp_path / "mine.mp4"
+    out.write_bytes(b"the user's own file")
+    status, err = run_cli(capsys, media["video"], media["audio"], "-o", out, *NO_WEIGHTS)
+    assert status == 2 and "already exists" in one_line(err) and "--overwrite" in one_line(err)
+    assert out.read_bytes() == b"the user's own file"
+    seen = []
+    monkeypatch.setattr(LipSync, "run", lambda self, inputs, *a, **k: seen.append(inputs.output) or 1 / 0)
+    folder, cfg = weights
+    with pytest.raises(ZeroDivisionError):  # past the check: the run itself was reached
+        run_cli(capsys, media["video"], media["audio"], "-o", out, "--overwrite", "--weights-dir", folder,
+                "--unet-config", cfg, "--device", "cpu", "-q")
+    assert seen == [out]
+
+
+def test_the_api_refuses_an_existing_output_unless_overwrite(media, tmp_path):
+    out = tmp_path / "mine.mkv"
+    out.write_bytes(b"x")
+    with pytest.raises(InputError, match="already exists"):
+        check_inputs(media["video"], media["audio"], out, MediaCaps())
+    os.symlink(tmp_path / "nowhere.mp4", tmp_path / "link.mp4")  # a dangling link is a file the rename would replace
+    with pytest.raises(InputError, match="already exists"):
+        check_inputs(media["video"], media["audio"], tmp_path / "link.mp4", MediaCaps())
+    assert check_inputs(media["video"], media["audio"], out, MediaCaps(), overwrite=True).output == out
+
+
+def test_an_output_name_with_bytes_that_are_not_utf8(env, media, tmp_path, capsys):
+    latin1 = os.fsdecode(b"caf\xe9.mp4")  # as argv gives it: a surrogate escape
+    (tmp_path / latin1).write_bytes(b"x")
+    status, err = run_cli(capsys, media["video"], media["audio"], "-o", tmp_path / latin1, *NO_WEIGHTS)
+    assert status == 2 and "already exists" in one_line(err)
+    status, err = run_cli(capsys, media["video"], media["audio"], "-o", tmp_path / os.fsdecode(b"n\xe9w.mp4"),
+                          *NO_WEIGHTS)
+    assert status == 2 and "weights" in one_line(err), "the output's checks passed; the weights folder is missing"
+    long = os.fsdecode(b"\xe9" * 300 + b".mp4")
+    status, err = run_cli(capsys, media["video"], media["audio"], "-o", tmp_path / long, *NO_WEIGHTS)
+    assert status == 2 and "304 bytes long" in one_line(err)
+
+
+def test_the_audio_is_checked_with_the_other_files_before_any_weights(env, media, tmp_path, capsys, monkeypatch):
+    status, err = run_cli(capsys, media["video"], media["video"], "-o", tmp_path / "o.mp4", *NO_WEIGHTS)
+    assert status == 2 and "clip40.mp4' has no audio track" in one_line(err)  # a clip without sound
+    monkeypatch.setenv("LATENTSYNC_MAX_DURATION", "3")
+    status, err = run_cli(capsys, media["video"], media["long_audio"], "-o", tmp_path / "o.mp4", *NO_WEIGHTS)
+    assert status == 2 and "speech6.wav' lasts 6.0 s; the limit is 3 s" in one_line(err)
+
+
 def test_check_inputs_accepts_a_new_nested_output(media, tmp_path):
     out = tmp_path / "a" / "b" / "out.MP4"
     inputs = check_inputs(media["video"], media["audio"], out, MediaCaps())
@@ -310,6 +361,38 @@ def test_a_signal_stops_the_run_and_leaves_nothing(env, weights, media, tmp_path
     assert any("ffmpeg" in n for n in names), f"ffmpeg should have been running at the signal, not just {names}"
     alive = [n for c, n in zip(children, names, strict=True) if _alive(c)]
     assert not alive, f"processes left running: {alive}"
+
+
+_SIGNALS_AT_THE_END = """
+import atexit, os, signal, sys
+from pathlib import Path
+import latentsync.cli as cli
+from latentsync.settings import Settings
+
+def run(self, inputs, options, **kwargs):  # the output written, then SIGTERM before the run returns
+    Path(inputs.output).write_bytes(b"done")
+    os.kill(os.getpid(), signal.SIGTERM)
+
+def summary(result):  # SIGTERM while the summary prints
+    os.kill(os.getpid(), signal.SIGTERM)
+    return ["summary"]
+
+Settings.weights = lambda self: None
+Settings.load = lambda self, weights: type("Pipe", (), {"run": run})()
+cli.summary_lines = summary
+atexit.register(lambda: os.kill(os.getpid(), signal.SIGINT))  # Ctrl-C during the interpreter's teardown
+sys.argv = ["latentsync", *sys.argv[1:]]
+cli.entry()
+"""
+
+
+def test_signals_once_the_output_is_written_end_the_run_with_0(env, media, tmp_path):
+    out = tmp_path / "o.mp4"
+    proc = subprocess.run([sys.executable, "-c", _SIGNALS_AT_THE_END, str(media["video"]), str(media["audio"]),
+                           "-o", str(out), "--device", "cpu", "-q"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "summary\n", "")
+    assert out.read_bytes() == b"done"
 
 
 def _name(process) -> str:
@@ -409,7 +492,8 @@ def test_help_ends_every_option_with_its_default():
     no_default = [name for name, entry in entries.items()
                   if "(default: " not in entry and name not in ("-h,", "-o")]  # --help; the required output
     assert not no_default, no_default
-    assert "(default: 1.5)" in entries["--guidance-scale"] and "(default: 20)" in entries["--inference-steps"]
+    assert "(default: 1.5)" in entries["--guidance-scale"] and "(default: ddim)" in entries["--sampler"]
+    assert "(default: the sampler's: ddim 20, dpmpp_2m 10, unipc 10)" in entries["--inference-steps"]
 
 
 def _cli_in_a_fresh_process(*args: str, env=None) -> tuple[int, bool, float, str]:

@@ -387,6 +387,49 @@ def test_twenty_predictions_leave_no_growth_in_temporary_folders(server, media):
     assert size_after <= size * 1.05 + 4096, f"{size} → {size_after} bytes under TMPDIR"
 
 
+def test_cog_itself_drops_a_misspelled_input_before_predict_sees_it(server):
+    # The README says so: coglet strips input names its schema lacks, and only its own log names them (no hook,
+    # no strict mode). Here the request lacks the files, so the answer is 422 and no prediction runs.
+    status, body = server.post("/predictions", {"input": {"range": "1-2"}})
+    assert status == 422 and {d["loc"][-1] for d in body["detail"]} == {"video", "audio"}
+    deadline, pause = time.monotonic() + 30, threading.Event()
+    while not re.search(r"Stripped unknown input fields.*range", server.log.read_text(errors="replace")):
+        assert time.monotonic() < deadline, "coglet no longer logs the inputs it strips: check the README"
+        pause.wait(0.1)
+
+
+# --- a server stopped: a third server, on the tiny weights -----------------------------------------------------------
+
+def test_a_server_stopped_mid_prediction_leaves_nothing_in_its_temporary_folder(tiny, media, tmp_path, sink):
+    weights, unet_config, manifest = tiny
+    srv = CogServer(tmp_path / "cog", weights, unet_config, manifest)
+    try:
+        assert srv.wait_for("READY", "SETUP_FAILED")["status"] == "READY"
+        # A finished prediction's output, which Cog does not delete, and then a prediction under way.
+        files = {"video": data_uri(media["short"], "video/mp4"), "audio": data_uri(media["tone_short"], "audio/wav")}
+        assert srv.predict(**files, **FAST)["status"] == "succeeded"
+        status, _ = srv.post("/predictions", {"id": "to-stop", "webhook": sink.url,
+                                              "input": {"video": data_uri(media["long"], "video/mp4"),
+                                                        "audio": data_uri(media["tone_long"], "audio/wav"),
+                                                        "inference_steps": 50, "enable_deepcache": False}},
+                             headers={"Prefer": "respond-async"})
+        assert status == 202
+        deadline, pause = time.monotonic() + 300, threading.Event()
+        while not [name for name in srv.child_programs() if "ffmpeg" in name]:
+            assert time.monotonic() < deadline, "the prediction never started ffmpeg"
+            pause.wait(0.05)
+        assert [p for p in srv.tmp.iterdir() if p.name.startswith("latentsync-cog-")]
+        srv.proc.terminate()  # what `docker stop` sends
+        srv.proc.wait(timeout=120)
+    finally:
+        srv.stop()
+    # Cog kills a worker still predicting 10 s after the signal; the worker's reaper then removes its folder.
+    deadline = time.monotonic() + 30
+    while list(srv.tmp.iterdir()):
+        assert time.monotonic() < deadline, f"left in TMPDIR: {sorted(map(str, srv.tmp.rglob('*')))}"
+        pause.wait(0.1)
+
+
 # --- setup failures: a second server on damaged weights ---------------------------------------------------------------
 
 def test_setup_with_a_truncated_weight_file_fails_naming_it(tiny, tmp_path):

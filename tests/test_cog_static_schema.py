@@ -18,8 +18,8 @@ import cog_parser
 from conftest import REPO
 from latentsync import options
 
-NAMES = ["video", "audio", "guidance_scale", "inference_steps", "seed", "loop_mode", "enable_deepcache", "keep_fps",
-         "face_select", "ranges"]
+NAMES = ["video", "audio", "guidance_scale", "inference_steps", "sampler", "guidance_until", "seed", "loop_mode",
+         "enable_deepcache", "keep_fps", "face_select", "ranges"]
 
 
 @pytest.fixture(scope="module")
@@ -49,14 +49,17 @@ def test_inputs_types_defaults_ranges_choices_and_nullability(schema, inputs):
     assert inputs["audio"]["x-cog-accept"] == "audio/*,video/*"  # a video's soundtrack is accepted too
     expected = {
         "guidance_scale": ("number", options.GUIDANCE_SCALE, *options.GUIDANCE_RANGE),
-        "inference_steps": ("integer", options.INFERENCE_STEPS, *options.STEPS_RANGE),
+        "inference_steps": ("integer", None, *options.STEPS_RANGE),  # empty: the sampler's own count
+        "guidance_until": ("number", options.GUIDANCE_UNTIL, *options.GUIDANCE_UNTIL_RANGE),
         "seed": ("integer", None, *options.SEED_RANGE),
     }
     for name, (kind, default, low, high) in expected.items():
         field = inputs[name]
         assert (field["type"], field["default"], field["minimum"], field["maximum"]) == (kind, default, low, high), name
     assert inputs["seed"]["nullable"] is True
-    assert [n for n in NAMES if inputs[n].get("nullable")] == ["seed"]
+    assert [n for n in NAMES if inputs[n].get("nullable")] == ["inference_steps", "seed"]
+    assert options.RunOptions(inference_steps=inputs["inference_steps"]["default"]).steps == options.INFERENCE_STEPS
+    assert (inputs["sampler"]["enum"], inputs["sampler"]["default"]) == (list(options.SAMPLERS), options.SAMPLER)
     assert (inputs["loop_mode"]["enum"], inputs["loop_mode"]["default"]) == (list(options.LOOP_MODES),
                                                                              options.LOOP_MODE)
     assert (inputs["face_select"]["enum"], inputs["face_select"]["default"]) == (list(options.FACE_SELECTS),
@@ -169,8 +172,8 @@ def test_the_parser_refuses(tmp_path, old, new, header, refusal):
 
 
 @pytest.mark.parametrize("old, new, header, name, dropped", [
-    ("ge=1, le=100, default=20", "ge=1, le=100, default=INFERENCE_STEPS",
-     "from latentsync.options import INFERENCE_STEPS", "inference_steps", "default"),
+    ("ge=1.0, le=3.0, default=1.5", "ge=1.0, le=3.0, default=GUIDANCE_SCALE",
+     "from latentsync.options import GUIDANCE_SCALE", "guidance_scale", "default"),
     ("le=4294967295", "le=2**32-1", "", "seed", "maximum"),
     ("le=4294967295", "le=0xFFFFFFFF", "", "seed", "maximum"),
     ('description="Random seed:', 'description=f"Random seed:', "", "seed", "description"),
@@ -183,7 +186,7 @@ def test_the_parser_drops_without_a_word(tmp_path, old, new, header, name, dropp
 
 
 def test_an_unresolvable_default_makes_the_input_required(tmp_path):
-    project = _broken_copy(tmp_path, "ge=1, le=100, default=20", "ge=1, le=100, default=INFERENCE_STEPS",
-                           "from latentsync.options import INFERENCE_STEPS")
-    assert "inference_steps" in cog_parser.parse(project)["components"]["schemas"]["Input"]["required"]
+    project = _broken_copy(tmp_path, "ge=1.0, le=3.0, default=1.5", "ge=1.0, le=3.0, default=GUIDANCE_SCALE",
+                           "from latentsync.options import GUIDANCE_SCALE")
+    assert "guidance_scale" in cog_parser.parse(project)["components"]["schemas"]["Input"]["required"]
 

@@ -173,16 +173,18 @@ def test_every_graph_compiled_at_load_runs_in_a_real_run_and_none_compiles_there
         # silently running eagerly.
         torch.compiler.set_stance("default")
         ran_anywhere: set[int] = set()
-        for guidance, batch in ((1.5, 2), (1.0, 1)):
+        # Guidance until half of 4 steps: full and shallow at batch 2, then shallow (on the guided features'
+        # conditional half) and full at batch 1.
+        for guidance, until, steps, batches in ((1.5, 1.0, 3, (2,)), (1.0, 1.0, 3, (1,)), (1.5, 0.5, 4, (2, 1))):
             before = counter.snapshot()
-            result = pipe.lipsync(clip, audio, tmp_path / f"out{guidance}.mp4", seed=3, inference_steps=3,
-                                  guidance_scale=guidance, deepcache=True)
+            result = pipe.lipsync(clip, audio, tmp_path / f"out{guidance}-{until}.mp4", seed=3, inference_steps=steps,
+                                  guidance_scale=guidance, guidance_until=until, deepcache=True)
             assert result.frames == 32
             assert len(counter.runs) == len(before), f"compiled during the run: {counter.labels[len(before):]}"
             ran = {i for i, n in enumerate(counter.runs) if n > before[i]}
             ran_anywhere |= ran
-            expected = {("unet full", batch), ("unet shallow", batch), encode, decode}
-            assert {counter.labels[i] for i in ran} == expected, (guidance, counter.labels, counter.runs)
+            expected = {*((name, b) for name in ("unet full", "unet shallow") for b in batches), encode, decode}
+            assert {counter.labels[i] for i in ran} == expected, (guidance, until, counter.labels, counter.runs)
         missed = [counter.labels[i] for i in range(len(at_load)) if i not in ran_anywhere]
         assert not missed, f"compiled at load, never run: {missed}"
     finally:

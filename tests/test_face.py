@@ -7,7 +7,15 @@ import cv2
 import numpy as np
 import pytest
 
-from latentsync.face import ANCHOR_WEIGHTS, Face, FaceLandmarker, FaceTracker, anchors_from_mesh
+from latentsync.face import (
+    ANCHOR_WEIGHTS,
+    Face,
+    FaceLandmarker,
+    FaceTracker,
+    anchors_from_mesh,
+    eye_span,
+    plausible_face,
+)
 
 skimage_data = pytest.importorskip("skimage.data")
 
@@ -247,3 +255,32 @@ def test_no_face_message_names_the_smallest_face_we_find(landmarker):
     message = no_face_message("clip.mp4", 1080, 1920)
     assert "no face" in message and f"{smallest_face_px(1080, 1920)} px" in message and "1920x1080" in message
     assert len(message.splitlines()) == 1
+
+
+def frame_1080p(image: np.ndarray, dx: int = 0) -> np.ndarray:
+    """``image`` scaled to 1080 px high, centred (shifted by ``dx``) in a grey 1920×1080 frame."""
+    if image.ndim == 2:
+        image = np.repeat(image[..., None], 3, axis=2)
+    w = round(image.shape[1] * 1080 / image.shape[0])
+    frame = np.full((1080, 1920, 3), 100, np.uint8)
+    x = (1920 - w) // 2 + dx
+    frame[:, x:x + w] = cv2.resize(image, (w, 1080), interpolation=cv2.INTER_AREA)
+    return frame
+
+
+def test_a_frontal_mesh_is_a_plausible_face_and_a_turned_or_scrambled_one_is_not(landmarker, astronaut):
+    mesh = landmarker.detect(astronaut)[0].landmarks
+    assert plausible_face(mesh) and 0.36 < eye_span(mesh) < 0.46
+    centre = mesh.mean(0)
+    turned = (mesh - centre) * (0.6, 1.0) + centre  # the head turned about 50° away: the eyes close up
+    assert not plausible_face(turned)
+    upside_down = mesh.copy()
+    upside_down[[1, 61, 291]] = mesh[[10, 10, 10]]  # nose and mouth above the eyes
+    assert not plausible_face(upside_down)
+
+
+def test_the_cameramans_profile_is_no_face(landmarker):
+    frame = frame_1080p(skimage_data.camera())
+    raw = [landmarker._mesh_in_box(frame, box) for box, _ in landmarker._detections(frame)]
+    assert any(m is not None for m in raw), "the detector no longer fires on the profile: the test tests nothing"
+    assert landmarker.detect(frame) == []

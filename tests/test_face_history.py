@@ -14,7 +14,8 @@ from latentsync.face import Face, FaceTracker
 from latentsync.facepool import FacePool
 from latentsync.options import RunOptions
 from latentsync.pipeline import LipSync
-from latentsync.tracking import CONTEXT_FRAMES, FaceTrack, forgotten_from, make_tracker
+from latentsync.timeline import FADE_FRAMES
+from latentsync.tracking import CONTEXT_FRAMES, PERSIST_FRAMES, FaceTrack, forgotten_from, make_tracker
 from media_utils import face_clip, read_stamp, speech
 from tiny_weights import make_tiny_weights
 
@@ -209,7 +210,8 @@ def test_the_face_pass_starts_as_late_as_is_provably_safe(clip, crowd_until, sta
     landmarker = _Stamped(crowd_until)
     got_start, late, has_late = _face_pass(clip, landmarker, first=112, horizon=144)
     assert whole_start == 0 and got_start == start and len(late) == len(whole) == 200
-    assert min(landmarker.asked) == start and len(landmarker.asked) == 144 - start
+    ahead = 144 + PERSIST_FRAMES + FADE_FRAMES  # the horizon and the frames that decide its last faces
+    assert min(landmarker.asked) == start and len(landmarker.asked) == ahead - start
     assert np.array_equal(late[112:144], whole[112:144]) and has_late[112:144].all()
     assert not has_late[:start].any() and np.isnan(late[:start]).all()
 
@@ -250,7 +252,8 @@ def test_a_tie_in_the_smoothing_replays_the_pass_from_frame_0(clip, monkeypatch)
         monkeypatch.setattr(SmoothingBounds, "agree", lambda self, anchors: False)  # once the start is chosen
         t.ensure(math.inf)
     late, has_late = t.arrays()
-    assert t.start == 16 and sorted(landmarker.asked) == list(range(144))  # every frame up to the horizon, once
+    ahead = 144 + PERSIST_FRAMES + FADE_FRAMES  # the horizon and the frames that decide its last faces
+    assert t.start == 16 and sorted(landmarker.asked) == list(range(ahead))  # every frame up to there, once
     assert np.array_equal(late[112:144], whole[112:144]) and has_late[112:144].all()
 
 

@@ -11,8 +11,23 @@ from latentsync.options import GUIDANCE_SCALE, INFERENCE_STEPS, RunOptions, chec
 
 def test_defaults_are_upstreams():
     opts = RunOptions()
-    assert (opts.guidance_scale, opts.inference_steps, opts.loop_mode, opts.deepcache) == (1.5, 20, "bounce", True)
+    assert (opts.guidance_scale, opts.steps, opts.loop_mode, opts.deepcache) == (1.5, 20, "bounce", True)
+    assert (opts.sampler, opts.guidance_until, opts.guided_steps) == ("ddim", 1.0, 20)  # guidance at every step
     assert (GUIDANCE_SCALE, INFERENCE_STEPS) == (1.5, 20)
+
+
+def test_each_sampler_has_its_own_step_count_unless_one_is_given():
+    assert [RunOptions(sampler=s).steps for s in ("ddim", "dpmpp_2m", "unipc")] == [20, 10, 10]
+    assert RunOptions(sampler="unipc", inference_steps=7).steps == 7
+    # an option left to the sampler follows a later change of sampler
+    assert RunOptions.make(RunOptions(), sampler="dpmpp_2m").steps == 10
+
+
+@pytest.mark.parametrize("until, steps, guided", [(1.0, 20, 20), (0.5, 10, 5), (0.5, 5, 3), (0.3, 10, 3),
+                                                   (0.01, 10, 1), (0.0, 10, 0)])
+def test_guidance_until_guides_the_first_ceil_fraction_of_the_steps(until, steps, guided):
+    assert RunOptions(guidance_until=until, inference_steps=steps).guided_steps == guided
+    assert RunOptions(guidance_scale=1.0, guidance_until=until, inference_steps=steps).guided_steps == 0
 
 
 @pytest.mark.parametrize("field, value, words", [
@@ -23,6 +38,10 @@ def test_defaults_are_upstreams():
     ("guidance_scale", "lots", "a number"),
     ("inference_steps", 0, "between 1 and 100"),
     ("inference_steps", 2.5, "whole number"),
+    ("sampler", "euler", "ddim, dpmpp_2m, unipc"),
+    ("guidance_until", 1.5, "between 0 and 1"),
+    ("guidance_until", -0.1, "between 0 and 1"),
+    ("guidance_until", "half", "a number"),
     ("seed", -1, "between 0 and 4294967295"),
     ("seed", 2**32, "between 0 and 4294967295"),
     ("loop_mode", "zigzag", "bounce, loop, cut_off, silence"),

@@ -30,6 +30,7 @@ import json, sys
 from pathlib import Path
 import latentsync
 from latentsync.config import config_path
+from latentsync.loader import load_scheduler
 from latentsync.manifest import manifest_path, read_manifest
 from latentsync.pipeline import LipSync
 
@@ -38,7 +39,7 @@ pipe = LipSync.from_pretrained(weights, unet_config=unet_config, syncnet_config=
                                device="cpu")
 print(json.dumps({"package": latentsync.__file__, "manifest": str(manifest_path()),
                   "entries": len(read_manifest()), "unet_config": str(config_path("unet/stage2_512.yaml")),
-                  "resolution": pipe.models.resolution, "has_scheduler": pipe.models.scheduler is not None}))
+                  "resolution": pipe.models.resolution, "has_scheduler": load_scheduler("unipc") is not None}))
 """
 
 

@@ -167,6 +167,30 @@ def test_same_seed_same_frames_other_seed_other_mouth(pipe, media, tmp_path):
     assert np.abs(runs["a"] - runs["c"]).max() > 10
 
 
+def test_a_multistep_sampler_with_late_guidance_lipsyncs_to_another_mouth(pipe, media, tmp_path):
+    runs = {}
+    for name, options in [("ddim", {}), ("dpmpp_2m", {"sampler": "dpmpp_2m", "guidance_until": 0.5})]:
+        out = tmp_path / f"{name}.mp4"
+        pipe.lipsync(media["clip25"], media["speech_1s"], out, seed=7, loop_mode="cut_off", **FAST, **options)
+        runs[name] = decode_video(out).astype(np.int16)
+    assert runs["ddim"].shape == runs["dpmpp_2m"].shape
+    assert np.abs(runs["ddim"] - runs["dpmpp_2m"]).max() > 10
+
+
+def test_each_run_steps_a_scheduler_of_its_own(pipe):
+    """A multistep solver keeps its last outputs between steps: two runs at once must not step the same one."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from latentsync.control import StageClock
+    from latentsync.options import RunOptions
+    from latentsync.stages.generate import GenerateStage, _Features
+
+    features = _Features(np.zeros((32, 1, 1), np.float32))
+    a, b = (GenerateStage(features, 25.0, RunOptions(seed=1, sampler="dpmpp_2m"), pipe.models, StageClock())
+            for _ in range(2))
+    assert type(a.scheduler) is DPMSolverMultistepScheduler and a.scheduler is not b.scheduler
+
+
 def test_names_with_spaces_quotes_and_shell_syntax(pipe, media, tmp_path):
     weird = tmp_path / "it's a \"clip\" $(touch pwned) `x`"
     weird.mkdir()

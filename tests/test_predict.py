@@ -36,6 +36,11 @@ def call(predictor: predict.Predictor, **inputs):
     return predictor.predict(**inputs)
 
 
+def runs(predictor: predict.Predictor) -> list[str]:
+    """The prediction folders in the worker's folder (beside its scratch folder)."""
+    return [p.name for p in predictor.work_root.iterdir() if p != predictor.scratch]
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return tiny_weights_with_manifest(tmp_path_factory)
@@ -81,10 +86,11 @@ def test_inputs_declare_the_documented_defaults_bounds_and_choices():
 
     params = inspect.signature(predict.Predictor.predict).parameters
     field = {name: p.default for name, p in params.items() if name != "self"}
-    assert list(field) == ["video", "audio", "guidance_scale", "inference_steps", "seed", "loop_mode",
-                           "enable_deepcache", "keep_fps", "face_select", "ranges"]
+    assert list(field) == ["video", "audio", "guidance_scale", "inference_steps", "sampler", "guidance_until", "seed",
+                           "loop_mode", "enable_deepcache", "keep_fps", "face_select", "ranges"]
     assert (field["guidance_scale"].default, field["guidance_scale"].ge, field["guidance_scale"].le) == (1.5, 1.0, 3.0)
-    assert (field["inference_steps"].default, field["inference_steps"].ge, field["inference_steps"].le) == (20, 1, 100)
+    steps = field["inference_steps"]
+    assert (steps.default, steps.ge, steps.le) == (None, 1, 100)  # None: the sampler's own count
     assert (field["seed"].default, field["seed"].ge, field["seed"].le) == (None, 0, 2**32 - 1)
     assert field["loop_mode"].default == "bounce" and field["loop_mode"].choices == list(LOOP_MODES)
     assert field["face_select"].default == "largest" and field["face_select"].choices == list(FACE_SELECTS)
@@ -102,7 +108,7 @@ def test_each_prediction_gets_a_fresh_folder_and_the_previous_one_goes(predictor
     second = call(predictor, video=media["clip"], audio=media["speech"], seed=1, **FAST)
     assert second.is_file() and second.name != first.name and second.parent != first.parent
     assert not first.parent.exists()
-    assert [p.name for p in predictor.work_root.iterdir()] == [second.parent.name]
+    assert runs(predictor) == [second.parent.name]
 
 
 def test_metrics_report_the_seed_frames_and_stage_times(predictor, media, metrics):
@@ -167,7 +173,7 @@ def test_input_error_is_one_line_and_leaves_no_folder(predictor, media):
     message = str(caught.value)
     assert "\n" not in message and "face" in message
     assert "<video>" in message and "noface.mp4" not in message  # the input's name, not a server temp path
-    assert list(predictor.work_root.iterdir()) == []
+    assert runs(predictor) == []
 
 
 def test_out_of_memory_fails_that_prediction_only(predictor, media, monkeypatch):
@@ -184,7 +190,7 @@ def test_out_of_memory_fails_that_prediction_only(predictor, media, monkeypatch)
         m.setattr(predictor.pipe, "lipsync", oom)
         with pytest.raises(RuntimeError, match="out of GPU memory"):
             call(predictor, video=media["clip"], audio=media["speech"], **FAST)
-    assert freed and list(predictor.work_root.iterdir()) == []
+    assert freed and runs(predictor) == []
     monkeypatch.undo()
     assert call(predictor, video=media["clip"], audio=media["speech"], seed=1, **FAST).is_file()
 
@@ -198,7 +204,7 @@ def test_cancellation_propagates_after_cleaning_up(predictor, media, monkeypatch
     monkeypatch.setattr(predictor.pipe, "lipsync", cancelled)
     with pytest.raises(CancelationException):
         call(predictor, video=media["clip"], audio=media["speech"], **FAST)
-    assert list(predictor.work_root.iterdir()) == []
+    assert runs(predictor) == []
 
 
 # --- setup ----------------------------------------------------------------------------------------------------------
@@ -327,3 +333,29 @@ def test_cog_loads_the_predictor_without_deprecation_warnings(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "BasePredictor is deprecated" not in proc.stderr and "predict() is deprecated" not in proc.stderr
+
+
+def test_what_earlier_predictions_left_in_the_scratch_folder_goes_with_the_next(predictor, media):
+    kept = predictor.scratch / "tmpk2j4file.mp4"  # Cog keeps its input copy after a failed download or early cancel
+    kept.write_bytes(b"x")
+    (predictor.scratch / "latentsync-old").mkdir()
+    assert call(predictor, video=media["clip"], audio=media["speech"], seed=1, **FAST).is_file()
+    assert list(predictor.scratch.iterdir()) == []
+
+
+def test_the_worker_folder_goes_when_the_process_is_killed(tmp_path):
+    import subprocess
+
+    folder = tmp_path / "latentsync-cog-x"
+    (folder / "run").mkdir(parents=True)
+    (folder / "run" / ".video.part.mp4").write_bytes(b"partial")
+    code = ("import os, signal, sys; from pathlib import Path; sys.path.insert(0, sys.argv[2]); import predict; "
+            "predict._remove_at_exit(Path(sys.argv[1])); os.kill(os.getpid(), signal.SIGKILL)")
+    proc = subprocess.run([sys.executable, "-c", code, str(folder), str(REPO)], timeout=120)
+    assert proc.returncode == -9  # killed: no atexit, no finally ran in it
+    gone = threading.Event()
+    for _ in range(100):  # the reaper removes it within moments of the kill
+        if not folder.exists():
+            break
+        gone.wait(0.1)
+    assert not folder.exists()

@@ -18,8 +18,17 @@ from latentsync.facepool import FacePool
 from latentsync.options import RunOptions, parse_ranges
 from latentsync.pipeline import LipSync
 from latentsync.plan import _features
-from latentsync.timeline import FADE_FRAMES, Edits, edit_weights, range_frames, source_index, touched_chunks
-from latentsync.tracking import FaceTrack
+from latentsync.timeline import (
+    FADE_FRAMES,
+    Edits,
+    chunk_at,
+    edit_weights,
+    face_share,
+    range_frames,
+    source_index,
+    touched_chunks,
+)
+from latentsync.tracking import PERSIST_FRAMES, FaceTrack
 from media_utils import decode_video, face_clip, speech
 from tiny_weights import make_tiny_weights
 
@@ -139,6 +148,32 @@ def test_frames_weights_and_touched_chunks():
     ramp = w[50 - FADE_FRAMES:50]
     assert (np.diff(ramp) > 0).all() and 0 < ramp[0] < ramp[-1] < 1
     assert touched_chunks([(50, 65)], 16, 100) == [2, 3, 4]
+
+
+def test_the_face_fades_in_and_out_where_it_appears_and_leaves():
+    has_face = [False] * 10 + [True] * 20 + [False] * 10
+    share = [face_share(has_face, s) for s in range(40)]
+    ramp = share[10:10 + FADE_FRAMES]
+    assert share[:10] == [0] * 10 and share[30:] == [0] * 10
+    assert (np.diff(ramp) > 0).all() and 0 < ramp[0] and ramp[-1] < 1 and share[10 + FADE_FRAMES] == 1
+    assert share[24:30] == ramp[::-1]
+    whole = [True] * 40  # the video's own first and last frames are no place where the face appears
+    assert chunk_at(0, 16, 40, "bounce", whole).weight == () and chunk_at(2, 16, 40, "bounce", whole).weight == ()
+
+
+def test_a_chunks_weights_need_the_faces_only_a_fade_ahead():
+    rng = np.random.default_rng(0)
+    has_face = rng.random(200) < 0.8
+    blend = edit_weights([(40, 120)], 240)
+    for index in range(200 // 16 - 1):
+        stop = (index + 1) * 16 + FADE_FRAMES
+        whole, ahead = chunk_at(index, 16, 240, "bounce", has_face), chunk_at(index, 16, 240, "bounce", has_face[:stop])
+        assert whole == ahead
+        assert chunk_at(index, 16, 240, "bounce", has_face, blend) == chunk_at(index, 16, 240, "bounce",
+                                                                               has_face[:stop], blend)
+    with_blend = chunk_at(3, 16, 240, "bounce", has_face, blend)
+    assert all(w == blend[48 + k] * face_share(has_face, 48 + k) for k, w in enumerate(with_blend.weight)
+               if has_face[48 + k])
 
 
 # --- the frames ------------------------------------------------------------------------------------------------------
@@ -295,7 +330,8 @@ def test_the_face_pass_detects_only_up_to_the_last_edited_chunk(media, tmp_path)
         assert counting.calls == 100
         counting.calls = 0
         part, has_part = _track(media["clip"], horizon, landmarker=counting)
-        assert counting.calls == horizon  # a third of the frames: the rest are only counted
+        ahead = horizon + PERSIST_FRAMES + FADE_FRAMES  # the frames that decide the faces up to the horizon
+        assert counting.calls == ahead  # about a third of the frames: the rest are only counted
         pooled, has_pooled = _track(media["clip"], horizon, pool=pool)
         late_whole, late_has = _track(late, None, landmarker=real)
         late_part, late_has_part = _track(late, 16, pool=pool)
@@ -304,7 +340,7 @@ def test_the_face_pass_detects_only_up_to_the_last_edited_chunk(media, tmp_path)
         real.close()
     assert len(part) == len(pooled) == 100 and has_whole.all()
     assert np.array_equal(part[:horizon], whole[:horizon]) and np.array_equal(pooled[:horizon], whole[:horizon])
-    assert not has_part[horizon:].any() and np.isnan(part[horizon:]).all()
+    assert not has_part[ahead:].any() and np.isnan(part[ahead:]).all()
     assert np.array_equal(has_part, has_pooled) and np.array_equal(part[has_part], pooled[has_pooled])
     # No face before the horizon: detection goes on, so the face is found and followed as in a whole run.
     assert late_has[20:].all() and np.array_equal(late_has, late_has_part)
@@ -320,5 +356,5 @@ def test_a_ranged_plan_detects_faces_only_where_needed(pipe, media, monkeypatch)
     assert len(calls) == 100
     calls.clear()
     ranged = pipe.plan(media["clip"], media["speech"], RunOptions(ranges="0.2-0.6", **FAST))
-    assert len(calls) == 32 and len(ranged.has_face) == len(whole.has_face) == 100
+    assert len(calls) == 32 + PERSIST_FRAMES + FADE_FRAMES and len(ranged.has_face) == len(whole.has_face) == 100
     assert np.array_equal(ranged.matrices[:32], whole.matrices[:32]) and ranged.frames_with_face == 10

@@ -231,3 +231,84 @@ def test_denoise_matches_upstream_on_every_fixture_run(parity_dir):
                 failures.append(f"{run['name']} chunk {i}: {err:.3g} > {bound:.3g}")
             start += n
     assert not failures, failures
+
+
+# ------------------------------------------------------------------------------------- samplers, late guidance
+def _library_loop(unet, scheduler, latents, mask, masked, ref, audio, *, guidance_scale, steps, guided_steps):
+    """The loop written with diffusers' documented scheduler API only (``set_timesteps``, ``scale_model_input``,
+    ``step`` with its own defaults), guidance on the first ``guided_steps`` steps: what ``denoise`` must compute."""
+    scheduler.set_timesteps(steps)
+    for i, t in enumerate(scheduler.timesteps):
+        if i < guided_steps:
+            x = scheduler.scale_model_input(torch.cat([latents] * 2), t)
+            x = torch.cat([x, torch.cat([mask] * 2), torch.cat([masked] * 2), torch.cat([ref] * 2)], dim=1)
+            uncond, cond = unet(x, t, torch.cat([torch.zeros_like(audio), audio])).sample.chunk(2)
+            noise = uncond + guidance_scale * (cond - uncond)
+        else:
+            x = torch.cat([scheduler.scale_model_input(latents, t), mask, masked, ref], dim=1)
+            noise = unet(x, t, audio).sample
+        latents = scheduler.step(noise, t, latents).prev_sample
+    return latents
+
+
+@pytest.mark.parametrize("guided_steps", [4, 2], ids=["guided-throughout", "guided-half"])
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m", "unipc"])
+def test_each_sampler_gives_the_latents_of_diffusers_own_loop(tiny_unet, sampler, guided_steps):
+    args = chunk_inputs()
+    ours = denoise(tiny_unet, load_scheduler(sampler), *args, guidance_scale=1.5, num_inference_steps=4,
+                   guided_steps=guided_steps)
+    theirs = _library_loop(tiny_unet, load_scheduler(sampler), *args, guidance_scale=1.5, steps=4,
+                           guided_steps=guided_steps)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+
+
+def test_the_sampler_names_build_their_diffusers_schedulers():
+    kinds = {name: type(load_scheduler(name)) for name in ("ddim", "dpmpp_2m", "unipc")}
+    assert kinds == {"ddim": DDIMScheduler, "dpmpp_2m": DPMSolverMultistepScheduler,
+                     "unipc": UniPCMultistepScheduler}
+
+
+def test_late_steps_run_the_conditional_half_alone(tiny_unet):
+    spy = Spy(tiny_unet)
+    latents, mask, masked, ref, audio = chunk_inputs()
+    denoise(spy, load_scheduler("unipc"), latents, mask, masked, ref, audio, guidance_scale=1.5,
+            num_inference_steps=5, guided_steps=2, deepcache_interval=3)
+    assert [(c["x"].shape[0], c["shallow"]) for c in spy.calls] == [(2, False), (2, True), (1, True), (1, False),
+                                                                     (1, True)]
+    for late in spy.calls[2:]:
+        torch.testing.assert_close(late["audio"], audio, rtol=0, atol=0)
+        torch.testing.assert_close(late["x"][:, 4:], torch.cat([mask, masked, ref], dim=1), rtol=0, atol=0)
+
+
+def test_no_guided_step_is_the_unguided_loop(tiny_unet):
+    args = chunk_inputs()
+    none = denoise(tiny_unet, load_scheduler(), *args, guidance_scale=1.5, num_inference_steps=4, guided_steps=0,
+                   deepcache_interval=3)
+    off = denoise(tiny_unet, load_scheduler(), *args, guidance_scale=1.0, num_inference_steps=4, deepcache_interval=3)
+    torch.testing.assert_close(none, off, rtol=0, atol=0)
+
+
+def test_the_conditional_half_of_guided_deep_features_serves_a_conditional_shallow_pass(tiny_unet):
+    """What ``denoise`` relies on when guidance stops at a DeepCache shallow step: the batch rows are independent, so
+    the second half of a guided full pass's features is what a conditional-only full pass would have left."""
+    from latentsync.models.unet import DeepCache
+
+    latents, mask, masked, ref, audio = chunk_inputs()
+    x = torch.cat([latents, mask, masked, ref], dim=1)
+    t = torch.tensor(500)
+    guided, alone = DeepCache(), DeepCache()
+    with torch.no_grad():
+        tiny_unet(torch.cat([x] * 2), t, torch.cat([torch.zeros_like(audio), audio]), cache=guided)
+        tiny_unet(x, t, audio, cache=alone)
+    # up to float32 rounding, which differs between batch sizes (measured: 3e-6 × std)
+    torch.testing.assert_close(guided.deep[1:], alone.deep, rtol=0, atol=1e-5 * alone.deep.std().item())
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "unipc"])
+def test_a_multistep_sampler_draws_no_noise_in_its_steps(tiny_unet, sampler):
+    """A part of a video replays the random draws of the chunks before it without running them: that holds only
+    while the sampler itself draws nothing (DDIM at eta 0 does not)."""
+    torch.manual_seed(0)
+    before = torch.random.get_rng_state()
+    denoise(tiny_unet, load_scheduler(sampler), *chunk_inputs(), guidance_scale=1.5, num_inference_steps=3)
+    assert torch.equal(torch.random.get_rng_state(), before)

@@ -54,7 +54,8 @@ def media(tmp_path_factory):
         "speech36": speech(d / "speech36.wav", 3.6),
         "speech3": speech(d / "speech3.wav", 3.0),
         "slow34s": face_clip(d / "slow34s.mp4", 136, fps=4),  # 34 s at 4 fps
-        "slow6s": face_clip(d / "slow6s.mp4", 24, fps=4),
+        # 12 s at 4 fps: longer than what the first chunk waits for (16 frames, a fade and the face's persistence)
+        "slow12s": face_clip(d / "slow12s.mp4", 48, fps=4),
         "speech31": _quiet_tail(d / "speech31.wav", 31.0, 30.0),
     }
 
@@ -63,7 +64,7 @@ def media(tmp_path_factory):
 # before pass 1 ends
 CASES = {
     "cut_off, video longer": ("clip4s", "speech36", {"loop_mode": "cut_off"}),
-    "silence, video shorter": ("slow6s", "speech31", {"loop_mode": "silence", "keep_fps": True}),
+    "silence, video shorter": ("slow12s", "speech31", {"loop_mode": "silence", "keep_fps": True}),
     "cut_off, ranges": ("clip4s", "speech36", {"loop_mode": "cut_off", "ranges": "0.5-1.5,3.3-9"}),
     # The video is the longer (the audio padded with silence), and the container's count is only an estimate:
     # padded features made for it are made again for the real length.
@@ -161,7 +162,7 @@ def test_the_cases_cover_both_lengths_and_the_padding(runs):
     frames = {name: (len(run["plan"].matrices), run["plan"].num_out) for name, run in runs.items()}
     assert frames["cut_off, video longer"] == (92, 92)  # the pass stops at the audio's 92 frames
     assert frames["silence, video longer than it says"] == (136, 136)  # the audio padded with silence
-    assert frames["silence, video shorter"][1] > frames["silence, video shorter"][0] == 24  # the video bounces
+    assert frames["silence, video shorter"][1] > frames["silence, video shorter"][0] == 48  # the video bounces
     assert runs["silence, video longer than it says"]["plan"].features.shape[0] > 150  # the padded audio's
     assert runs["cut_off, ranges"]["result"].ranges
 

@@ -313,6 +313,17 @@ def test_write_then_mux_keeps_user_audio(media_dir, audio, codec, seconds):
     assert [p for p in out.parent.iterdir() if p.name.startswith(".")] == []
 
 
+def test_mux_replaces_an_existing_output_only_once_the_new_one_is_complete(media_dir, mp4):
+    out = media_dir / "replaced.mp4"
+    out.write_bytes(b"the old file")
+    with pytest.raises(InputError, match="no audio stream"):
+        video.mux_audio(mp4, make_clip(media_dir / "mute.mp4", audio=None, seconds=1.0), out, duration=1.0)
+    assert out.read_bytes() == b"the old file"
+    video.mux_audio(mp4, mp4, out, duration=1.0)
+    assert video.probe(out).duration >= 1.0  # the new video, cut at a packet boundary
+    assert [p for p in media_dir.iterdir() if p.name.startswith(".replaced")] == []
+
+
 def test_mux_from_an_offset(media_dir, mp4):
     speech = media_dir / "voice_offset.wav"
     # 1 s of silence then a tone: starting at 1 s must give tone from the first sample.
@@ -504,14 +515,14 @@ def test_no_ffmpeg_from_path_is_ever_run(media_dir, tmp_path):
 
 @pytest.mark.parametrize("name", ["out.webm", "out.avi", "out.gif", "out.MP3", "out"])
 def test_output_containers_that_cannot_hold_h264_aac_are_refused(media_dir, mp4, name):
-    with pytest.raises(InputError, match=r"cannot hold the H\.264 video and AAC audio.*\.mp4, \.mov or \.mkv"):
+    with pytest.raises(InputError, match=r"cannot hold the H\.264 video and AAC audio.*\.mp4, \.mov, \.mkv or \.m4v"):
         video.check_output_container(media_dir / name)
     with pytest.raises(InputError, match="cannot hold"):
         video.mux_audio(mp4, mp4, media_dir / name, duration=1.0)
     assert not (media_dir / name).exists()
 
 
-@pytest.mark.parametrize("suffix", [".mov", ".mkv", ".MP4"])
+@pytest.mark.parametrize("suffix", [".mov", ".mkv", ".MP4", ".m4v"])
 def test_mov_and_mkv_outputs_keep_rate_and_sound(media_dir, mp4, suffix):
     silent = media_dir / f"silent{suffix}"
     with video.VideoWriter(silent, 25, 96, 64) as writer:

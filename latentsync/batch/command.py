@@ -7,6 +7,7 @@ Exit status 0 when every job succeeded or was skipped, 1 when one failed (or the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -15,9 +16,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 from latentsync.batch.jobs import Job, Results, check_results, read_jobs, result_line
 from latentsync.batch.worker import message
 from latentsync.errors import InputError, Interrupted
+from latentsync.manifest import read_manifest
 from latentsync.settings import Settings, add_model_arguments
 from latentsync.signals import Stop, exit_with, run_door
 from latentsync.video.check import is_complete
@@ -25,6 +29,7 @@ from latentsync.video.check import is_complete
 log = logging.getLogger("latentsync.batch")
 
 PLACEMENT_TIMEOUT_S = 120.0  # for the cluster to place every worker (an autoscaler may add nodes meanwhile)
+MAX_PLACEMENT_TIMEOUT_S = 86_400.0  # a day: Ray's waits take a timeout it can count in milliseconds
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,8 +68,9 @@ def _checked_run(args: argparse.Namespace, stop: Stop, on_dispatch: Callable[[An
         raise InputError(f"--workers must be at least 1, got {args.workers}")
     if args.segments < 1:
         raise InputError(f"--segments must be at least 1, got {args.segments}")
-    if not args.placement_timeout > 0:
-        raise InputError(f"--placement-timeout must be more than 0 seconds, got {args.placement_timeout:g}")
+    if not 0 < args.placement_timeout <= MAX_PLACEMENT_TIMEOUT_S:
+        raise InputError(f"--placement-timeout must be more than 0 and at most {MAX_PLACEMENT_TIMEOUT_S:g} seconds, "
+                         f"got {args.placement_timeout:g}")
     settings = Settings.from_args(args, os.environ)
     from latentsync.devices import use_expandable_segments
 
@@ -82,8 +88,6 @@ def entry() -> None:
 
 def _run(args: argparse.Namespace, settings: Settings, jobs: list[Job], bad: list[dict[str, Any]], stop: Stop,
          on_dispatch: Callable[[Any, int], None] | None) -> int:
-    from tqdm.auto import tqdm
-
     todo = [j for j in jobs if not is_complete(j.output)]
     skipped = [j for j in jobs if j not in todo]
     counts: Counter[str] = Counter()
@@ -129,10 +133,8 @@ def _run_on_ray(args: argparse.Namespace, settings: Settings, todo: list[Job],
                 report: Callable[[dict[str, Any]], None], stop: Stop,
                 on_dispatch: Callable[[Any, int], None] | None) -> None:
     """Run the jobs ``todo`` on the cluster (started or joined here), reporting each as it ends."""
-    import dataclasses
-
-    from latentsync.batch.driver import Batch, connect, plan_workers
-    from latentsync.manifest import read_manifest
+    from latentsync.batch.cluster import connect, plan_workers
+    from latentsync.batch.driver import Batch
 
     # Nodes need no copy of the manifest file: the workers get its parsed lines (parsed here unless they already are).
     if not isinstance(settings.manifest, tuple):
@@ -142,7 +144,7 @@ def _run_on_ray(args: argparse.Namespace, settings: Settings, todo: list[Job],
             settings.weights()
         workers, resources = plan_workers(args.workers, settings.device)
         batch = Batch(settings, workers, resources=resources, placement_timeout=args.placement_timeout,
-                      status=not args.quiet)
+                      status=not args.quiet, local=local)
         try:
             batch.run(todo, report, on_dispatch)
         finally:

@@ -1,12 +1,12 @@
-"""The driver: joins (or starts) a Ray cluster, starts the workers and hands them tasks until every job has ended.
+"""The driver: starts the workers on the Ray cluster and hands them tasks until every job has ended.
 
 A job is a single task (``run``), or with segments: ``plan`` (face pass once) → N ``render`` tasks on N workers at
 once → ``finish`` (join, mux the user's audio once).
 
-Ray's own fault tolerance covers a killed worker: each worker is an actor with ``max_restarts`` (Ray restarts it,
-reloading the models) and ``max_task_retries`` (Ray reruns the task it was running on the restarted actor, up to
-:data:`MAX_ATTEMPTS` tries in all, then the task fails with ``RayActorError``). A retry runs on the same actor once
-the killed process is gone, so nothing runs twice into the same work folder at once.
+Ray restarts a killed worker by itself: each worker is an actor with ``max_restarts`` (reloading the models). The
+task it was running is handed out again here, to whichever worker is idle first (up to :data:`MAX_ATTEMPTS` tries in
+all): Ray's own ``max_task_retries`` would rerun it on the same actor, which never comes back when its node died. A
+task's ``RayActorError`` comes once its process is gone, so nothing runs twice into the same work folder at once.
 
 The hand-out itself stays here, because Ray has no primitive for it: actor tasks queue per actor when submitted
 (``ActorPool`` too, and it does not survive a dead actor), while a task must go to whichever worker is idle first,
@@ -20,34 +20,31 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import secrets
-import socket
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import ray
 from ray.actor import ActorHandle
-from ray.exceptions import GetTimeoutError, RayActorError, RayError
+from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError, RayError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
+from latentsync.batch import cluster
 from latentsync.batch.jobs import Job, result_line
-from latentsync.batch.worker import Worker, sweep
+from latentsync.batch.worker import BATCH_PREFIX, Worker, sweep
 from latentsync.errors import InputError, ResourceError, one_line
 from latentsync.settings import Settings
-from latentsync.signals import Stop
 
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3  # tries of one task whose worker died (killed, out of memory) before its job fails
 MAX_RESTARTS = 4  # restarts of one worker (each reloads the models) before it is given up
-CONNECT_TIMEOUT_S = 10.0
 SWEEP_TIMEOUT_S = 30.0  # for stopped workers to be gone, and for each node to remove what they left
+REVIVE_EVERY_S = 0.2  # how often to ask a restarting worker whether it is back
 STATUS_EVERY_S = 1.0  # how often the driver prints what the workers posted (they post at most every 10 % or 30 s)
 
 
@@ -58,6 +55,7 @@ class Task:
     kind: str
     job: Job
     args: tuple = ()
+    tries: int = 0  # hand-outs so far
 
 
 @dataclass
@@ -98,16 +96,19 @@ class StatusBoard:
 class Batch:
     """A pool of workers on the connected Ray cluster and the loop that hands them tasks. The workers are placed
     as one placement group (every worker, or a ``ResourceError`` after ``placement_timeout`` seconds saying what
-    the cluster lacks); each keeps its temporary files in ``latentsync-batch-RUN-RANK`` in its node's temporary
+    the cluster lacks); each keeps its temporary files in ``latentsync-batch-RUN-RANK-PID`` in its node's temporary
     folder, and nothing of them is left on any node once :meth:`close` returns. With ``status`` the workers'
-    progress lines are logged per job as they come."""
+    progress lines are logged per job as they come. ``local``: the cluster is a Ray this process started."""
 
     def __init__(self, settings: Settings, workers: int, *, resources: dict[str, float] | None = None,
-                 placement_timeout: float, status: bool = False):
+                 placement_timeout: float, status: bool = False, local: bool = False):
         resources = resources or {"num_cpus": 1}
-        self.temp_name = f"latentsync-batch-{secrets.token_hex(4)}"
+        self.temp_name = f"{BATCH_PREFIX}-{secrets.token_hex(4)}"
         self.handles: list[Any] = []
         self.pids: dict[int, int] = {}
+        self.lost: set[int] = set()  # ranks whose worker did not come back (its node died): nothing to ask them
+        self.placement_timeout = placement_timeout
+        self.local = local  # a Ray started here: every node's temporary folder is this process's
         self._closed = False
         # ray types what .remote() makes as "the handle or the class" (for editors' completion): it is the handle
         self.board: ActorHandle[StatusBoard] | None = cast(
@@ -117,15 +118,15 @@ class Batch:
         self.group = placement_group([bundle] * workers, strategy="SPREAD")
         try:
             try:
-                ray.get(self.group.ready(), timeout=placement_timeout)
+                cluster.get(self.group.ready(), timeout=placement_timeout)
             except GetTimeoutError:
-                raise ResourceError(_lacking(workers, bundle, placement_timeout)) from None
+                raise ResourceError(cluster.lacking(workers, bundle, placement_timeout)) from None
             actor = ray.remote(Worker)
             self.handles = [actor.options(
-                max_restarts=MAX_RESTARTS, max_task_retries=MAX_ATTEMPTS - 1, **resources,
+                max_restarts=MAX_RESTARTS, max_task_retries=0, **resources,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=rank),
             ).remote(settings, rank, self.temp_name, self.board) for rank in range(workers)]
-            states = ray.get([h.ready.remote() for h in self.handles])
+            states = cluster.get([h.ready.remote() for h in self.handles])
         except RayActorError as e:
             self.close(graceful=False)
             raise ResourceError(f"a worker could not start: {one_line(e)}") from None
@@ -148,8 +149,8 @@ class Batch:
         tidy = False
         if graceful:
             try:
-                ray.get([h.close.remote() for h in self.handles], timeout=60)
-                tidy = True
+                ray.get([h.close.remote() for rank, h in enumerate(self.handles) if rank not in self.lost], timeout=60)
+                tidy = not self.lost
             except Exception:  # a dead or stuck worker has nothing left to say; it is killed below
                 pass
         for h in self.handles:
@@ -168,6 +169,9 @@ class Batch:
                 ray.get(h.ready.remote(), timeout=SWEEP_TIMEOUT_S)  # answers with an error once the worker is dead
             except Exception:
                 pass
+        if self.local:  # no task (a worker process to start) for what this process can remove itself
+            sweep(self.temp_name)
+            return
         task = ray.remote(num_cpus=0)(sweep)
         refs = [task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
                 .remote(self.temp_name) for node in ray.nodes() if node["Alive"]]
@@ -181,7 +185,7 @@ class Batch:
         if self.board is None:
             return
         try:
-            lines = ray.get(self.board.take.remote(), timeout=CONNECT_TIMEOUT_S)
+            lines = ray.get(self.board.take.remote(), timeout=cluster.CONNECT_TIMEOUT_S)
         except RayError as e:  # a status is no reason to stop the jobs: they go on without one
             log.warning("no more progress lines: the status board failed (%s)", one_line(e))
             self.board = None
@@ -215,31 +219,45 @@ class _Run:
         self.pending: deque[Task] = deque(Task("plan" if j.segments > 1 else "run", j) for j in jobs)
         self.idle = list(range(len(batch.handles)))
         self.inflight: dict[Any, tuple[Task, int]] = {}  # ref → (task, rank)
+        self.reviving: dict[Any, int] = {}  # ref of ready() → rank of a worker that died, until Ray restarted it
         self.segmented: dict[int, _Segmented] = {}
         self.ended: set[int] = set()  # jobs reported; a sibling segment still out is ignored when it returns
         self.started: dict[int, float] = {}
 
     def loop(self) -> None:
         """Hand tasks to idle workers and take their answers until every job has ended."""
+        waited = 0.0  # seconds spent with nothing out but workers Ray is restarting
         while self.pending or self.inflight:
             self._dispatch()
-            if not self.inflight:  # tasks are left, but no worker is
-                for task in self.pending:
+            if not self.inflight and (not self.reviving or waited >= self.batch.placement_timeout):
+                for task in self.pending:  # tasks are left, but no worker is
                     if task.job.line not in self.ended:
                         self._end(task.job, "every worker died; no worker is left to run it")
                 self.pending.clear()
                 break
-            ready, _ = ray.wait(list(self.inflight), num_returns=1,
-                                timeout=None if self.batch.board is None else STATUS_EVERY_S)
+            every = STATUS_EVERY_S  # back in Python at least this often, so that Ctrl-C and SIGTERM act at once
+            if not self.inflight:
+                every = min(every, self.batch.placement_timeout - waited)
+            started = time.monotonic()
+            ready, _ = ray.wait([*self.inflight, *self.reviving], num_returns=1, timeout=every)
+            waited = waited + time.monotonic() - started if not self.inflight else 0.0
             self.batch.show_status()
             if not ready:
                 continue
             [ref] = ready
+            if ref in self.reviving:
+                self._revived(ref)
+                continue
             task, rank = self.inflight.pop(ref)
             try:
                 value = ray.get(ref)
-            except RayActorError:  # Ray's retries are used up, or the worker's restarts
+            except RayActorError:  # the worker died (killed, out of memory, its node gone)
                 self._died(task, rank)
+                continue
+            except RayError as e:  # what the task reads was lost with a node (a segmented job's plan): it fails alone
+                self.idle.append(rank)
+                if task.job.line not in self.ended:
+                    self._end(task.job, f"lost with a Ray node: {one_line(e)}")
                 continue
             self.idle.append(rank)
             self.batch.pids[rank] = value["pid"]  # a restarted worker has a new one
@@ -255,6 +273,7 @@ class _Run:
             if task.job.line in self.ended:
                 continue
             rank = self.idle.pop(0)
+            task.tries += 1
             self.started.setdefault(task.job.line, time.perf_counter())
             self.inflight[self._submit(task, rank)] = (task, rank)
             if self.on_dispatch is not None:
@@ -297,18 +316,36 @@ class _Run:
         return []
 
     def _died(self, task: Task, rank: int) -> None:
-        """Worker ``rank`` died running ``task`` more often than Ray retries it, or for good: the job fails. The
-        worker stays in the pool only while Ray can still restart it."""
+        """Worker ``rank`` died running ``task``: the task goes first to the next idle worker (the job fails after
+        :data:`MAX_ATTEMPTS` tries), and the worker rejoins the pool once Ray has restarted it."""
         log.warning("worker %d died during %s of line %d", rank, task.kind, task.job.line)
-        if task.job.line not in self.ended:
-            self._end(task.job, f"the worker running it died {MAX_ATTEMPTS} times (killed, or out of memory?)")
-        else:
+        if task.job.line in self.ended:
             self._tidy(task.job)
+        elif task.tries < MAX_ATTEMPTS:
+            self.pending.appendleft(task)
+        else:
+            self._end(task.job, f"the worker running it died {MAX_ATTEMPTS} times (killed, or out of memory?)")
+        self.batch.lost.add(rank)
+        self._revive(rank)
+
+    def _revive(self, rank: int) -> None:
+        """Ask worker ``rank`` for its pid: the answer comes once Ray has restarted it."""
+        self.reviving[self.batch.handles[rank].ready.options(max_task_retries=MAX_RESTARTS).remote()] = rank
+
+    def _revived(self, ref: Any) -> None:
+        rank = self.reviving.pop(ref)
         try:
-            self.batch.pids[rank] = ray.get(self.batch.handles[rank].ready.remote())["pid"]
-            self.idle.append(rank)
-        except RayActorError:
-            log.warning("worker %d could not be restarted; %d left", rank, len(self.idle) + len(self.inflight))
+            self.batch.pids[rank] = ray.get(ref)["pid"]
+        except ActorUnavailableError:  # still restarting: ask again, a moment later
+            time.sleep(REVIVE_EVERY_S)
+            self._revive(rank)
+            return
+        except RayActorError as e:
+            log.warning("worker %d could not be restarted (%s); %d left", rank, one_line(e),
+                        len(self.idle) + len(self.inflight))
+            return
+        self.batch.lost.discard(rank)
+        self.idle.append(rank)
 
     def _end(self, job: Job, error: str | None, **fields: Any) -> None:
         self.ended.add(job.line)
@@ -321,79 +358,3 @@ class _Run:
         # The work folder goes once no task of the job can still write into it.
         if not any(t.job.line == job.line for t, _ in self.inflight.values()):
             job.remove_work_dir()
-
-
-@contextmanager
-def connect(address: str | None, stop: Stop | None = None, *, verbose: bool = False) -> Iterator[bool]:
-    """Join the cluster at ``address``, reuse the Ray this process already joined, or start a local one that stops
-    with the command (also on Ctrl-C); yields whether the cluster is ours. ``stop`` handles the signals again
-    once ``ray.init`` has installed its own SIGTERM handler (exit at once), so SIGTERM unwinds like Ctrl-C."""
-    if ray.is_initialized():
-        yield False
-        return
-    if address is not None:
-        _check_reachable(address)
-    try:
-        ray.init(address=address, include_dashboard=False, log_to_driver=verbose,
-                 logging_level=logging.INFO if verbose else logging.WARNING)
-    except (ConnectionError, RuntimeError, ValueError) as e:
-        raise ResourceError(f"could not {'join the Ray cluster at ' + address if address else 'start Ray'}: "
-                            f"{one_line(e)}") from None
-    try:
-        with stop.handling() if stop is not None else nullcontext():
-            yield address is None
-    finally:
-        ray.shutdown()  # stops the local cluster's processes when we started it; only disconnects otherwise
-
-
-def _check_reachable(address: str) -> None:
-    """Fail in seconds on a ``host:port`` nobody answers at (Ray itself keeps retrying for minutes)."""
-    host, sep, port = address.removeprefix("ray://").rpartition(":")
-    if not sep or not port.isdigit():
-        return  # "auto", or a form Ray resolves itself
-    try:
-        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
-    except OSError as e:
-        raise ResourceError(f"no Ray cluster answers at {address} ({e.strerror or e}); is `ray start --head` "
-                            "running there?") from None
-
-
-def plan_workers(workers: int | None, device: str | None) -> tuple[int, dict[str, float]]:
-    """How many workers, and the Ray resources of each, chosen so that all of them fit on the cluster's nodes: a
-    GPU each where the cluster has GPUs and the device allows (default: one per GPU), else a node's CPUs (default:
-    one worker per node; Ray sets each worker's thread count from its CPUs). More workers than fit whole share."""
-    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-    gpus, cpus = [r.get("GPU", 0.0) for r in nodes], [r.get("CPU", 0.0) for r in nodes]
-    use_gpu = sum(gpus) > 0 and not (device or "").startswith("cpu")
-    if device and device.startswith("cuda") and not use_gpu:
-        raise ResourceError("--device cuda was asked for, but the Ray cluster has no GPU")
-    if use_gpu:  # more workers than GPUs share them (Ray's fractional GPUs): allowed, but not faster
-        n = workers or max(1, int(sum(gpus)))
-        return n, {"num_gpus": _share(gpus, n), "num_cpus": 1}
-    if not sum(cpus):
-        raise ResourceError("the Ray cluster has no CPU for a worker; start its nodes with CPUs (ray start --num-cpus)")
-    n = workers or max(1, sum(1 for c in cpus if c >= 1))
-    return n, {"num_cpus": _share(cpus, n)}
-
-
-def _share(per_node: list[float], n: int) -> float:
-    """The most of one resource that each of ``n`` workers can have with all of them placed on nodes holding
-    ``per_node`` of it: whole units if they fit, else an equal fraction of one (Ray counts in 1/10000)."""
-    for each in range(int(max(per_node)), 0, -1):
-        if sum(int(have // each) for have in per_node) >= n:
-            return float(each)
-    k = 2
-    while sum(int(have * k) for have in per_node) < n:
-        k += 1
-    return math.floor(10_000 / k) / 10_000
-
-
-def _lacking(workers: int, bundle: dict[str, float], timeout: float) -> str:
-    """One line: what the cluster lacks to place ``workers`` workers of ``bundle`` each."""
-    free, total = ray.available_resources(), ray.cluster_resources()
-    nodes = sum(1 for node in ray.nodes() if node["Alive"])
-    need = " and ".join(f"{amount * workers:g} {name}" for name, amount in bundle.items())
-    has = " and ".join(f"{free.get(name, 0):g} of {total.get(name, 0):g} {name}" for name in bundle)
-    return (f"the Ray cluster could not place {workers} worker{'s' if workers > 1 else ''} ({need} in all) within "
-            f"{timeout:g} s: {has} free on {nodes} node{'s' if nodes > 1 else ''}; free them, add nodes, or ask for "
-            "fewer --workers")

@@ -8,6 +8,7 @@ and audio), so a file left by a killed worker never counts as done. No Ray here.
 """
 from __future__ import annotations
 
+import codecs
 import errno
 import json
 import os
@@ -53,7 +54,12 @@ def read_jobs(path: Path, segments: int = 1, results: Path | None = None) -> tup
     check_file("jobs file", path)
     parsed: list[Job] = []
     failed: list[dict[str, Any]] = []
-    for number, raw in enumerate(path.read_text().splitlines(), start=1):
+    for number, raw in enumerate(_lines(path), start=1):
+        if isinstance(raw, UnicodeDecodeError):
+            failed.append(result_line(number, None, None, "failed", f"line {number} is not UTF-8 text (byte "
+                                      f"0x{raw.object[raw.start]:02x} at column {raw.start + 1}); save the jobs "
+                                      "file as UTF-8"))
+            continue
         if not raw.strip():
             continue
         try:
@@ -90,6 +96,19 @@ def read_jobs(path: Path, segments: int = 1, results: Path | None = None) -> tup
         failed.append(result_line(job.line, job.video, job.output, "failed",
                                   f"output {job.output} is also {clash}; LatentSync {why}: choose another output name"))
     return jobs, sorted(failed, key=lambda r: r["line"])
+
+
+def _lines(path: Path) -> list[str | UnicodeDecodeError]:
+    """The jobs file's lines as text, or the decoding error of a line that is not UTF-8 (it fails alone). A
+    byte-order mark, as Windows editors write, is not part of line 1; lines end at LF, CR or CR LF only."""
+    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
+    lines: list[str | UnicodeDecodeError] = []
+    for raw in data.splitlines():
+        try:
+            lines.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            lines.append(e)
+    return lines
 
 
 def check_results(text: str) -> Path:
@@ -142,28 +161,34 @@ def result_line(line: int, video: Any, output: Any, status: str, error: str | No
 
 class Results:
     """The results file, one complete JSON line per job: each line goes in one ``write`` and is synced, and a write
-    the disk cut short is cut back, so the file never ends in half a line (a reader may follow it as jobs end)."""
+    the disk cut short is cut back, so the file never ends in half a line (a reader may follow it as jobs end). The
+    file is created (or emptied) with its first line: a batch killed before any job ended leaves no empty one."""
 
     def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o666)
+        self.fd: int | None = None
         self.size = 0
 
     def add(self, line: dict[str, Any]) -> None:
         """Append one result line, whole or not at all (a ``ResourceError`` then names the results file)."""
         data = (json.dumps(line) + "\n").encode()
         try:
+            if self.fd is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o666)
             if os.write(self.fd, data) != len(data):
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
             os.fsync(self.fd)
         except OSError as e:
-            os.ftruncate(self.fd, self.size)
+            if self.fd is not None:
+                os.ftruncate(self.fd, self.size)
             raise ResourceError(f"cannot write the results file {self.path}: {e.strerror or e}") from None
         self.size += len(data)
 
     def close(self) -> None:
-        os.close(self.fd)
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
     def __enter__(self) -> Results:
         return self

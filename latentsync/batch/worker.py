@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from latentsync.batch.folders import remove_stale
 from latentsync.batch.jobs import Job
 from latentsync.errors import InputError, describe, one_line
 from latentsync.progress import LogLines, Progress
@@ -24,9 +25,11 @@ from latentsync.settings import Settings
 
 log = logging.getLogger(__name__)
 
+BATCH_PREFIX = "latentsync-batch"  # a worker's folder: BATCH_PREFIX-RUN-RANK-PID in its node's temporary folder
+
 
 class Worker:
-    """One worker: ``settings`` say how to load the models; its temporary files go to ``TEMP_NAME-RANK`` in its
+    """One worker: ``settings`` say how to load the models; its temporary files go to ``TEMP_NAME-RANK-PID`` in its
     node's temporary folder (``temp_name`` None: the pipeline's default temporary folders); ``board``: the driver's
     status board (an actor with ``post(line, text)``) that hears each task's progress lines, or None."""
 
@@ -35,9 +38,13 @@ class Worker:
         self.board = board
         self.tmp: Path | None = None
         if temp_name is not None:
-            # A restarted worker gets the same folder: what its killed predecessor left there goes now.
-            self.tmp = Path(tempfile.gettempdir()) / f"{temp_name}-{rank}"
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            # The folder ends in this process's id: a later worker on this node removes it once the process is
+            # gone (killed with its driver); what a restarted worker's killed predecessor left goes now.
+            root = Path(tempfile.gettempdir())
+            remove_stale(root, BATCH_PREFIX)
+            self.tmp = root / f"{temp_name}-{rank}-{os.getpid()}"
+            for folder in root.glob(f"{glob.escape(temp_name)}-{rank}-*"):
+                shutil.rmtree(folder, ignore_errors=True)
             self.tmp.mkdir()
             tempfile.tempdir = str(self.tmp)  # the pipeline's own TemporaryDirectory()s go there
         # Segments of one video are rendered by several workers and joined: the same frames wherever they render
@@ -113,8 +120,10 @@ class Worker:
 def sweep(temp_name: str) -> None:
     """Remove every worker folder ``TEMP_NAME-*`` from this node's temporary folder (a Ray task, run on each node
     once the workers of a batch are gone)."""
-    for folder in Path(tempfile.gettempdir()).glob(f"{glob.escape(temp_name)}-*"):
+    root = Path(tempfile.gettempdir())
+    for folder in root.glob(f"{glob.escape(temp_name)}-*"):
         shutil.rmtree(folder, ignore_errors=True)
+    remove_stale(root, BATCH_PREFIX)
 
 
 def message(error: BaseException) -> str:

@@ -28,7 +28,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from latentsync import audio as audio_mod
 from latentsync.control import Cancel, StageClock, check_cancel
 from latentsync.devices import Staging, upload, vae_slice
-from latentsync.loader import Models
+from latentsync.loader import Models, load_scheduler
 from latentsync.options import OUTPUT_FPS, RunOptions
 from latentsync.sampling import denoise
 from latentsync.stages.align import crop_pixels
@@ -83,6 +83,11 @@ class GenerateStage:
         # One noise draw for the whole video, shared by every frame (as upstream), drawn before any chunk.
         self._noise = self._draw((1, 4, 1, R // 8, R // 8), models.dtype)
         self.staging = Staging(models.device)  # a chunk's draws and audio windows go up in one copy
+        # The run's own scheduler: a multistep solver keeps its last outputs between steps, so no other run may step
+        # it; the chunks run one after another and each starts with ``set_timesteps``, which clears that state. The
+        # samplers draw no noise in their steps (DDIM at eta 0, DPM-Solver++ and UniPC are deterministic), so a part
+        # of a video replays the chunks before it with ``skip`` alone, whatever the sampler.
+        self.scheduler = load_scheduler(options.sampler)
 
     @property
     def features(self) -> torch.Tensor:
@@ -153,10 +158,10 @@ class GenerateStage:
             masked_lat, ref_lat = self._encode(pixels, mask, noise)
         with self.clock("denoise"):
             latents = denoise(
-                models.unet, models.scheduler, self.noise.expand(-1, -1, n, -1, -1).clone(),
+                models.unet, self.scheduler, self.noise.expand(-1, -1, n, -1, -1).clone(),
                 _to_5d(mask_lat), _to_5d(masked_lat), _to_5d(ref_lat), audio_embeds,
-                guidance_scale=opts.guidance_scale, num_inference_steps=opts.inference_steps,
-                deepcache_interval=DEEPCACHE_INTERVAL if opts.deepcache else 0,
+                guidance_scale=opts.guidance_scale, num_inference_steps=opts.steps,
+                deepcache_interval=DEEPCACHE_INTERVAL if opts.deepcache else 0, guided_steps=opts.guided_steps,
                 step_callback=lambda _: check_cancel(self.cancel))
         with self.clock("vae_decode"):
             lat = latents[0].permute(1, 0, 2, 3)  # (f, 4, h, w)

@@ -29,11 +29,12 @@ _last_line = media.last_line
 
 # Containers that hold H.264 video with AAC audio and that every common player opens. WebM takes only
 # VP8/VP9/AV1 with Vorbis/Opus; AVI has no clean way to store B-frame timestamps (its frame rate came out doubled).
-OUTPUT_CONTAINERS = (".mp4", ".mov", ".mkv")
+# .m4v is MP4 under Apple's name (ffmpeg writes it with its MP4 family's ipod muxer).
+OUTPUT_CONTAINERS = (".mp4", ".mov", ".mkv", ".m4v")
 
 
 def check_output_container(path: str | os.PathLike) -> None:
-    """Refuse (InputError) an output name whose extension is not a container we write: .mp4, .mov or .mkv."""
+    """Refuse (InputError) an output name whose extension is not a container we write: .mp4, .mov, .mkv or .m4v."""
     suffix = Path(path).suffix.lower()
     if suffix not in OUTPUT_CONTAINERS:
         named = f"the {suffix} container" if suffix else "a name without an extension"
@@ -42,8 +43,8 @@ def check_output_container(path: str | os.PathLike) -> None:
 
 
 def _container_args(path: Path) -> list[str]:
-    # The index up front lets players start before the whole file has arrived; only MP4/MOV have the option.
-    return ["-movflags", "+faststart"] if path.suffix.lower() in (".mp4", ".mov") else []
+    # The index up front lets players start before the whole file has arrived; only the MP4 family has the option.
+    return ["-movflags", "+faststart"] if path.suffix.lower() in (".mp4", ".mov", ".m4v") else []
 
 
 def _where(folder: Path) -> str:
@@ -77,8 +78,9 @@ def _temp_beside(path: Path) -> Path:
         raise
     suffix = f".{secrets.token_hex(6)}.part{path.suffix or '.mp4'}"
     # The hidden name must fit the folder's name limit too: a legal output name may be as long as that limit.
-    room = media.name_max(path.parent) - len(f".{suffix}".encode())
-    stem = path.stem.encode()[:max(room, 1)].decode(errors="ignore") or "x"
+    room = media.name_max(path.parent) - len(os.fsencode(f".{suffix}"))
+    # In the OS's bytes: a name from argv may hold undecodable bytes as surrogate escapes.
+    stem = os.fsdecode(os.fsencode(path.stem)[:max(room, 1)]) or "x"
     return path.with_name(f".{stem}{suffix}")
 
 
