@@ -142,12 +142,13 @@ def test_a_closed_gpu_thread_starts_again_on_the_next_call():
 
 # --------------------------------------------------------------------------------------------- random draws
 def _stage(device: str, seed: int = 11):
+    from latentsync.options import RunOptions
     from latentsync.stages.generate import GenerateStage
 
     vae = SimpleNamespace(config=SimpleNamespace(block_out_channels=(8, 8), latent_channels=4), dtype=torch.float32)
     models = SimpleNamespace(resolution=16, device=torch.device(device), dtype=torch.float32, vae=vae)
     audio = SimpleNamespace(features=np.zeros((4, 2, 3), np.float32))
-    return GenerateStage(audio, 25.0, SimpleNamespace(seed=seed), models, clock=None)
+    return GenerateStage(audio, 25.0, RunOptions(seed=seed), models, clock=None)
 
 
 def test_draws_come_from_a_cpu_generator_in_a_fixed_order_whatever_the_device():
